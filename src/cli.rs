@@ -1,0 +1,840 @@
+//! Command line: arguments → typed requests → library calls → output. Never touches disk bytes.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::format::OnFull;
+use crate::names::{human_bytes, parse_expiry, parse_size, rfc3339};
+use crate::store::{InitOptions, OpenOptions, SnapState, Snapshot, Store};
+
+const AFTER_HELP: &str = "\
+EXIT STATUS:
+  0  success
+  1  I/O error on a device or file
+  2  invalid argument or input (nothing was changed)
+  3  not found: no such snapshot, device or file, or not a snapctl store
+  4  already exists
+  5  busy: another snapctl holds the store, or a device is in use (mounted)
+  6  corrupt metadata, or the origin is not the device the store was made for
+  7  no space in the store
+  8  the snapshot is invalid (dropped when the store filled up)
+  9  check found leaked space but no corruption
+ 70  internal error
+
+JSON OUTPUT (--json), schema_version 1:
+  Every document is one object with \"schema_version\": 1, printed on stdout.
+  A snapshot object: name, id (never reused), parent (\"origin\" or a snapshot name),
+  created (RFC 3339, UTC), writable (bool), expires (RFC 3339 or null), labels (object
+  of strings), exclusive_bytes (what deleting it alone would free), state (\"valid\" or
+  \"invalid\"), invalid_reason (string or null).
+  list   -> {\"schema_version\":1,\"snapshots\":[SNAPSHOT...]}
+  show, create, rename -> {\"schema_version\":1,\"snapshot\":SNAPSHOT}
+  info   -> {\"schema_version\":1,\"store\":{format_version, uuid, store, origin,
+            origin_size, chunk_size, capacity_bytes, used_bytes, free_bytes,
+            snapshot_count, on_full, io_engine, events}}
+  delete -> {\"schema_version\":1,\"deleted\":[NAME...],\"freed_bytes\":N}
+  export -> {\"schema_version\":1,\"exported\":NAME,\"bytes\":N,\"output\":PATH or null}
+  write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N}
+  check  -> {\"schema_version\":1,\"check\":{clean, snapshots, records, used_chunks,
+            free_chunks, corruption:[...], leaks:[...]}}
+  Errors -> {\"schema_version\":1,\"error\":{\"kind\":KIND,\"message\":TEXT}} on stderr, with
+  KIND one of invalid-argument, not-found, already-exists, not-a-store, busy, corrupt,
+  origin-mismatch, no-space, snapshot-invalid, io, internal.
+
+ENVIRONMENT:
+  SNAPCTL_STORE         the store, when -s is not given
+  SNAPCTL_IO_ENGINE     uring, sync or auto (default auto: io_uring where the kernel allows)
+  SNAPCTL_LOCK_TIMEOUT  seconds to wait for another snapctl on the same store (default 5)";
+
+/// Point-in-time snapshots for any Linux block device.
+///
+/// The origin keeps its live data in place; a second device or file (the store) keeps the
+/// copy-on-write exceptions. An origin write costs at most one chunk copy however many
+/// snapshots exist. Writes to the origin must go through snapctl (`snapctl write`, or the
+/// NBD server) for snapshots to stay exact.
+#[derive(Parser, Debug)]
+#[command(name = "snapctl", version, after_long_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// The exception store (a block device or a file)
+    #[arg(
+        short,
+        long,
+        env = "SNAPCTL_STORE",
+        global = true,
+        value_name = "STORE"
+    )]
+    pub store: Option<PathBuf>,
+    /// Print one JSON object on stdout (errors as JSON on stderr)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Say more (which I/O engine is in use, what the store did on its own)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnFullArg {
+    /// Delete the oldest snapshots until the copy fits
+    DropOldest,
+    /// Mark the snapshots that need the copy invalid (they refuse reads)
+    Invalidate,
+    /// Fail the origin write with ENOSPC
+    FailWrites,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Format STORE as the exception store of ORIGIN (never writes to ORIGIN)
+    Init {
+        /// The device or file to format (or -s)
+        #[arg(value_name = "STORE")]
+        target: Option<PathBuf>,
+        /// The device (or file) whose snapshots to keep
+        #[arg(long, value_name = "ORIGIN")]
+        origin: PathBuf,
+        /// Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB)
+        #[arg(long, default_value = "4K", value_name = "SIZE")]
+        chunk_size: String,
+        /// What to do when the store has no room for a copy an origin write needs
+        #[arg(long, value_enum, default_value = "drop-oldest")]
+        on_full: OnFullArg,
+        /// Metadata region size (default: 256 bytes per store chunk, at least 8 MiB)
+        #[arg(long, value_name = "SIZE")]
+        metadata_size: Option<String>,
+        /// Overwrite a store that already holds snapctl data (its snapshots are lost)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the store: format, sizes, space, policy, I/O engine
+    Info,
+    /// Take a read-only snapshot of the origin (instant: copies nothing)
+    Create {
+        /// Snapshot name: 1-128 of A-Z a-z 0-9 . _ - + : @, not starting with - or .
+        name: String,
+        /// When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        /// A KEY=VALUE label (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// List snapshots, oldest first
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one snapshot
+    Show { name: String },
+    /// Rename a snapshot
+    Rename { old: String, new: String },
+    /// Delete snapshots and free what only they held
+    #[command(visible_alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Write the full image of a snapshot (or of `origin`) to FILE or stdout
+    Export {
+        /// A snapshot name, or `origin`
+        name: String,
+        /// Output file (default: stdout)
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Write data into the origin through copy-on-write (from FILE or stdin)
+    Write {
+        /// Byte offset in the origin
+        #[arg(long, default_value = "0", value_name = "BYTES")]
+        offset: String,
+        /// Input file (default: stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
+    /// Verify the store: checksums, single ownership of every chunk, space accounting
+    Check,
+    /// Generate man pages and shell completions (for packagers)
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+}
+
+/// Entry point: returns the process exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let json = cli.global.json;
+    std::panic::set_hook(Box::new(|_| {}));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
+    let _ = std::panic::take_hook();
+    match res {
+        Ok(Ok(out)) => emit(&out),
+        Ok(Err(e)) => {
+            report(json, e.kind(), &e.to_string());
+            e.exit_code()
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            report(
+                json,
+                "internal",
+                &format!("internal error ({what}); the store's metadata may be damaged: run `snapctl check`"),
+            );
+            70
+        }
+    }
+}
+
+fn report(json: bool, kind: &str, msg: &str) {
+    if json {
+        let v = json!({"schema_version": 1, "error": {"kind": kind, "message": msg}});
+        eprintln!("{v}");
+    } else {
+        eprintln!("snapctl: {msg}");
+    }
+}
+
+/// What a command prints, and its exit status.
+pub struct Output {
+    pub text: String,
+    pub code: i32,
+}
+
+fn emit(out: &Output) -> i32 {
+    let mut so = std::io::stdout().lock();
+    match so.write_all(out.text.as_bytes()).and_then(|_| so.flush()) {
+        Ok(()) => out.code,
+        // `snapctl list | head`: a closed pipe is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => out.code,
+        Err(e) => {
+            eprintln!("snapctl: stdout: {e}");
+            1
+        }
+    }
+}
+
+fn store_path(g: &Global) -> Result<&Path> {
+    g.store
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("no store given: pass -s STORE or set SNAPCTL_STORE".into()))
+}
+
+fn doc(v: Value) -> String {
+    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+fn ok(text: String) -> Result<Output> {
+    Ok(Output { text, code: 0 })
+}
+
+pub fn snapshot_json(s: &Snapshot, chunk_size: u64) -> Value {
+    json!({
+        "name": s.name,
+        "id": s.id,
+        "parent": s.parent,
+        "created": rfc3339(s.created),
+        "writable": s.writable,
+        "expires": s.expires.map(rfc3339),
+        "labels": s.labels,
+        "exclusive_bytes": s.exclusive_chunks * chunk_size,
+        "state": match s.state { SnapState::Valid => "valid", SnapState::Invalid => "invalid" },
+        "invalid_reason": s.invalid_reason,
+    })
+}
+
+fn snapshot_text(s: &Snapshot, cs: u64) -> String {
+    let labels = if s.labels.is_empty() {
+        "-".to_string()
+    } else {
+        s.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut t = String::new();
+    let mut line = |k: &str, v: String| t.push_str(&format!("{k:<16}{v}\n"));
+    line("name:", s.name.clone());
+    line("id:", s.id.to_string());
+    line("parent:", s.parent.clone());
+    line("created:", rfc3339(s.created));
+    line("writable:", if s.writable { "yes" } else { "no" }.into());
+    line(
+        "expires:",
+        s.expires.map(rfc3339).unwrap_or_else(|| "never".into()),
+    );
+    line("labels:", labels);
+    line(
+        "exclusive:",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(s.exclusive_chunks * cs),
+            s.exclusive_chunks * cs
+        ),
+    );
+    let state = match (&s.state, &s.invalid_reason) {
+        (SnapState::Valid, _) => "valid".to_string(),
+        (SnapState::Invalid, Some(r)) => format!("INVALID ({r})"),
+        (SnapState::Invalid, None) => "INVALID".to_string(),
+    };
+    line("state:", state);
+    t
+}
+
+fn open(g: &Global, write_origin: bool) -> Result<Store> {
+    let path = store_path(g)?;
+    let store = Store::open(
+        path,
+        OpenOptions {
+            write_origin,
+            ..OpenOptions::default()
+        },
+    )?;
+    if g.verbose > 0 && !g.json {
+        eprintln!(
+            "snapctl: store {} uses the {} engine; origin {} uses {}",
+            path.display(),
+            store.engine(),
+            store.sb.origin_path,
+            store.origin_engine()
+        );
+    }
+    Ok(store)
+}
+
+/// Logs what the store did on its own (the on-full policy) to stderr.
+fn log_events(store: &mut Store, g: &Global) {
+    for ev in store.events.drain(..) {
+        if !g.quiet {
+            eprintln!(
+                "snapctl: {} snapshot '{}': {}",
+                ev.action, ev.snapshot, ev.reason
+            );
+        }
+    }
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("--label '{l}' is not KEY=VALUE")))?;
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+        if !key_ok {
+            return Err(Error::Invalid(format!(
+                "--label key '{k}' must be 1-64 characters of A-Z a-z 0-9 . _ - /"
+            )));
+        }
+        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(Error::Invalid(format!(
+                "--label value for '{k}' must be at most 256 printable characters"
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(Error::Invalid(format!("--label '{k}' is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn progress(g: &Global, total: u64, what: &str) -> indicatif::ProgressBar {
+    if g.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub fn run(cli: Cli) -> Result<Output> {
+    let g = &cli.global;
+    match &cli.cmd {
+        Cmd::Init {
+            target,
+            origin,
+            chunk_size,
+            on_full,
+            metadata_size,
+            force,
+        } => {
+            let path = match target {
+                Some(t) => t.as_path(),
+                None => store_path(g)?,
+            };
+            let chunk_size = parse_size(chunk_size).map_err(|_| {
+                Error::Invalid(format!(
+                    "--chunk-size '{chunk_size}' is not a size; use a power of two from 4K to 1M"
+                ))
+            })?;
+            let metadata_size = metadata_size.as_deref().map(parse_size).transpose()?;
+            let on_full = match on_full {
+                OnFullArg::DropOldest => OnFull::DropOldest,
+                OnFullArg::Invalidate => OnFull::Invalidate,
+                OnFullArg::FailWrites => OnFull::FailWrites,
+            };
+            let sb = Store::init(
+                path,
+                origin,
+                &InitOptions {
+                    chunk_size,
+                    on_full,
+                    force: *force,
+                    metadata_size,
+                },
+            )?;
+            let cap = sb.data_chunks * sb.chunk_size;
+            if g.json {
+                return ok(doc(json!({"schema_version": 1, "store": {
+                    "uuid": sb.uuid_string(), "store": path.display().to_string(),
+                    "origin": sb.origin_path, "origin_size": sb.origin_size,
+                    "chunk_size": sb.chunk_size, "capacity_bytes": cap,
+                    "on_full": on_full.name(),
+                }})));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!(
+                "initialized {} as the store of {} ({} origin, {} chunks, {} for copies, on-full {})\n",
+                path.display(),
+                sb.origin_path,
+                human_bytes(sb.origin_size),
+                human_bytes(sb.chunk_size),
+                human_bytes(cap),
+                on_full.name()
+            ))
+        }
+        Cmd::Info => {
+            let store = open(g, false)?;
+            let sb = &store.sb;
+            let cap = sb.data_chunks * sb.chunk_size;
+            let used = store.used_chunks()? * sb.chunk_size;
+            let events = store.recent_events(10)?;
+            let count = store.snapshots().count();
+            if g.json {
+                return ok(doc(json!({"schema_version": 1, "store": {
+                    "format_version": crate::format::FORMAT_VERSION,
+                    "uuid": sb.uuid_string(),
+                    "store": store.name,
+                    "origin": sb.origin_path,
+                    "origin_size": sb.origin_size,
+                    "chunk_size": sb.chunk_size,
+                    "capacity_bytes": cap,
+                    "used_bytes": used,
+                    "free_bytes": cap - used.min(cap),
+                    "snapshot_count": count,
+                    "on_full": sb.on_full.name(),
+                    "io_engine": store.engine(),
+                    "events": events,
+                }})));
+            }
+            let mut t = String::new();
+            let mut line = |k: &str, v: String| t.push_str(&format!("{k:<16}{v}\n"));
+            line(
+                "format:",
+                format!("snapctl store, version {}", crate::format::FORMAT_VERSION),
+            );
+            line("uuid:", sb.uuid_string());
+            line("store:", store.name.clone());
+            line(
+                "origin:",
+                format!(
+                    "{} ({}, {} bytes)",
+                    sb.origin_path,
+                    human_bytes(sb.origin_size),
+                    sb.origin_size
+                ),
+            );
+            line("chunk size:", human_bytes(sb.chunk_size));
+            line("capacity:", format!("{} ({} bytes)", human_bytes(cap), cap));
+            let pct = if cap > 0 {
+                used as f64 * 100.0 / cap as f64
+            } else {
+                0.0
+            };
+            line("used:", format!("{} ({pct:.1}%)", human_bytes(used)));
+            line("free:", human_bytes(cap - used.min(cap)));
+            line("snapshots:", count.to_string());
+            line("on full:", sb.on_full.name().into());
+            line("I/O engine:", store.engine().into());
+            for ev in events {
+                line(
+                    "event:",
+                    format!(
+                        "{} {} '{}': {}",
+                        rfc3339(ev.time),
+                        ev.action,
+                        ev.snapshot,
+                        ev.reason
+                    ),
+                );
+            }
+            ok(t)
+        }
+        Cmd::Create {
+            name,
+            expires,
+            labels,
+        } => {
+            crate::names::validate(name)?;
+            let labels = parse_labels(labels)?;
+            let now = chrono::Utc::now().timestamp();
+            let expires = expires
+                .as_deref()
+                .map(|e| parse_expiry(e, now))
+                .transpose()?;
+            let mut store = open(g, false)?;
+            let s = store.create(name, expires, labels, None)?;
+            let cs = store.sb.chunk_size;
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "snapshot": snapshot_json(&s, cs)}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!(
+                "created snapshot '{}' of origin at {}\n",
+                s.name,
+                rfc3339(s.created)
+            ))
+        }
+        Cmd::List => {
+            let store = open(g, false)?;
+            let cs = store.sb.chunk_size;
+            if g.json {
+                let v: Vec<Value> = store.snapshots().map(|s| snapshot_json(s, cs)).collect();
+                return ok(doc(json!({"schema_version": 1, "snapshots": v})));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            if store.snapshots().next().is_none() {
+                return ok(format!(
+                    "no snapshots in {} (take one with `snapctl create NAME`)\n",
+                    store.name
+                ));
+            }
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(vec![
+                "NAME",
+                "CREATED",
+                "STATE",
+                "MODE",
+                "EXCLUSIVE",
+                "EXPIRES",
+                "LABELS",
+            ]);
+            for s in store.snapshots() {
+                let labels: Vec<String> =
+                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                table.add_row(vec![
+                    s.name.clone(),
+                    rfc3339(s.created),
+                    match s.state {
+                        SnapState::Valid => "valid".into(),
+                        SnapState::Invalid => "INVALID".to_string(),
+                    },
+                    if s.writable {
+                        "rw".into()
+                    } else {
+                        "ro".to_string()
+                    },
+                    human_bytes(s.exclusive_chunks * cs),
+                    s.expires.map(rfc3339).unwrap_or_else(|| "-".into()),
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    },
+                ]);
+            }
+            let mut t = String::new();
+            for l in table.to_string().lines() {
+                t.push_str(l.trim_end());
+                t.push('\n');
+            }
+            ok(t)
+        }
+        Cmd::Show { name } => {
+            let store = open(g, false)?;
+            let s = store.snapshot(name)?;
+            let cs = store.sb.chunk_size;
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "snapshot": snapshot_json(s, cs)}),
+                ));
+            }
+            ok(snapshot_text(s, cs))
+        }
+        Cmd::Rename { old, new } => {
+            crate::names::validate(new)?;
+            let mut store = open(g, false)?;
+            let s = store.rename(old, new)?;
+            let cs = store.sb.chunk_size;
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "snapshot": snapshot_json(&s, cs)}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!("renamed '{old}' to '{new}'\n"))
+        }
+        Cmd::Delete { names } => {
+            let mut store = open(g, false)?;
+            let freed = store.delete(names)?;
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "deleted": names, "freed_bytes": freed}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            let list = names
+                .iter()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            ok(format!(
+                "deleted {list}, freed {} ({freed} bytes)\n",
+                human_bytes(freed)
+            ))
+        }
+        Cmd::Export { name, output } => {
+            let store = open(g, false)?;
+            if name != "origin" {
+                store.snapshot(name)?;
+            }
+            let total = store.sb.origin_size;
+            let mut sink: Box<dyn Write> = match output {
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .map_err(|e| Error::io(format!("output {}", p.display()), e))?,
+                ),
+                None => {
+                    if std::io::stdout().is_terminal() && !g.json {
+                        return Err(Error::Invalid(
+                            "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
+                        ));
+                    }
+                    Box::new(std::io::stdout().lock())
+                }
+            };
+            let pb = progress(g, total, &format!("export {name}"));
+            let step = (4u64 << 20).max(store.sb.chunk_size);
+            let mut buf = vec![0u8; step as usize];
+            let mut off = 0;
+            while off < total {
+                let n = step.min(total - off) as usize;
+                store.read_view(name, off, &mut buf[..n])?;
+                sink.write_all(&buf[..n])
+                    .map_err(|e| Error::io("export output", e))?;
+                off += n as u64;
+                pb.set_position(off);
+            }
+            sink.flush().map_err(|e| Error::io("export output", e))?;
+            pb.finish_and_clear();
+            if output.is_none() {
+                return ok(String::new()); // stdout holds the image
+            }
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "exported": name, "bytes": total,
+                    "output": output.as_ref().map(|p| p.display().to_string())}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!(
+                "exported '{name}' ({}) to {}\n",
+                human_bytes(total),
+                output
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ))
+        }
+        Cmd::Write { offset, input } => {
+            let offset = parse_size(offset)
+                .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
+            let mut src: Box<dyn Read> = match input {
+                Some(p) => Box::new(std::fs::File::open(p).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        Error::NotFound(format!("input {}: no such file", p.display()))
+                    }
+                    _ => Error::io(format!("input {}", p.display()), e),
+                })?),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            let mut store = open(g, true)?;
+            if offset > store.sb.origin_size {
+                return Err(Error::Invalid(format!(
+                    "--offset {offset} is beyond the end of the origin ({} bytes)",
+                    store.sb.origin_size
+                )));
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = offset;
+            let res = (|| -> Result<()> {
+                loop {
+                    let mut n = 0;
+                    while n < buf.len() {
+                        match src.read(&mut buf[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(Error::io("input", e)),
+                        }
+                    }
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    if pos + n as u64 > store.sb.origin_size {
+                        return Err(Error::Invalid(format!(
+                            "the input runs past the end of the origin ({} bytes); {} bytes were written",
+                            store.sb.origin_size, pos - offset
+                        )));
+                    }
+                    store.write_origin(pos, &buf[..n], false)?;
+                    pos += n as u64;
+                }
+            })();
+            log_events(&mut store, g);
+            res?;
+            store.flush()?;
+            let written = pos - offset;
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "written_bytes": written, "offset": offset}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!(
+                "wrote {} ({written} bytes) to the origin at offset {offset}\n",
+                human_bytes(written)
+            ))
+        }
+        Cmd::Check => {
+            let mut store = open(g, false)?;
+            let rep = store.check()?;
+            let code = if !rep.corruption.is_empty() {
+                6
+            } else if !rep.leaks.is_empty() {
+                9
+            } else {
+                0
+            };
+            let text = if g.json {
+                let mut v = serde_json::to_value(&rep).unwrap_or(Value::Null);
+                v["clean"] = json!(rep.is_clean());
+                doc(json!({"schema_version": 1, "check": v}))
+            } else {
+                let mut t = format!(
+                    "{}: {} snapshots, {} records, {} chunks in use, {} free\n",
+                    store.name, rep.snapshots, rep.records, rep.used_chunks, rep.free_chunks
+                );
+                for c in rep.corruption.iter().take(50) {
+                    t.push_str(&format!("CORRUPT: {c}\n"));
+                }
+                for l in rep.leaks.iter().take(50) {
+                    t.push_str(&format!("leaked: {l}\n"));
+                }
+                t.push_str(match code {
+                    0 => "clean\n",
+                    9 => "leaked space found (no corruption): the space is lost, no snapshot is affected\n",
+                    _ => "CORRUPTION found\n",
+                });
+                t
+            };
+            Ok(Output { text, code })
+        }
+        Cmd::GenerateDocs { out_dir } => {
+            generate_docs(out_dir)?;
+            ok(String::new())
+        }
+    }
+}
+
+/// Writes man/ and completions/ under `dir` from the clap definitions.
+pub fn generate_docs(dir: &Path) -> Result<()> {
+    let man = dir.join("man");
+    let comp = dir.join("completions");
+    for d in [&man, &comp] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d.display().to_string(), e))?;
+    }
+    let cmd = Cli::command();
+    let write = |p: PathBuf, bytes: Vec<u8>| -> Result<()> {
+        std::fs::write(&p, bytes).map_err(|e| Error::io(p.display().to_string(), e))
+    };
+    let render = |c: clap::Command| -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        clap_mangen::Man::new(c)
+            .date("")
+            .render(&mut v)
+            .map_err(|e| Error::io("man page", e))?;
+        Ok(v)
+    };
+    write(man.join("snapctl.1"), render(cmd.clone())?)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("snapctl-{}", sub.get_name());
+        let c = sub.clone().name(name.clone()).after_long_help(AFTER_HELP);
+        write(man.join(format!("{name}.1")), render(c)?)?;
+    }
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "snapctl.bash"),
+        (clap_complete::Shell::Zsh, "_snapctl"),
+        (clap_complete::Shell::Fish, "snapctl.fish"),
+    ] {
+        let mut v = Vec::new();
+        let mut c = Cli::command();
+        clap_complete::generate(shell, &mut c, "snapctl", &mut v);
+        write(comp.join(file), v)?;
+    }
+    Ok(())
+}

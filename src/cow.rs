@@ -1,0 +1,880 @@
+//! The copy-on-write engine: shared exceptions by epoch (DESIGN.md, appendix).
+//!
+//! A record `(branch, group, t) -> runs` says: for the chunks its runs cover, the content they had
+//! *before the first write at epoch t* lives at the given store chunks. A record for chunk c
+//! covers the epochs `[t_prev, t)`, t_prev being the previous record's t for the same chunk. A
+//! snapshot at epoch e reads chunk c from the record with the smallest t > e, else the origin.
+//! Within one interval (one value of t) a chunk is preserved at most once, so the runs of one
+//! record never overlap, and an origin write costs at most one copy whatever the snapshot count.
+
+use std::collections::{BTreeMap, HashMap};
+
+use redb::{ReadableDatabase, ReadableTable};
+use serde::Serialize;
+
+use crate::error::{meta_err, Error, Result};
+use crate::format::{OnFull, GROUP_CHUNKS};
+use crate::io::AlignedBuf;
+use crate::store::{
+    put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, K_EPOCH, K_HIGH_WATER, K_USED, NAMES,
+    RECORDS, SNAPS,
+};
+
+/// A run inside one group: chunks `group*G + off .. + len` live at store chunks `loc ..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub off: u16,
+    pub len: u16,
+    pub loc: u64,
+}
+
+const RUN_BYTES: usize = 12;
+
+pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(runs.len() * RUN_BYTES);
+    for r in runs {
+        v.extend_from_slice(&r.off.to_le_bytes());
+        v.extend_from_slice(&r.len.to_le_bytes());
+        v.extend_from_slice(&r.loc.to_le_bytes());
+    }
+    v
+}
+
+pub fn decode_runs(b: &[u8]) -> Option<Vec<Run>> {
+    if b.len() % RUN_BYTES != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len() / RUN_BYTES);
+    for c in b.chunks_exact(RUN_BYTES) {
+        let off = u16::from_le_bytes([c[0], c[1]]);
+        let len = u16::from_le_bytes([c[2], c[3]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&c[4..12]);
+        if len == 0 || off as u64 + len as u64 > GROUP_CHUNKS {
+            return None;
+        }
+        out.push(Run {
+            off,
+            len,
+            loc: u64::from_le_bytes(l),
+        });
+    }
+    Some(out)
+}
+
+fn find_in_runs(runs: &[Run], off: u64) -> Option<u64> {
+    runs.iter()
+        .find(|r| (r.off as u64..r.off as u64 + r.len as u64).contains(&off))
+        .map(|r| r.loc + (off - r.off as u64))
+}
+
+/// Adds chunk `off -> loc` to a sorted run list, extending a run when both sides are adjacent.
+fn add_to_runs(runs: &mut Vec<Run>, off: u64, loc: u64) {
+    let off16 = off as u16;
+    if let Some(r) = runs
+        .iter_mut()
+        .find(|r| r.off as u64 + r.len as u64 == off && r.loc + r.len as u64 == loc)
+    {
+        r.len += 1;
+    } else {
+        let at = runs.partition_point(|r| r.off < off16);
+        runs.insert(
+            at,
+            Run {
+                off: off16,
+                len: 1,
+                loc,
+            },
+        );
+    }
+}
+
+/// The first record for chunk `c` of `branch` with `lo <= t <= hi`: `(t, store chunk)`.
+fn find_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+    t: &T,
+    store: &str,
+    branch: u32,
+    c: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<(u64, u64)>> {
+    if lo > hi {
+        return Ok(None);
+    }
+    let g = c / GROUP_CHUNKS;
+    for row in t
+        .range((branch, g, lo)..=(branch, g, hi))
+        .map_err(|e| meta_err(store, e))?
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
+        if let Some(loc) = find_in_runs(&runs, c % GROUP_CHUNKS) {
+            return Ok(Some((k.value().2, loc)));
+        }
+    }
+    Ok(None)
+}
+
+fn bad_record(store: &str, k: (u32, u64, u64)) -> Error {
+    Error::Corrupt(format!(
+        "{store}: exception record {k:?} is damaged; run `snapctl check`"
+    ))
+}
+
+/// For each chunk of group `g`, where a view at epoch `e` reads it: `Some(store chunk)` or the
+/// current content (`None`).
+fn resolve_group<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+    t: &T,
+    store: &str,
+    branch: u32,
+    g: u64,
+    e: u64,
+) -> Result<[Option<u64>; GROUP_CHUNKS as usize]> {
+    let mut out = [None; GROUP_CHUNKS as usize];
+    let mut unresolved = GROUP_CHUNKS as usize;
+    for row in t
+        .range((branch, g, e + 1)..=(branch, g, u64::MAX))
+        .map_err(|e| meta_err(store, e))?
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
+        for r in runs {
+            for i in 0..r.len as usize {
+                let slot = &mut out[r.off as usize + i];
+                if slot.is_none() {
+                    *slot = Some(r.loc + i as u64);
+                    unresolved -= 1;
+                }
+            }
+        }
+        if unresolved == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+enum Preserve {
+    Done,
+    Full,
+}
+
+/// What `check` found.
+#[derive(Debug, Default, Serialize)]
+pub struct CheckReport {
+    pub snapshots: u64,
+    pub records: u64,
+    pub used_chunks: u64,
+    pub free_chunks: u64,
+    /// Damage: a chunk owned twice, a record pointing outside the store, counters that disagree.
+    pub corruption: Vec<String>,
+    /// Space no view can reach: reclaimable, not dangerous.
+    pub leaks: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.corruption.is_empty() && self.leaks.is_empty()
+    }
+}
+
+impl Store {
+    fn bit(&self, c: u64) -> bool {
+        self.preserved[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+    fn set_bit(&mut self, c: u64) {
+        self.preserved[(c / 64) as usize] |= 1 << (c % 64);
+    }
+
+    fn check_origin_range(&self, off: u64, len: usize) -> Result<()> {
+        match off.checked_add(len as u64) {
+            Some(end) if end <= self.sb.origin_size => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "range {off}+{len} is beyond the end of the origin ({} bytes)",
+                self.sb.origin_size
+            ))),
+        }
+    }
+
+    /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
+    /// touches whose old content a live snapshot still needs is copied to the store, the copy
+    /// flushed, and its record committed (invariant 2). `fua`: durable on return.
+    pub fn write_origin(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_origin_range(off, data.len())?;
+        let cs = self.sb.chunk_size;
+        let (c0, c1) = (off / cs, (off + data.len() as u64 - 1) / cs);
+        let mut attempts = 0u64;
+        loop {
+            match self.preserve(c0, c1)? {
+                Preserve::Done => break,
+                Preserve::Full => {
+                    attempts += 1;
+                    if attempts > self.snaps.len() as u64 + 1 {
+                        return Err(Error::NoSpace(format!(
+                            "store {} is full and the on-full policy could not make room",
+                            self.name
+                        )));
+                    }
+                    self.apply_full_policy()?;
+                }
+            }
+        }
+        self.origin
+            .write_at(data, off)
+            .map_err(|e| Error::io(format!("origin {}: write", self.sb.origin_path), e))?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed origin write durable (metadata commits already are).
+    pub fn flush(&self) -> Result<()> {
+        self.origin
+            .flush()
+            .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))
+    }
+
+    fn preserve(&mut self, c0: u64, c1: u64) -> Result<Preserve> {
+        let live = self.live_epochs();
+        let Some(&e_max) = live.last() else {
+            return Ok(Preserve::Done);
+        };
+        if (c0..=c1).all(|c| self.bit(c)) {
+            return Ok(Preserve::Done);
+        }
+        let e_prev = live.len().checked_sub(2).map(|i| live[i]);
+        let epoch = self.epoch;
+        let sn = self.name.clone();
+        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        // Which chunks need a copy: no record since the newest snapshot.
+        let mut need = Vec::new();
+        {
+            let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            for c in c0..=c1 {
+                if self.bit(c) {
+                    continue;
+                }
+                if find_cover(&recs, &sn, 0, c, e_max + 1, epoch)?.is_some() {
+                    self.set_bit(c);
+                } else {
+                    need.push(c);
+                }
+            }
+        }
+        if need.is_empty() {
+            return Ok(Preserve::Done);
+        }
+        let Some(extents) = self.alloc(&tx, need.len() as u64)? else {
+            return Ok(Preserve::Full);
+        };
+        // Map needed chunks onto the allocated store chunks, in order.
+        let mut locs = Vec::with_capacity(need.len());
+        for (start, n) in &extents {
+            locs.extend(*start..*start + *n);
+        }
+        // Copy: read each run of adjacent origin chunks, write it to its store chunks.
+        let cs = self.sb.chunk_size as usize;
+        let mut i = 0;
+        while i < need.len() {
+            let mut j = i + 1;
+            while j < need.len()
+                && need[j] == need[j - 1] + 1
+                && locs[j] == locs[j - 1] + 1
+                && j - i < 256
+            {
+                j += 1;
+            }
+            let n = j - i;
+            let mut buf = AlignedBuf::new(n * cs);
+            let ooff = need[i] * cs as u64;
+            let olen = (n * cs).min((self.sb.origin_size - ooff) as usize);
+            self.origin
+                .read_at(&mut buf.as_mut_slice()[..olen], ooff)
+                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
+            let soff = self.sb.data_offset + locs[i] * cs as u64;
+            self.dev
+                .write_at(buf.as_slice(), soff)
+                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            i = j;
+        }
+        // The copies must be durable before the commit that points at them.
+        self.dev
+            .flush()
+            .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+        let mut exclusive = 0u64;
+        {
+            let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
+            let mut groups: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+            for (c, p) in need.iter().zip(&locs) {
+                groups.entry(c / GROUP_CHUNKS).or_default().push((*c, *p));
+                // Exclusive to the newest snapshot unless the one before it shares the record:
+                // it does when no record for c lies between the two.
+                let shared = match e_prev {
+                    None => false,
+                    Some(ep) => find_cover(&recs, &sn, 0, *c, ep + 1, e_max)?.is_none(),
+                };
+                if !shared {
+                    exclusive += 1;
+                }
+            }
+            for (g, items) in groups {
+                let key = (0u32, g, epoch);
+                let mut runs = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
+                    Some(v) => decode_runs(v.value()).ok_or_else(|| bad_record(&sn, key))?,
+                    None => Vec::new(),
+                };
+                for (c, p) in items {
+                    add_to_runs(&mut runs, c % GROUP_CHUNKS, p);
+                }
+                recs.insert(key, encode_runs(&runs).as_slice())
+                    .map_err(|e| meta_err(&sn, e))?;
+                by_time
+                    .insert((0u32, epoch, g), ())
+                    .map_err(|e| meta_err(&sn, e))?;
+            }
+        }
+        let newest: Vec<u64> = self
+            .snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e_max)
+            .map(|s| s.id)
+            .collect();
+        // Several snapshots at one epoch share everything: none holds anything alone.
+        if newest.len() == 1 && exclusive > 0 {
+            if let Some(s) = self.snaps.get(&newest[0]) {
+                let mut s = s.clone();
+                s.exclusive_chunks += exclusive;
+                put_snap(&tx, &s, &sn)?;
+                self.snaps.insert(s.id, s);
+            }
+        }
+        match tx.commit() {
+            Ok(()) => {}
+            Err(e) => {
+                let err = meta_err(&sn, e);
+                self.load_catalog()?;
+                return match err {
+                    Error::NoSpace(_) => Ok(Preserve::Full),
+                    other => Err(other),
+                };
+            }
+        }
+        for c in need {
+            self.set_bit(c);
+        }
+        Ok(Preserve::Done)
+    }
+
+    /// The store is full: apply the policy in a commit of its own (never in the transaction
+    /// that will reuse the freed chunks: a crash before that one commits must leave the
+    /// snapshots that still own those chunks intact).
+    fn apply_full_policy(&mut self) -> Result<()> {
+        let policy = self.sb.on_full;
+        let valid: Vec<(u64, u64, String)> = {
+            let mut v: Vec<_> = self
+                .snaps
+                .values()
+                .filter(|s| s.state == SnapState::Valid)
+                .map(|s| (s.epoch, s.id, s.name.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let victim = match policy {
+            OnFull::FailWrites => None,
+            OnFull::DropOldest => valid.first().cloned(),
+            // The newest snapshot always needs the copy: invalidate from the newest down.
+            OnFull::Invalidate => valid.last().cloned(),
+        };
+        let Some((_, id, name)) = victim else {
+            return Err(Error::NoSpace(format!(
+                "store {} is full: an origin write needs a copy for the snapshots, and the on-full policy is {}; delete snapshots to make room",
+                self.name,
+                policy.name()
+            )));
+        };
+        let sn = self.name.clone();
+        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let (action, invalid) = match policy {
+            OnFull::Invalidate => ("invalidated", Some("the store filled up".to_string())),
+            _ => ("deleted", None),
+        };
+        self.drop_point(&tx, id, invalid)?;
+        self.log_event(
+            &tx,
+            Event {
+                time: chrono::Utc::now().timestamp(),
+                action: action.into(),
+                snapshot: name,
+                reason: format!("store full (on-full policy {})", policy.name()),
+            },
+        )?;
+        tx.commit().map_err(|e| meta_err(&sn, e))?;
+        self.load_catalog()?;
+        self.preserved.fill(0);
+        Ok(())
+    }
+
+    /// Removes snapshot `id` from its branch's live points and frees what only it held. With
+    /// `invalid`, the snapshot stays listed as invalid (and refuses reads); else it is deleted.
+    /// Returns the number of chunks freed. Cost: the records in its own window.
+    pub(crate) fn drop_point(
+        &mut self,
+        tx: &redb::WriteTransaction,
+        id: u64,
+        invalid: Option<String>,
+    ) -> Result<u64> {
+        let sn = self.name.clone();
+        let Some(snap) = self.snaps.get(&id).cloned() else {
+            return Err(Error::NotFound(format!("snapshot id {id}")));
+        };
+        // Forget it in memory first, so live_epochs() below is "the others".
+        let was_valid = snap.state == SnapState::Valid;
+        match &invalid {
+            Some(reason) => {
+                let mut s = snap.clone();
+                s.state = SnapState::Invalid;
+                s.invalid_reason = Some(reason.clone());
+                s.exclusive_chunks = 0;
+                put_snap(tx, &s, &sn)?;
+                self.snaps.insert(id, s);
+            }
+            None => {
+                self.snaps.remove(&id);
+                let mut snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+                snaps.remove(id).map_err(|e| meta_err(&sn, e))?;
+                let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+                names
+                    .remove(snap.name.as_str())
+                    .map_err(|e| meta_err(&sn, e))?;
+            }
+        }
+        if !was_valid {
+            return Ok(0); // an invalid snapshot holds nothing
+        }
+        let e = snap.epoch;
+        let live = self.live_epochs();
+        if live.contains(&e) {
+            return Ok(0); // another snapshot at the same point keeps everything
+        }
+        let k = live.partition_point(|&x| x < e);
+        let e_prev = k.checked_sub(1).map(|i| live[i]);
+        let e_next = live.get(k).copied();
+        let hi = e_next.unwrap_or(self.epoch);
+        let freed = self.window(tx, e_prev, e, hi, true)?;
+        // The neighbours' windows changed: recompute what each holds alone.
+        if let Some(p) = e_prev {
+            let pp = k.checked_sub(2).map(|i| live[i]);
+            let n = self.window(tx, pp, p, hi, false)?;
+            self.set_exclusive(tx, p, n)?;
+        }
+        if let Some(nx) = e_next {
+            let nn = live.get(k + 1).copied().unwrap_or(self.epoch);
+            let n = self.window(tx, e_prev, nx, nn, false)?;
+            self.set_exclusive(tx, nx, n)?;
+        }
+        Ok(freed)
+    }
+
+    fn set_exclusive(&mut self, tx: &redb::WriteTransaction, epoch: u64, n: u64) -> Result<()> {
+        let ids: Vec<u64> = self
+            .snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == epoch)
+            .map(|s| s.id)
+            .collect();
+        let n = if ids.len() == 1 { n } else { 0 };
+        for id in ids {
+            if let Some(s) = self.snaps.get_mut(&id) {
+                if s.exclusive_chunks != n {
+                    s.exclusive_chunks = n;
+                    let s = s.clone();
+                    put_snap(tx, &s, &self.name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunks held by the snapshot at `e` alone: records with t in (e, hi] whose previous
+    /// record for the same chunk is newer than `e_prev` (or with no earlier snapshot at all).
+    /// With `free`, they are removed and their store chunks freed. Returns their count.
+    fn window(
+        &self,
+        tx: &redb::WriteTransaction,
+        e_prev: Option<u64>,
+        e: u64,
+        hi: u64,
+        free: bool,
+    ) -> Result<u64> {
+        let sn = &self.name;
+        let keys: Vec<(u64, u64)> = {
+            let by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(sn, e))?;
+            let mut v = Vec::new();
+            for row in by_time
+                .range((0u32, e + 1, 0u64)..=(0u32, hi, u64::MAX))
+                .map_err(|e| meta_err(sn, e))?
+            {
+                let (k, _) = row.map_err(|e| meta_err(sn, e))?;
+                let (_, t, g) = k.value();
+                v.push((t, g));
+            }
+            v
+        };
+        let mut count = 0;
+        let mut to_free = Vec::new();
+        for (t, g) in keys {
+            let key = (0u32, g, t);
+            let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+            let runs = match recs.get(key).map_err(|e| meta_err(sn, e))? {
+                Some(v) => decode_runs(v.value()).ok_or_else(|| bad_record(sn, key))?,
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "{sn}: time index names a missing record {key:?}; run `snapctl check`"
+                    )))
+                }
+            };
+            let mut kept = Vec::new();
+            for r in &runs {
+                for i in 0..r.len as u64 {
+                    let c = g * GROUP_CHUNKS + r.off as u64 + i;
+                    let alone = match e_prev {
+                        None => true,
+                        Some(ep) => find_cover(&recs, sn, 0, c, ep + 1, t - 1)?.is_some(),
+                    };
+                    if alone {
+                        count += 1;
+                        if free {
+                            to_free.push(r.loc + i);
+                            continue;
+                        }
+                    }
+                    if free {
+                        add_to_runs(&mut kept, r.off as u64 + i, r.loc + i);
+                    }
+                }
+            }
+            if free && kept.len() != runs.len() || free && kept != runs {
+                if kept.is_empty() {
+                    recs.remove(key).map_err(|e| meta_err(sn, e))?;
+                    let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(sn, e))?;
+                    by_time.remove((0u32, t, g)).map_err(|e| meta_err(sn, e))?;
+                } else {
+                    recs.insert(key, encode_runs(&kept).as_slice())
+                        .map_err(|e| meta_err(sn, e))?;
+                }
+            }
+        }
+        // Free in coalesced extents.
+        to_free.sort_unstable();
+        let mut i = 0;
+        while i < to_free.len() {
+            let mut j = i + 1;
+            while j < to_free.len() && to_free[j] == to_free[j - 1] + 1 {
+                j += 1;
+            }
+            self.free_chunks(tx, to_free[i], (j - i) as u64)?;
+            i = j;
+        }
+        Ok(count)
+    }
+
+    /// Reads `buf.len()` bytes at `off` of snapshot `name`, or of the live origin for "origin".
+    pub fn read_view(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_origin_range(off, buf.len())?;
+        if name == "origin" {
+            return self
+                .origin
+                .read_at(buf, off)
+                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e));
+        }
+        let snap = self.snapshot(name)?;
+        if snap.state == SnapState::Invalid {
+            return Err(Error::InvalidSnapshot(format!(
+                "snapshot '{name}' is invalid ({}) and cannot be read; delete it",
+                snap.invalid_reason.as_deref().unwrap_or("store full")
+            )));
+        }
+        let e = snap.epoch;
+        let sn = &self.name;
+        let cs = self.sb.chunk_size;
+        let tx = self.db.begin_read().map_err(|e| meta_err(sn, e))?;
+        let recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+        let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let abs = off + pos as u64;
+            let c = abs / cs;
+            let within = abs % cs;
+            let n = ((cs - within) as usize).min(buf.len() - pos);
+            let g = c / GROUP_CHUNKS;
+            if !groups.contains_key(&g) {
+                let r = resolve_group(&recs, sn, 0, g, e)?;
+                groups.insert(g, r);
+            }
+            let dst = &mut buf[pos..pos + n];
+            match groups[&g][(c % GROUP_CHUNKS) as usize] {
+                Some(p) => {
+                    if p >= self.sb.data_chunks {
+                        return Err(Error::Corrupt(format!(
+                            "{sn}: a record points outside the store; run `snapctl check`"
+                        )));
+                    }
+                    self.dev
+                        .read_at(dst, self.sb.data_offset + p * cs + within)
+                        .map_err(|e| Error::io(format!("store {sn}: read"), e))?
+                }
+                None => self
+                    .origin
+                    .read_at(dst, abs)
+                    .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Verifies the metadata engine's checksums and every invariant of the exception store.
+    pub fn check(&mut self) -> Result<CheckReport> {
+        let sn = self.name.clone();
+        let mut rep = CheckReport::default();
+        let ok = crate::store::guard_panic(&sn, || {
+            self.db.check_integrity().map_err(|e| meta_err(&sn, e))
+        })?;
+        if !ok {
+            rep.corruption.push(
+                "metadata pages failed their checksums (the engine repaired what it could)".into(),
+            );
+        }
+        let data_chunks = self.sb.data_chunks;
+        let tx = self.db.begin_read().map_err(|e| meta_err(&sn, e))?;
+        let config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
+        let get = |k: &str| -> Result<u64> {
+            Ok(config
+                .get(k)
+                .map_err(|e| meta_err(&sn, e))?
+                .map(|v| v.value())
+                .unwrap_or(u64::MAX))
+        };
+        let (epoch, hw, used) = (get(K_EPOCH)?, get(K_HIGH_WATER)?, get(K_USED)?);
+        if hw > data_chunks {
+            rep.corruption.push(format!(
+                "allocation high-water mark {hw} is beyond the store's {data_chunks} chunks"
+            ));
+        }
+        // Ownership: one bit per data chunk (bounded by the store's size, not by the records).
+        let mut owned = vec![0u64; data_chunks.div_ceil(64) as usize];
+        let mut claim = |p: u64, what: &str, rep: &mut CheckReport| {
+            if p >= data_chunks {
+                rep.corruption.push(format!(
+                    "{what} points at store chunk {p}, outside the store"
+                ));
+                return;
+            }
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if owned[w] & (1 << b) != 0 {
+                rep.corruption
+                    .push(format!("store chunk {p} is owned twice ({what})"));
+            }
+            owned[w] |= 1 << b;
+        };
+        let live = self.live_epochs();
+        let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+        let by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
+        let mut record_chunks = 0u64;
+        for row in recs.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            let (b, g, t) = k.value();
+            rep.records += 1;
+            let Some(runs) = decode_runs(v.value()) else {
+                rep.corruption
+                    .push(format!("record {:?} cannot be decoded", k.value()));
+                continue;
+            };
+            if t > epoch {
+                rep.corruption.push(format!(
+                    "record {:?} is from the future (epoch is {epoch})",
+                    k.value()
+                ));
+            }
+            if by_time
+                .get((b, t, g))
+                .map_err(|e| meta_err(&sn, e))?
+                .is_none()
+            {
+                rep.corruption.push(format!(
+                    "record {:?} is missing from the time index",
+                    k.value()
+                ));
+            }
+            for r in &runs {
+                for i in 0..r.len as u64 {
+                    record_chunks += 1;
+                    claim(r.loc + i, &format!("record {:?}", k.value()), &mut rep);
+                    // Reachable iff some live snapshot lies in [t_prev, t).
+                    let c = g * GROUP_CHUNKS + r.off as u64 + i;
+                    let t_prev = prev_cover(&recs, &sn, b, c, t)?.unwrap_or(0);
+                    let j = live.partition_point(|&x| x < t_prev);
+                    if !(j < live.len() && live[j] < t) {
+                        rep.leaks.push(format!(
+                            "store chunk {} (chunk {c}, epoch {t}) is held by no snapshot",
+                            r.loc + i
+                        ));
+                    }
+                }
+            }
+        }
+        for row in by_time.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, _) = row.map_err(|e| meta_err(&sn, e))?;
+            let (b, t, g) = k.value();
+            if recs.get((b, g, t)).map_err(|e| meta_err(&sn, e))?.is_none() {
+                rep.corruption
+                    .push(format!("time index entry {:?} has no record", k.value()));
+            }
+        }
+        let free = tx.open_table(FREE).map_err(|e| meta_err(&sn, e))?;
+        for row in free.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            let (s, n) = (k.value(), v.value());
+            if s.checked_add(n).is_none_or(|end| end > hw) {
+                rep.corruption.push(format!(
+                    "free extent {s}+{n} is beyond the high-water mark {hw}"
+                ));
+                continue;
+            }
+            rep.free_chunks += n;
+            for p in s..s + n {
+                claim(p, "the free list", &mut rep);
+            }
+        }
+        rep.used_chunks = record_chunks;
+        if used != record_chunks {
+            rep.corruption.push(format!(
+                "the used-chunk counter says {used} but the records hold {record_chunks}"
+            ));
+        }
+        for p in 0..hw.min(data_chunks) {
+            if owned[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                rep.leaks
+                    .push(format!("store chunk {p} is neither in use nor free"));
+            }
+        }
+        // Catalog: names and snapshots agree.
+        let names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+        let mut nnames = 0u64;
+        for row in names.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            nnames += 1;
+            match self.snaps.get(&v.value()) {
+                Some(s) if s.name == k.value() => {}
+                _ => rep.corruption.push(format!(
+                    "name '{}' points at no matching snapshot",
+                    k.value()
+                )),
+            }
+        }
+        rep.snapshots = self.snaps.len() as u64;
+        if nnames != rep.snapshots {
+            rep.corruption
+                .push(format!("{} names for {} snapshots", nnames, rep.snapshots));
+        }
+        drop((recs, by_time, free, names, config, tx));
+        // Space accounting: recompute what each snapshot holds alone.
+        let wtx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        for (k, &e) in live.iter().enumerate() {
+            let prev = k.checked_sub(1).map(|i| live[i]);
+            let hi = live.get(k + 1).copied().unwrap_or(epoch);
+            let n = self.window(&wtx, prev, e, hi, false)?;
+            let at: Vec<&crate::store::Snapshot> = self
+                .snaps
+                .values()
+                .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e)
+                .collect();
+            let want = if at.len() == 1 { n } else { 0 };
+            for s in at {
+                if s.exclusive_chunks != want {
+                    rep.corruption.push(format!(
+                        "snapshot '{}' records {} exclusive chunks but holds {want}",
+                        s.name, s.exclusive_chunks
+                    ));
+                }
+            }
+        }
+        wtx.abort().map_err(|e| meta_err(&sn, e))?;
+        Ok(rep)
+    }
+}
+
+/// The newest record for chunk c of branch b with t' < t.
+fn prev_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+    t: &T,
+    store: &str,
+    b: u32,
+    c: u64,
+    before: u64,
+) -> Result<Option<u64>> {
+    if before == 0 {
+        return Ok(None);
+    }
+    let g = c / GROUP_CHUNKS;
+    for row in t
+        .range((b, g, 0)..=(b, g, before - 1))
+        .map_err(|e| meta_err(store, e))?
+        .rev()
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
+        if find_in_runs(&runs, c % GROUP_CHUNKS).is_some() {
+            return Ok(Some(k.value().2));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_encode_and_decode() {
+        let runs = vec![
+            Run {
+                off: 0,
+                len: 3,
+                loc: 10,
+            },
+            Run {
+                off: 5,
+                len: 1,
+                loc: 99,
+            },
+        ];
+        assert_eq!(decode_runs(&encode_runs(&runs)).unwrap(), runs);
+        assert!(decode_runs(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn adjacent_chunks_become_one_extent() {
+        let mut runs = Vec::new();
+        for i in 0..10 {
+            add_to_runs(&mut runs, 4 + i, 100 + i);
+        }
+        assert_eq!(
+            runs,
+            vec![Run {
+                off: 4,
+                len: 10,
+                loc: 100
+            }]
+        );
+        add_to_runs(&mut runs, 0, 7);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(find_in_runs(&runs, 9), Some(105));
+        assert_eq!(find_in_runs(&runs, 1), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! The superblock: the fixed first 4 KiB of a store. Layout in docs/FORMAT.md; the offsets below
+//! are the same table. All integers are little-endian, written with explicit `to_le_bytes`.
+
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
+pub const FORMAT_VERSION: u32 = 1;
+pub const SUPERBLOCK_SIZE: usize = 4096;
+
+/// Where the metadata region starts: 1 MiB, so the data area can be aligned to any chunk size.
+pub const META_OFFSET: u64 = 1 << 20;
+/// Smallest metadata region `init` accepts.
+pub const MIN_META_LEN: u64 = 4 << 20;
+/// Chunks per exception group: records cover runs inside one aligned group of this many chunks.
+pub const GROUP_CHUNKS: u64 = 128;
+
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 8;
+const OFF_UUID: usize = 16;
+const OFF_CHUNK_SIZE: usize = 32;
+const OFF_ORIGIN_SIZE: usize = 40;
+const OFF_FINGERPRINT: usize = 48;
+const OFF_META_OFFSET: usize = 80;
+const OFF_META_LEN: usize = 88;
+const OFF_DATA_OFFSET: usize = 96;
+const OFF_DATA_CHUNKS: usize = 104;
+const OFF_ON_FULL: usize = 112;
+const OFF_CREATED: usize = 120;
+const OFF_PATH_LEN: usize = 128;
+const OFF_PATH: usize = 256;
+pub const MAX_PATH: usize = 2048;
+const OFF_CHECKSUM: usize = SUPERBLOCK_SIZE - 32;
+
+/// What to do when the store has no room for a copy an origin write needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    /// Delete the oldest snapshots until the copy fits.
+    DropOldest,
+    /// Mark the snapshots that need the copy invalid.
+    Invalidate,
+    /// Fail the origin write with ENOSPC.
+    FailWrites,
+}
+
+impl OnFull {
+    pub fn code(self) -> u8 {
+        match self {
+            OnFull::DropOldest => 0,
+            OnFull::Invalidate => 1,
+            OnFull::FailWrites => 2,
+        }
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(OnFull::DropOldest),
+            1 => Some(OnFull::Invalidate),
+            2 => Some(OnFull::FailWrites),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            OnFull::DropOldest => "drop-oldest",
+            OnFull::Invalidate => "invalidate",
+            OnFull::FailWrites => "fail-writes",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub uuid: [u8; 16],
+    pub chunk_size: u64,
+    pub origin_size: u64,
+    pub fingerprint: [u8; 32],
+    pub meta_offset: u64,
+    pub meta_len: u64,
+    pub data_offset: u64,
+    pub data_chunks: u64,
+    pub on_full: OnFull,
+    pub created: i64,
+    pub origin_path: String,
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SUPERBLOCK_SIZE];
+        b[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(MAGIC);
+        b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[OFF_UUID..OFF_UUID + 16].copy_from_slice(&self.uuid);
+        b[OFF_CHUNK_SIZE..OFF_CHUNK_SIZE + 8].copy_from_slice(&self.chunk_size.to_le_bytes());
+        b[OFF_ORIGIN_SIZE..OFF_ORIGIN_SIZE + 8].copy_from_slice(&self.origin_size.to_le_bytes());
+        b[OFF_FINGERPRINT..OFF_FINGERPRINT + 32].copy_from_slice(&self.fingerprint);
+        b[OFF_META_OFFSET..OFF_META_OFFSET + 8].copy_from_slice(&self.meta_offset.to_le_bytes());
+        b[OFF_META_LEN..OFF_META_LEN + 8].copy_from_slice(&self.meta_len.to_le_bytes());
+        b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&self.data_offset.to_le_bytes());
+        b[OFF_DATA_CHUNKS..OFF_DATA_CHUNKS + 8].copy_from_slice(&self.data_chunks.to_le_bytes());
+        b[OFF_ON_FULL] = self.on_full.code();
+        b[OFF_CREATED..OFF_CREATED + 8].copy_from_slice(&self.created.to_le_bytes());
+        let path = self.origin_path.as_bytes();
+        let n = path.len().min(MAX_PATH);
+        b[OFF_PATH_LEN..OFF_PATH_LEN + 2].copy_from_slice(&(n as u16).to_le_bytes());
+        b[OFF_PATH..OFF_PATH + n].copy_from_slice(&path[..n]);
+        let sum = blake3::hash(&b[..OFF_CHECKSUM]);
+        b[OFF_CHECKSUM..].copy_from_slice(sum.as_bytes());
+        b
+    }
+
+    /// Decodes and verifies a superblock. `what` names the store in errors.
+    pub fn decode(b: &[u8], what: &str) -> Result<Self> {
+        if b.len() < SUPERBLOCK_SIZE || &b[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
+            return Err(Error::NotAStore(what.to_string()));
+        }
+        let sum = blake3::hash(&b[..OFF_CHECKSUM]);
+        if sum.as_bytes() != &b[OFF_CHECKSUM..SUPERBLOCK_SIZE] {
+            return Err(Error::Corrupt(format!(
+                "{what}: superblock checksum mismatch (the first 4 KiB were damaged)"
+            )));
+        }
+        let mut v = [0u8; 4];
+        v.copy_from_slice(&b[OFF_VERSION..OFF_VERSION + 4]);
+        let version = u32::from_le_bytes(v);
+        if version != FORMAT_VERSION {
+            return Err(Error::Corrupt(format!(
+                "{what}: store format version {version} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
+            )));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[OFF_UUID..OFF_UUID + 16]);
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(&b[OFF_FINGERPRINT..OFF_FINGERPRINT + 32]);
+        let on_full = OnFull::from_code(b[OFF_ON_FULL]).ok_or_else(|| {
+            Error::Corrupt(format!("{what}: superblock has an unknown on-full policy"))
+        })?;
+        let plen = u16::from_le_bytes([b[OFF_PATH_LEN], b[OFF_PATH_LEN + 1]]) as usize;
+        if plen > MAX_PATH {
+            return Err(Error::Corrupt(format!(
+                "{what}: superblock origin path too long"
+            )));
+        }
+        let origin_path = String::from_utf8(b[OFF_PATH..OFF_PATH + plen].to_vec())
+            .map_err(|_| Error::Corrupt(format!("{what}: superblock origin path is not UTF-8")))?;
+        let sb = Superblock {
+            uuid,
+            chunk_size: u64_at(b, OFF_CHUNK_SIZE),
+            origin_size: u64_at(b, OFF_ORIGIN_SIZE),
+            fingerprint,
+            meta_offset: u64_at(b, OFF_META_OFFSET),
+            meta_len: u64_at(b, OFF_META_LEN),
+            data_offset: u64_at(b, OFF_DATA_OFFSET),
+            data_chunks: u64_at(b, OFF_DATA_CHUNKS),
+            on_full,
+            created: i64::from_le_bytes(
+                b[OFF_CREATED..OFF_CREATED + 8].try_into().unwrap_or([0; 8]),
+            ),
+            origin_path,
+        };
+        // A checksummed superblock with impossible geometry was written by a bug: refuse it.
+        let geometry_ok = sb.chunk_size.is_power_of_two()
+            && (4096..=1 << 20).contains(&sb.chunk_size)
+            && sb.meta_offset >= SUPERBLOCK_SIZE as u64
+            && sb.data_offset >= sb.meta_offset.saturating_add(sb.meta_len)
+            && sb.data_offset % sb.chunk_size == 0;
+        if !geometry_ok {
+            return Err(Error::Corrupt(format!(
+                "{what}: superblock geometry is invalid"
+            )));
+        }
+        Ok(sb)
+    }
+
+    pub fn uuid_string(&self) -> String {
+        let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
+    pub fn origin_chunks(&self) -> u64 {
+        self.origin_size.div_ceil(self.chunk_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Superblock {
+        Superblock {
+            uuid: [7; 16],
+            chunk_size: 4096,
+            origin_size: 1 << 30,
+            fingerprint: [3; 32],
+            meta_offset: META_OFFSET,
+            meta_len: MIN_META_LEN,
+            data_offset: META_OFFSET + MIN_META_LEN,
+            data_chunks: 1000,
+            on_full: OnFull::Invalidate,
+            created: 1_700_000_000,
+            origin_path: "/dev/loop0".into(),
+        }
+    }
+
+    #[test]
+    fn superblock_round_trips() {
+        let sb = sample();
+        assert_eq!(Superblock::decode(&sb.encode(), "s").unwrap(), sb);
+    }
+
+    #[test]
+    fn every_flipped_byte_of_the_superblock_is_refused() {
+        let good = sample().encode();
+        for i in 0..SUPERBLOCK_SIZE {
+            let mut b = good.clone();
+            b[i] ^= 0x40;
+            assert!(Superblock::decode(&b, "s").is_err(), "flip at {i} accepted");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! snapctl: point-in-time snapshots for any Linux block device, in userspace.
+//!
+//! The binary is a thin shell over [`cli::main`]. Modules, one concern each:
+//! [`io`] (device I/O engines), [`format`] (the superblock), [`store`] (metadata, catalog,
+//! allocation), [`cow`] (the copy-on-write engine), [`names`] (what users type), [`cli`].
+
+pub mod cli;
+pub mod cow;
+pub mod error;
+pub mod format;
+pub mod io;
+pub mod names;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1015 @@
+//! The exception store: superblock, metadata region (redb), snapshot catalog, chunk allocator.
+//! The copy-on-write rules that use them live in `cow.rs`. Nothing here prints.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{meta_err, Error, Result};
+use crate::format::{OnFull, Superblock, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE};
+use crate::io::{engine_for, open_device, BlockIo, EngineChoice, OpenMode};
+
+/// The metadata region's length record: 512 bytes at 4 KiB (docs/FORMAT.md).
+pub const LENBLOCK_OFFSET: u64 = 4096;
+const LENBLOCK_MAGIC: &[u8; 8] = b"SNAPLEN\0";
+
+pub(crate) const CONFIG: TableDefinition<&str, u64> = TableDefinition::new("config");
+pub(crate) const SNAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+pub(crate) const NAMES: TableDefinition<&str, u64> = TableDefinition::new("names");
+/// (branch, group, t) -> runs. See cow.rs.
+pub(crate) const RECORDS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("records");
+/// (branch, t, group) -> (): the same records ordered by time, for delete's window scan.
+pub(crate) const BY_TIME: TableDefinition<(u32, u64, u64), ()> =
+    TableDefinition::new("records_by_time");
+/// first free data chunk -> length of the free extent.
+pub(crate) const FREE: TableDefinition<u64, u64> = TableDefinition::new("free");
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+pub(crate) const K_EPOCH: &str = "epoch";
+pub(crate) const K_NEXT_ID: &str = "next_id";
+pub(crate) const K_HIGH_WATER: &str = "alloc_high_water";
+pub(crate) const K_USED: &str = "used_chunks";
+pub(crate) const K_NEXT_EVENT: &str = "next_event";
+
+/// The redb cache: bounded, whatever the number of exceptions.
+const META_CACHE_BYTES: usize = 32 << 20;
+
+/// redb's file, mapped onto the metadata region of the store. The logical length lives in the
+/// length block, rewritten and flushed on every resize, so a crash leaves a length that redb's
+/// recovery understands ("set by a single truncate or extend").
+#[derive(Clone)]
+struct Region {
+    io: Arc<dyn BlockIo>,
+    off: u64,
+    cap: u64,
+    len: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Region({}+{})", self.off, self.cap)
+    }
+}
+
+fn encode_lenblock(len: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[..8].copy_from_slice(LENBLOCK_MAGIC);
+    b[8..16].copy_from_slice(&len.to_le_bytes());
+    let sum = blake3::hash(&b[..480]);
+    b[480..].copy_from_slice(sum.as_bytes());
+    b
+}
+
+fn decode_lenblock(b: &[u8]) -> Option<u64> {
+    if b.len() < 512
+        || &b[..8] != LENBLOCK_MAGIC
+        || blake3::hash(&b[..480]).as_bytes() != &b[480..512]
+    {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[8..16]);
+    Some(u64::from_le_bytes(a))
+}
+
+impl redb::StorageBackend for Region {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len.load(Ordering::SeqCst))
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if offset + out.len() as u64 > self.len.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the metadata",
+            ));
+        }
+        self.io.read_at(out, self.off + offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > self.cap {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let old = self.len.load(Ordering::SeqCst);
+        if len > old {
+            // New positions must read as zero.
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = old;
+            while pos < len {
+                let n = (len - pos).min(zeros.len() as u64) as usize;
+                self.io.write_at(&zeros[..n], self.off + pos)?;
+                pos += n as u64;
+            }
+            self.io.flush()?;
+        }
+        self.io.write_at(&encode_lenblock(len), LENBLOCK_OFFSET)?;
+        self.io.flush()?;
+        self.len.store(len, Ordering::SeqCst);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.io.flush()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if offset + data.len() as u64 > self.len.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "write past the end of the metadata",
+            ));
+        }
+        self.io.write_at(data, self.off + offset)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapState {
+    Valid,
+    Invalid,
+}
+
+/// One snapshot, as kept in the `snapshots` table (JSON, docs/FORMAT.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: u64,
+    pub name: String,
+    /// Name of the view it was taken from ("origin").
+    pub parent: String,
+    pub branch: u32,
+    pub epoch: u64,
+    /// Unix seconds, UTC.
+    pub created: i64,
+    pub writable: bool,
+    pub expires: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+    pub state: SnapState,
+    #[serde(default)]
+    pub invalid_reason: Option<String>,
+    /// Store chunks that deleting this snapshot alone would free.
+    pub exclusive_chunks: u64,
+}
+
+/// Something the store did on its own (the on-full policy); kept in the `events` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub time: i64,
+    pub action: String,
+    pub snapshot: String,
+    pub reason: String,
+}
+
+pub struct InitOptions {
+    pub chunk_size: u64,
+    pub on_full: OnFull,
+    pub force: bool,
+    pub metadata_size: Option<u64>,
+}
+
+/// How a command wants the store.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Open the origin for writing (only `write`/`serve` need it).
+    pub write_origin: bool,
+    pub engine: EngineChoice,
+    /// How long to wait for another snapctl to finish.
+    pub lock_timeout: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            write_origin: false,
+            engine: EngineChoice::from_env(),
+            lock_timeout: lock_timeout_from_env(),
+        }
+    }
+}
+
+fn lock_timeout_from_env() -> Duration {
+    std::env::var("SNAPCTL_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(5))
+}
+
+pub struct Store {
+    pub sb: Superblock,
+    /// The store's path as given (for messages).
+    pub name: String,
+    pub(crate) dev: Arc<dyn BlockIo>,
+    pub(crate) origin: Arc<dyn BlockIo>,
+    pub(crate) db: redb::Database,
+    /// Every snapshot, by id: one entry per snapshot, never per exception.
+    pub(crate) snaps: BTreeMap<u64, Snapshot>,
+    /// Epoch of the next write interval (E in DESIGN.md).
+    pub(crate) epoch: u64,
+    /// Chunks known to be preserved since the newest live snapshot: repeat writes skip the index.
+    pub(crate) preserved: Vec<u64>,
+    /// What the on-full policy did during this process, for the caller to log.
+    pub events: Vec<Event>,
+    _lock: Option<File>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn open_err(what: &str, path: &Path, e: io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Error::NotFound(format!(
+            "{what} {}: no such file or device",
+            path.display()
+        )),
+        Some(libc::EBUSY) => Error::Busy(format!(
+            "{what} {} is in use (mounted, or held by another program); unmount it or stop that program",
+            path.display()
+        )),
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::io(
+            format!("{what} {}: permission denied (run as root?)", path.display()),
+            e,
+        ),
+        _ if e.kind() == io::ErrorKind::InvalidInput => Error::Invalid(format!(
+            "{what} {}: not a block device or a regular file",
+            path.display()
+        )),
+        _ => Error::io(format!("{what} {}", path.display()), e),
+    }
+}
+
+/// Opens with retries while the device is held exclusively by someone else, up to `timeout`.
+fn open_retrying(
+    what: &str,
+    path: &Path,
+    mode: OpenMode,
+    timeout: Duration,
+) -> Result<crate::io::Device> {
+    let start = Instant::now();
+    loop {
+        match open_device(path, mode) {
+            Ok(d) => return Ok(d),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(open_err(what, path, e)),
+        }
+    }
+}
+
+/// Takes the store's exclusive lock, waiting up to `timeout` for another snapctl to finish.
+fn lock(file: &File, name: &str, timeout: Duration) -> Result<File> {
+    let f = file
+        .try_clone()
+        .map_err(|e| Error::io(format!("{name}: lock"), e))?;
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a valid fd owned by `f`.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(f);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(format!("{name}: lock"), e));
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::Busy(format!(
+                "store {name} is busy: another snapctl is using it; try again when it has finished"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A stable identity for the origin: which file or device it is, not what it holds (the data
+/// changes; `init` must not write to it). See docs/FORMAT.md.
+pub fn origin_fingerprint(path: &Path) -> Result<[u8; 32]> {
+    let meta = std::fs::metadata(path).map_err(|e| open_err("origin", path, e))?;
+    let mut h = blake3::Hasher::new();
+    if meta.file_type().is_file() {
+        h.update(b"file");
+        h.update(&meta.dev().to_le_bytes());
+        h.update(&meta.ino().to_le_bytes());
+        return Ok(*h.finalize().as_bytes());
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if let Ok(backing) = std::fs::read_to_string(sys.join("loop/backing_file")) {
+        // A loop device: its identity is the file behind it (loop numbers are reused).
+        if let Ok(bm) = std::fs::metadata(backing.trim()) {
+            h.update(b"loop");
+            h.update(&bm.dev().to_le_bytes());
+            h.update(&bm.ino().to_le_bytes());
+            let off = std::fs::read_to_string(sys.join("loop/offset")).unwrap_or_default();
+            h.update(off.trim().as_bytes());
+            return Ok(*h.finalize().as_bytes());
+        }
+    }
+    // A disk or partition: the hardware's id where the kernel shows one, else the device number.
+    for f in [
+        "wwid",
+        "device/wwid",
+        "device/serial",
+        "../device/wwid",
+        "../device/serial",
+    ] {
+        if let Ok(s) = std::fs::read_to_string(sys.join(f)) {
+            if !s.trim().is_empty() {
+                h.update(b"disk");
+                h.update(s.trim().as_bytes());
+                let part = std::fs::read_to_string(sys.join("partition")).unwrap_or_default();
+                h.update(part.trim().as_bytes());
+                return Ok(*h.finalize().as_bytes());
+            }
+        }
+    }
+    h.update(b"devno");
+    h.update(&rdev.to_le_bytes());
+    Ok(*h.finalize().as_bytes())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            (x.dev() == y.dev() && x.ino() == y.ino()) || (x.rdev() != 0 && x.rdev() == y.rdev())
+        }
+        _ => false,
+    }
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    // SAFETY: getrandom writes at most u.len() bytes into u.
+    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+    if n != 16 {
+        // No entropy source: fall back to time and pid, still unique enough for a label.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        u.copy_from_slice(
+            &blake3::hash(&[t.to_le_bytes(), (std::process::id() as u128).to_le_bytes()].concat())
+                .as_bytes()[..16],
+        );
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// Default metadata region: 256 bytes per data chunk (the worst case of one record per chunk,
+/// written twice by redb's copy-on-write), at least 8 MiB, rounded to MiB.
+pub fn default_metadata_size(store_size: u64, chunk_size: u64) -> u64 {
+    let per_chunk = (store_size / chunk_size).saturating_mul(256);
+    per_chunk.max(8 << 20).next_multiple_of(1 << 20)
+}
+
+fn db_builder() -> redb::Builder {
+    let mut b = redb::Database::builder();
+    b.set_cache_size(META_CACHE_BYTES);
+    b
+}
+
+fn get_u64(t: &impl ReadableTable<&'static str, u64>, k: &str, store: &str) -> Result<u64> {
+    Ok(t.get(k)
+        .map_err(|e| meta_err(store, e))?
+        .ok_or_else(|| Error::Corrupt(format!("{store}: metadata lacks '{k}'")))?
+        .value())
+}
+
+impl Store {
+    /// Formats `store` as the exception store of `origin`. Never writes to the origin.
+    pub fn init(store: &Path, origin: &Path, opts: &InitOptions) -> Result<Superblock> {
+        let name = store.display().to_string();
+        let cs = opts.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
+            return Err(Error::Invalid(format!(
+                "chunk size {cs} is not a power of two between 4 KiB and 1 MiB"
+            )));
+        }
+        let origin_abs =
+            std::fs::canonicalize(origin).map_err(|e| open_err("origin", origin, e))?;
+        let store_abs = std::fs::canonicalize(store).map_err(|e| open_err("store", store, e))?;
+        if same_file(&origin_abs, &store_abs) {
+            return Err(Error::Invalid(format!(
+                "store and origin are the same device ({}); the store must be a second device or file",
+                origin_abs.display()
+            )));
+        }
+        let origin_str = origin_abs.to_string_lossy().to_string();
+        if origin_str.len() > crate::format::MAX_PATH {
+            return Err(Error::Invalid(
+                "origin path is longer than 2048 bytes".into(),
+            ));
+        }
+        let timeout = lock_timeout_from_env();
+        // The origin is opened read-only: O_EXCL refuses a mounted device, and init writes nothing.
+        let odev = open_retrying(
+            "origin",
+            &origin_abs,
+            OpenMode {
+                write: false,
+                exclusive: true,
+            },
+            timeout,
+        )?;
+        if odev.size == 0 {
+            return Err(Error::Invalid(format!(
+                "origin {} is empty",
+                origin.display()
+            )));
+        }
+        let sdev = open_retrying(
+            "store",
+            &store_abs,
+            OpenMode {
+                write: true,
+                exclusive: true,
+            },
+            timeout,
+        )?;
+        let lock_file = lock(&sdev.file, &name, timeout)?;
+        let store_size = sdev.size;
+        let io = engine_for(sdev, EngineChoice::from_env())
+            .map_err(|e| Error::io(format!("store {name}: I/O engine"), e))?;
+        let mut first = vec![0u8; SUPERBLOCK_SIZE];
+        if store_size >= SUPERBLOCK_SIZE as u64 {
+            io.read_at(&mut first, 0)
+                .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+            if &first[..8] == crate::format::MAGIC && !opts.force {
+                return Err(Error::Exists(format!(
+                    "{name} already holds a snapctl store; use --force to overwrite it (its snapshots are lost)"
+                )));
+            }
+        }
+        let meta_len = match opts.metadata_size {
+            Some(m) => m.next_multiple_of(1 << 20),
+            None => default_metadata_size(store_size, cs),
+        };
+        if meta_len < MIN_META_LEN {
+            return Err(Error::Invalid(format!(
+                "metadata size {meta_len} is below the minimum of 4 MiB"
+            )));
+        }
+        let data_offset = (META_OFFSET + meta_len).next_multiple_of(cs.max(1 << 20));
+        let min_size = data_offset + 16 * cs;
+        if store_size < min_size {
+            return Err(Error::Invalid(format!(
+                "store {name} is too small: {} bytes, but its metadata and 16 chunks need at least {} bytes",
+                store_size, min_size
+            )));
+        }
+        let sb = Superblock {
+            uuid: random_uuid(),
+            chunk_size: cs,
+            origin_size: odev.size,
+            fingerprint: origin_fingerprint(&origin_abs)?,
+            meta_offset: META_OFFSET,
+            meta_len,
+            data_offset,
+            data_chunks: (store_size - data_offset) / cs,
+            on_full: opts.on_full,
+            created: now(),
+            origin_path: origin_str,
+        };
+        let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
+        // Crash argument: the superblock is written last. Until it is durable the store reads as
+        // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
+        w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
+        w(io.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
+        w(io.flush())?;
+        let region = Region {
+            io: io.clone(),
+            off: META_OFFSET,
+            cap: meta_len,
+            len: Arc::new(AtomicU64::new(0)),
+        };
+        let db = db_builder()
+            .create_with_backend(region)
+            .map_err(|e| meta_err(&name, e))?;
+        {
+            let tx = db.begin_write().map_err(|e| meta_err(&name, e))?;
+            {
+                let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&name, e))?;
+                for (k, v) in [
+                    (K_EPOCH, 1u64),
+                    (K_NEXT_ID, 1),
+                    (K_HIGH_WATER, 0),
+                    (K_USED, 0),
+                    (K_NEXT_EVENT, 1),
+                ] {
+                    c.insert(k, v).map_err(|e| meta_err(&name, e))?;
+                }
+                tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
+                tx.open_table(NAMES).map_err(|e| meta_err(&name, e))?;
+                tx.open_table(RECORDS).map_err(|e| meta_err(&name, e))?;
+                tx.open_table(BY_TIME).map_err(|e| meta_err(&name, e))?;
+                tx.open_table(FREE).map_err(|e| meta_err(&name, e))?;
+                tx.open_table(EVENTS).map_err(|e| meta_err(&name, e))?;
+            }
+            tx.commit().map_err(|e| meta_err(&name, e))?;
+        }
+        drop(db);
+        w(io.write_at(&sb.encode(), 0))?;
+        w(io.flush())?;
+        drop(lock_file);
+        Ok(sb)
+    }
+
+    /// Opens a store from its path, with its origin.
+    pub fn open(store: &Path, opts: OpenOptions) -> Result<Store> {
+        let name = store.display().to_string();
+        let sdev = open_retrying(
+            "store",
+            store,
+            OpenMode {
+                write: true,
+                exclusive: true,
+            },
+            opts.lock_timeout,
+        )?;
+        let lock_file = lock(&sdev.file, &name, opts.lock_timeout)?;
+        let io = engine_for(sdev, opts.engine)
+            .map_err(|e| Error::io(format!("store {name}: I/O engine"), e))?;
+        let sb = read_superblock(io.as_ref(), &name)?;
+        let opath = PathBuf::from(&sb.origin_path);
+        let odev = open_retrying(
+            "origin",
+            &opath,
+            OpenMode {
+                write: opts.write_origin,
+                exclusive: opts.write_origin,
+            },
+            opts.lock_timeout,
+        )?;
+        if odev.size != sb.origin_size {
+            return Err(Error::Mismatch(format!(
+                "origin {} is {} bytes but store {name} was made for {} bytes; is this the right device?",
+                sb.origin_path, odev.size, sb.origin_size
+            )));
+        }
+        if origin_fingerprint(&opath)? != sb.fingerprint {
+            return Err(Error::Mismatch(format!(
+                "origin {} is not the device store {name} was made for (its identity changed); attach the right device at that path",
+                sb.origin_path
+            )));
+        }
+        let origin = engine_for(odev, opts.engine)
+            .map_err(|e| Error::io(format!("origin {}: I/O engine", sb.origin_path), e))?;
+        Self::open_on(io, origin, sb, name, Some(lock_file))
+    }
+
+    /// Opens a store on already-opened devices (tests use the in-memory and crash engines).
+    pub fn open_io(dev: Arc<dyn BlockIo>, origin: Arc<dyn BlockIo>, name: &str) -> Result<Store> {
+        let sb = read_superblock(dev.as_ref(), name)?;
+        if origin.len() != sb.origin_size {
+            return Err(Error::Mismatch(format!("{name}: origin size changed")));
+        }
+        Self::open_on(dev, origin, sb, name.to_string(), None)
+    }
+
+    /// Formats a store on already-opened devices (tests).
+    pub fn init_io(
+        dev: Arc<dyn BlockIo>,
+        origin_size: u64,
+        chunk_size: u64,
+        meta_len: u64,
+        on_full: OnFull,
+    ) -> Result<Superblock> {
+        let data_offset = (META_OFFSET + meta_len).next_multiple_of(chunk_size.max(1 << 20));
+        if dev.len() < data_offset + 16 * chunk_size {
+            return Err(Error::Invalid("store too small".into()));
+        }
+        let sb = Superblock {
+            uuid: random_uuid(),
+            chunk_size,
+            origin_size,
+            fingerprint: [0; 32],
+            meta_offset: META_OFFSET,
+            meta_len,
+            data_offset,
+            data_chunks: (dev.len() - data_offset) / chunk_size,
+            on_full,
+            created: now(),
+            origin_path: "(memory)".into(),
+        };
+        let e = |r: io::Result<()>| r.map_err(|e| Error::io("init", e));
+        e(dev.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
+        e(dev.flush())?;
+        let region = Region {
+            io: dev.clone(),
+            off: META_OFFSET,
+            cap: meta_len,
+            len: Arc::new(AtomicU64::new(0)),
+        };
+        let db = db_builder()
+            .create_with_backend(region)
+            .map_err(|e| meta_err("init", e))?;
+        let tx = db.begin_write().map_err(|e| meta_err("init", e))?;
+        {
+            let mut c = tx.open_table(CONFIG).map_err(|e| meta_err("init", e))?;
+            for (k, v) in [
+                (K_EPOCH, 1u64),
+                (K_NEXT_ID, 1),
+                (K_HIGH_WATER, 0),
+                (K_USED, 0),
+                (K_NEXT_EVENT, 1),
+            ] {
+                c.insert(k, v).map_err(|e| meta_err("init", e))?;
+            }
+            for t in [SNAPS, EVENTS] {
+                tx.open_table(t).map_err(|e| meta_err("init", e))?;
+            }
+            tx.open_table(NAMES).map_err(|e| meta_err("init", e))?;
+            tx.open_table(RECORDS).map_err(|e| meta_err("init", e))?;
+            tx.open_table(BY_TIME).map_err(|e| meta_err("init", e))?;
+            tx.open_table(FREE).map_err(|e| meta_err("init", e))?;
+        }
+        tx.commit().map_err(|e| meta_err("init", e))?;
+        drop(db);
+        e(dev.write_at(&sb.encode(), 0))?;
+        e(dev.flush())?;
+        Ok(sb)
+    }
+
+    fn open_on(
+        io: Arc<dyn BlockIo>,
+        origin: Arc<dyn BlockIo>,
+        sb: Superblock,
+        name: String,
+        lock_file: Option<File>,
+    ) -> Result<Store> {
+        if sb.data_offset + sb.data_chunks * sb.chunk_size > io.len() {
+            return Err(Error::Corrupt(format!(
+                "store {name} is smaller than its superblock says ({} bytes); was the device or file truncated?",
+                io.len()
+            )));
+        }
+        let mut lb = vec![0u8; 512];
+        io.read_at(&mut lb, LENBLOCK_OFFSET)
+            .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+        let len = decode_lenblock(&lb)
+            .filter(|l| *l <= sb.meta_len)
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "store {name}: the metadata length block is damaged; run `snapctl check`"
+                ))
+            })?;
+        let region = Region {
+            io: io.clone(),
+            off: sb.meta_offset,
+            cap: sb.meta_len,
+            len: Arc::new(AtomicU64::new(len)),
+        };
+        let db = guard_panic(&name, || {
+            db_builder()
+                .create_with_backend(region)
+                .map_err(|e| meta_err(&name, e))
+        })?;
+        let mut store = Store {
+            preserved: vec![0; sb.origin_chunks().div_ceil(64) as usize],
+            sb,
+            name,
+            dev: io,
+            origin,
+            db,
+            snaps: BTreeMap::new(),
+            epoch: 0,
+            events: Vec::new(),
+            _lock: lock_file,
+        };
+        store.load_catalog()?;
+        Ok(store)
+    }
+
+    /// Loads the config and the snapshot table: one row per snapshot, never the exception index.
+    pub(crate) fn load_catalog(&mut self) -> Result<()> {
+        let name = self.name.clone();
+        let tx = self.db.begin_read().map_err(|e| meta_err(&name, e))?;
+        let config = tx.open_table(CONFIG).map_err(|e| meta_err(&name, e))?;
+        self.epoch = get_u64(&config, K_EPOCH, &name)?;
+        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
+        self.snaps.clear();
+        for row in snaps.iter().map_err(|e| meta_err(&name, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&name, e))?;
+            let s: Snapshot = serde_json::from_slice(v.value()).map_err(|e| {
+                Error::Corrupt(format!(
+                    "{name}: snapshot record {} is damaged: {e}",
+                    k.value()
+                ))
+            })?;
+            self.snaps.insert(k.value(), s);
+        }
+        Ok(())
+    }
+
+    pub fn engine(&self) -> &'static str {
+        self.dev.engine()
+    }
+
+    pub fn origin_engine(&self) -> &'static str {
+        self.origin.engine()
+    }
+
+    /// Snapshots in creation order.
+    pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
+        self.snaps.values()
+    }
+
+    pub fn snapshot(&self, name: &str) -> Result<&Snapshot> {
+        self.snaps.values().find(|s| s.name == name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no snapshot named '{name}' in {} (see `snapctl list`)",
+                self.name
+            ))
+        })
+    }
+
+    pub fn used_chunks(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(|e| meta_err(&self.name, e))?;
+        let c = tx.open_table(CONFIG).map_err(|e| meta_err(&self.name, e))?;
+        get_u64(&c, K_USED, &self.name)
+    }
+
+    pub fn recent_events(&self, n: usize) -> Result<Vec<Event>> {
+        let tx = self.db.begin_read().map_err(|e| meta_err(&self.name, e))?;
+        let t = tx.open_table(EVENTS).map_err(|e| meta_err(&self.name, e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| meta_err(&self.name, e))?.rev().take(n) {
+            let (_, v) = row.map_err(|e| meta_err(&self.name, e))?;
+            if let Ok(ev) = serde_json::from_slice::<Event>(v.value()) {
+                out.push(ev);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Creates a read-only snapshot of the origin. O(1): touches neither device nor the index.
+    pub fn create(
+        &mut self,
+        name: &str,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+        created: Option<i64>,
+    ) -> Result<Snapshot> {
+        crate::names::validate(name)?;
+        if self.snaps.values().any(|s| s.name == name) {
+            return Err(Error::Exists(format!(
+                "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
+                self.name
+            )));
+        }
+        let sn = &self.name;
+        let tx = self.db.begin_write().map_err(|e| meta_err(sn, e))?;
+        let snap;
+        {
+            let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
+            let id = get_u64(&config, K_NEXT_ID, sn)?;
+            let epoch = get_u64(&config, K_EPOCH, sn)?;
+            config
+                .insert(K_NEXT_ID, id + 1)
+                .map_err(|e| meta_err(sn, e))?;
+            config
+                .insert(K_EPOCH, epoch + 1)
+                .map_err(|e| meta_err(sn, e))?;
+            snap = Snapshot {
+                id,
+                name: name.to_string(),
+                parent: "origin".into(),
+                branch: 0,
+                epoch,
+                created: created.unwrap_or_else(now),
+                writable: false,
+                expires,
+                labels,
+                state: SnapState::Valid,
+                invalid_reason: None,
+                exclusive_chunks: 0,
+            };
+            put_snap(&tx, &snap, sn)?;
+            let mut names = tx.open_table(NAMES).map_err(|e| meta_err(sn, e))?;
+            names.insert(name, id).map_err(|e| meta_err(sn, e))?;
+        }
+        tx.commit().map_err(|e| meta_err(sn, e))?;
+        self.epoch = snap.epoch + 1;
+        self.snaps.insert(snap.id, snap.clone());
+        // A new interval: every chunk must be checked against the new snapshot.
+        self.preserved.fill(0);
+        Ok(snap)
+    }
+
+    pub fn rename(&mut self, old: &str, new: &str) -> Result<Snapshot> {
+        crate::names::validate(new)?;
+        let mut snap = self.snapshot(old)?.clone();
+        if old == new {
+            return Ok(snap);
+        }
+        if self.snaps.values().any(|s| s.name == new) {
+            return Err(Error::Exists(format!(
+                "a snapshot named '{new}' already exists in {}",
+                self.name
+            )));
+        }
+        snap.name = new.to_string();
+        let sn = &self.name;
+        let tx = self.db.begin_write().map_err(|e| meta_err(sn, e))?;
+        {
+            put_snap(&tx, &snap, sn)?;
+            let mut names = tx.open_table(NAMES).map_err(|e| meta_err(sn, e))?;
+            names.remove(old).map_err(|e| meta_err(sn, e))?;
+            names.insert(new, snap.id).map_err(|e| meta_err(sn, e))?;
+        }
+        tx.commit().map_err(|e| meta_err(sn, e))?;
+        self.snaps.insert(snap.id, snap.clone());
+        Ok(snap)
+    }
+
+    /// Deletes snapshots; returns the bytes freed. All names are checked before anything changes,
+    /// and the whole delete is one commit.
+    pub fn delete(&mut self, names: &[String]) -> Result<u64> {
+        let mut ids = Vec::new();
+        for n in names {
+            let id = self.snapshot(n)?.id;
+            if ids.contains(&id) {
+                return Err(Error::Invalid(format!("snapshot '{n}' is named twice")));
+            }
+            ids.push(id);
+        }
+        let sn = self.name.clone();
+        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let mut freed = 0;
+        for id in &ids {
+            freed += self.drop_point(&tx, *id, None)?;
+        }
+        tx.commit().map_err(|e| meta_err(&sn, e))?;
+        self.load_catalog()?;
+        self.preserved.fill(0);
+        Ok(freed * self.sb.chunk_size)
+    }
+
+    /// Appends an event (inside a write transaction).
+    pub(crate) fn log_event(&mut self, tx: &redb::WriteTransaction, ev: Event) -> Result<()> {
+        let sn = &self.name;
+        let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
+        let seq = get_u64(&config, K_NEXT_EVENT, sn)?;
+        config
+            .insert(K_NEXT_EVENT, seq + 1)
+            .map_err(|e| meta_err(sn, e))?;
+        let mut t = tx.open_table(EVENTS).map_err(|e| meta_err(sn, e))?;
+        let v = serde_json::to_vec(&ev).map_err(|e| Error::Corrupt(e.to_string()))?;
+        t.insert(seq, v.as_slice()).map_err(|e| meta_err(sn, e))?;
+        self.events.push(ev);
+        Ok(())
+    }
+
+    /// Valid snapshots of branch 0, by epoch.
+    pub(crate) fn live_epochs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0)
+            .map(|s| s.epoch)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    // ---- the chunk allocator (inside a write transaction)
+
+    /// Allocates `n` data chunks, lowest free first, as few extents as possible. None: no room.
+    pub(crate) fn alloc(
+        &self,
+        tx: &redb::WriteTransaction,
+        n: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>> {
+        let sn = &self.name;
+        let mut free = tx.open_table(FREE).map_err(|e| meta_err(sn, e))?;
+        let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
+        let mut out = Vec::new();
+        let mut need = n;
+        let mut taken_free = Vec::new();
+        {
+            for row in free.iter().map_err(|e| meta_err(sn, e))? {
+                if need == 0 {
+                    break;
+                }
+                let (k, v) = row.map_err(|e| meta_err(sn, e))?;
+                let (start, len) = (k.value(), v.value());
+                let take = len.min(need);
+                out.push((start, take));
+                taken_free.push((start, len, take));
+                need -= take;
+            }
+        }
+        let hw = get_u64(&config, K_HIGH_WATER, sn)?;
+        let fresh = need.min(self.sb.data_chunks - hw.min(self.sb.data_chunks));
+        if fresh < need {
+            return Ok(None);
+        }
+        for (start, len, take) in taken_free {
+            free.remove(start).map_err(|e| meta_err(sn, e))?;
+            if take < len {
+                free.insert(start + take, len - take)
+                    .map_err(|e| meta_err(sn, e))?;
+            }
+        }
+        if fresh > 0 {
+            out.push((hw, fresh));
+            config
+                .insert(K_HIGH_WATER, hw + fresh)
+                .map_err(|e| meta_err(sn, e))?;
+        }
+        let used = get_u64(&config, K_USED, sn)?;
+        config
+            .insert(K_USED, used + n)
+            .map_err(|e| meta_err(sn, e))?;
+        Ok(Some(out))
+    }
+
+    /// Returns `n` chunks from `start` to the free list, merging with free neighbours.
+    pub(crate) fn free_chunks(
+        &self,
+        tx: &redb::WriteTransaction,
+        start: u64,
+        n: u64,
+    ) -> Result<()> {
+        let sn = &self.name;
+        let mut free = tx.open_table(FREE).map_err(|e| meta_err(sn, e))?;
+        let (mut s, mut len) = (start, n);
+        let prev = free
+            .range(..start)
+            .map_err(|e| meta_err(sn, e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| meta_err(sn, e))?
+            .map(|(k, v)| (k.value(), v.value()));
+        if let Some((ps, pl)) = prev {
+            if ps + pl > start {
+                return Err(Error::Corrupt(format!(
+                    "{sn}: chunk {start} freed twice (the free list already holds it); run `snapctl check`"
+                )));
+            }
+            if ps + pl == start {
+                free.remove(ps).map_err(|e| meta_err(sn, e))?;
+                s = ps;
+                len += pl;
+            }
+        }
+        let next = free
+            .get(start + n)
+            .map_err(|e| meta_err(sn, e))?
+            .map(|v| v.value());
+        if let Some(nl) = next {
+            free.remove(start + n).map_err(|e| meta_err(sn, e))?;
+            len += nl;
+        }
+        free.insert(s, len).map_err(|e| meta_err(sn, e))?;
+        let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
+        let used = get_u64(&config, K_USED, sn)?;
+        config
+            .insert(K_USED, used.saturating_sub(n))
+            .map_err(|e| meta_err(sn, e))?;
+        Ok(())
+    }
+}
+
+pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
+    let mut t = tx.open_table(SNAPS).map_err(|e| meta_err(store, e))?;
+    let v = serde_json::to_vec(s).map_err(|e| Error::Corrupt(e.to_string()))?;
+    t.insert(s.id, v.as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    Ok(())
+}
+
+pub(crate) fn read_superblock(io: &dyn BlockIo, name: &str) -> Result<Superblock> {
+    if io.len() < SUPERBLOCK_SIZE as u64 {
+        return Err(Error::NotAStore(name.to_string()));
+    }
+    let mut b = vec![0u8; SUPERBLOCK_SIZE];
+    io.read_at(&mut b, 0)
+        .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+    Superblock::decode(&b, name)
+}
+
+/// redb may panic on metadata that was altered behind its back (its docs say so); turn that into
+/// a corruption error instead of a crash.
+pub(crate) fn guard_panic<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(Error::Corrupt(format!(
+            "{name}: metadata is damaged (the metadata engine failed on it); run `snapctl check`"
+        ))),
+    }
+}
