@@ -308,12 +308,24 @@ fn snapshot_text(s: &Snapshot, cs: u64) -> String {
     t
 }
 
-fn open(g: &Global, write_origin: bool) -> Result<Store> {
+/// How a command uses the origin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Reads only (info, list, show, export, check).
+    Read,
+    /// Changes snapshots: the origin must not be mounted behind snapctl's back.
+    Change,
+    /// Writes the origin.
+    Write,
+}
+
+fn open(g: &Global, how: Use) -> Result<Store> {
     let path = store_path(g)?;
     let store = Store::open(
         path,
         OpenOptions {
-            write_origin,
+            write_origin: how == Use::Write,
+            exclusive_origin: how != Use::Read,
             ..OpenOptions::default()
         },
     )?;
@@ -443,7 +455,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Info => {
-            let store = open(g, false)?;
+            let store = open(g, Use::Read)?;
             let sb = &store.sb;
             let cap = sb.data_chunks * sb.chunk_size;
             let used = store.used_chunks()? * sb.chunk_size;
@@ -521,7 +533,7 @@ pub fn run(cli: Cli) -> Result<Output> {
                 .as_deref()
                 .map(|e| parse_expiry(e, now))
                 .transpose()?;
-            let mut store = open(g, false)?;
+            let mut store = open(g, Use::Change)?;
             let s = store.create(name, expires, labels, None)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -539,7 +551,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::List => {
-            let store = open(g, false)?;
+            let store = open(g, Use::Read)?;
             let cs = store.sb.chunk_size;
             if g.json {
                 let v: Vec<Value> = store.snapshots().map(|s| snapshot_json(s, cs)).collect();
@@ -597,7 +609,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ok(t)
         }
         Cmd::Show { name } => {
-            let store = open(g, false)?;
+            let store = open(g, Use::Read)?;
             let s = store.snapshot(name)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -609,7 +621,7 @@ pub fn run(cli: Cli) -> Result<Output> {
         }
         Cmd::Rename { old, new } => {
             crate::names::validate(new)?;
-            let mut store = open(g, false)?;
+            let mut store = open(g, Use::Change)?;
             let s = store.rename(old, new)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -623,7 +635,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ok(format!("renamed '{old}' to '{new}'\n"))
         }
         Cmd::Delete { names } => {
-            let mut store = open(g, false)?;
+            let mut store = open(g, Use::Change)?;
             let freed = store.delete(names)?;
             if g.json {
                 return ok(doc(
@@ -644,7 +656,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Export { name, output } => {
-            let store = open(g, false)?;
+            let store = open(g, Use::Read)?;
             if name != "origin" {
                 store.snapshot(name)?;
             }
@@ -665,12 +677,12 @@ pub fn run(cli: Cli) -> Result<Output> {
             };
             let pb = progress(g, total, &format!("export {name}"));
             let step = (4u64 << 20).max(store.sb.chunk_size);
-            let mut buf = vec![0u8; step as usize];
+            let mut buf = crate::io::AlignedBuf::new(step as usize);
             let mut off = 0;
             while off < total {
                 let n = step.min(total - off) as usize;
-                store.read_view(name, off, &mut buf[..n])?;
-                sink.write_all(&buf[..n])
+                store.read_view(name, off, &mut buf.as_mut_slice()[..n])?;
+                sink.write_all(&buf.as_slice()[..n])
                     .map_err(|e| Error::io("export output", e))?;
                 off += n as u64;
                 pb.set_position(off);
@@ -710,7 +722,7 @@ pub fn run(cli: Cli) -> Result<Output> {
                 })?),
                 None => Box::new(std::io::stdin().lock()),
             };
-            let mut store = open(g, true)?;
+            let mut store = open(g, Use::Write)?;
             if offset > store.sb.origin_size {
                 return Err(Error::Invalid(format!(
                     "--offset {offset} is beyond the end of the origin ({} bytes)",
@@ -761,7 +773,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Check => {
-            let mut store = open(g, false)?;
+            let mut store = open(g, Use::Read)?;
             let rep = store.check()?;
             let code = if !rep.corruption.is_empty() {
                 6

@@ -605,7 +605,11 @@ impl Store {
         let cs = self.sb.chunk_size;
         let tx = self.db.begin_read().map_err(|e| meta_err(sn, e))?;
         let recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+        // Map the range onto segments (from the store or the origin), merging neighbours, then
+        // read each device's segments as one batch so the engine keeps them in flight together.
         let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
+        // (from_store, device offset, length)
+        let mut segs: Vec<(bool, u64, usize)> = Vec::new();
         let mut pos = 0usize;
         while pos < buf.len() {
             let abs = off + pos as u64;
@@ -617,26 +621,43 @@ impl Store {
                 let r = resolve_group(&recs, sn, 0, g, e)?;
                 groups.insert(g, r);
             }
-            let dst = &mut buf[pos..pos + n];
-            match groups[&g][(c % GROUP_CHUNKS) as usize] {
-                Some(p) => {
-                    if p >= self.sb.data_chunks {
-                        return Err(Error::Corrupt(format!(
-                            "{sn}: a record points outside the store; run `snapctl check`"
-                        )));
-                    }
-                    self.dev
-                        .read_at(dst, self.sb.data_offset + p * cs + within)
-                        .map_err(|e| Error::io(format!("store {sn}: read"), e))?
+            let (from_store, dev_off) = match groups[&g][(c % GROUP_CHUNKS) as usize] {
+                Some(p) if p >= self.sb.data_chunks => {
+                    return Err(Error::Corrupt(format!(
+                        "{sn}: a record points outside the store; run `snapctl check`"
+                    )))
                 }
-                None => self
-                    .origin
-                    .read_at(dst, abs)
-                    .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?,
+                Some(p) => (true, self.sb.data_offset + p * cs + within),
+                None => (false, abs),
+            };
+            match segs.last_mut() {
+                Some((s, o, l))
+                    if *s == from_store && *o + *l as u64 == dev_off && *l < 8 << 20 =>
+                {
+                    *l += n
+                }
+                _ => segs.push((from_store, dev_off, n)),
             }
             pos += n;
         }
-        Ok(())
+        let mut store_reqs: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut origin_reqs: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut rest = buf;
+        for (from_store, dev_off, n) in segs {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            if from_store {
+                store_reqs.push((dev_off, head));
+            } else {
+                origin_reqs.push((dev_off, head));
+            }
+        }
+        self.dev
+            .read_many(&mut store_reqs)
+            .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
+        self.origin
+            .read_many(&mut origin_reqs)
+            .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))
     }
 
     /// Verifies the metadata engine's checksums and every invariant of the exception store.

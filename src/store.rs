@@ -178,6 +178,9 @@ pub struct InitOptions {
 pub struct OpenOptions {
     /// Open the origin for writing (only `write`/`serve` need it).
     pub write_origin: bool,
+    /// Open a block-device origin with O_EXCL: commands that change snapshots refuse an origin
+    /// mounted behind snapctl's back, whose writes would bypass copy-on-write.
+    pub exclusive_origin: bool,
     pub engine: EngineChoice,
     /// How long to wait for another snapctl to finish.
     pub lock_timeout: Duration,
@@ -187,6 +190,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             write_origin: false,
+            exclusive_origin: false,
             engine: EngineChoice::from_env(),
             lock_timeout: lock_timeout_from_env(),
         }
@@ -486,40 +490,7 @@ impl Store {
         // Crash argument: the superblock is written last. Until it is durable the store reads as
         // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
-        w(io.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
-        w(io.flush())?;
-        let region = Region {
-            io: io.clone(),
-            off: META_OFFSET,
-            cap: meta_len,
-            len: Arc::new(AtomicU64::new(0)),
-        };
-        let db = db_builder()
-            .create_with_backend(region)
-            .map_err(|e| meta_err(&name, e))?;
-        {
-            let tx = db.begin_write().map_err(|e| meta_err(&name, e))?;
-            {
-                let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&name, e))?;
-                for (k, v) in [
-                    (K_EPOCH, 1u64),
-                    (K_NEXT_ID, 1),
-                    (K_HIGH_WATER, 0),
-                    (K_USED, 0),
-                    (K_NEXT_EVENT, 1),
-                ] {
-                    c.insert(k, v).map_err(|e| meta_err(&name, e))?;
-                }
-                tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
-                tx.open_table(NAMES).map_err(|e| meta_err(&name, e))?;
-                tx.open_table(RECORDS).map_err(|e| meta_err(&name, e))?;
-                tx.open_table(BY_TIME).map_err(|e| meta_err(&name, e))?;
-                tx.open_table(FREE).map_err(|e| meta_err(&name, e))?;
-                tx.open_table(EVENTS).map_err(|e| meta_err(&name, e))?;
-            }
-            tx.commit().map_err(|e| meta_err(&name, e))?;
-        }
-        drop(db);
+        format_metadata(&io, meta_len, &name)?;
         w(io.write_at(&sb.encode(), 0))?;
         w(io.flush())?;
         drop(lock_file);
@@ -548,7 +519,7 @@ impl Store {
             &opath,
             OpenMode {
                 write: opts.write_origin,
-                exclusive: opts.write_origin,
+                exclusive: opts.write_origin || opts.exclusive_origin,
             },
             opts.lock_timeout,
         )?;
@@ -604,39 +575,7 @@ impl Store {
             origin_path: "(memory)".into(),
         };
         let e = |r: io::Result<()>| r.map_err(|e| Error::io("init", e));
-        e(dev.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
-        e(dev.flush())?;
-        let region = Region {
-            io: dev.clone(),
-            off: META_OFFSET,
-            cap: meta_len,
-            len: Arc::new(AtomicU64::new(0)),
-        };
-        let db = db_builder()
-            .create_with_backend(region)
-            .map_err(|e| meta_err("init", e))?;
-        let tx = db.begin_write().map_err(|e| meta_err("init", e))?;
-        {
-            let mut c = tx.open_table(CONFIG).map_err(|e| meta_err("init", e))?;
-            for (k, v) in [
-                (K_EPOCH, 1u64),
-                (K_NEXT_ID, 1),
-                (K_HIGH_WATER, 0),
-                (K_USED, 0),
-                (K_NEXT_EVENT, 1),
-            ] {
-                c.insert(k, v).map_err(|e| meta_err("init", e))?;
-            }
-            for t in [SNAPS, EVENTS] {
-                tx.open_table(t).map_err(|e| meta_err("init", e))?;
-            }
-            tx.open_table(NAMES).map_err(|e| meta_err("init", e))?;
-            tx.open_table(RECORDS).map_err(|e| meta_err("init", e))?;
-            tx.open_table(BY_TIME).map_err(|e| meta_err("init", e))?;
-            tx.open_table(FREE).map_err(|e| meta_err("init", e))?;
-        }
-        tx.commit().map_err(|e| meta_err("init", e))?;
-        drop(db);
+        format_metadata(&dev, meta_len, "init")?;
         e(dev.write_at(&sb.encode(), 0))?;
         e(dev.flush())?;
         Ok(sb)
@@ -770,6 +709,11 @@ impl Store {
                 self.name
             )));
         }
+        // Writes acknowledged before the snapshot are part of it: make them durable first, so a
+        // crash can never leave a snapshot that lost part of its point in time.
+        self.origin
+            .flush()
+            .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
         let sn = &self.name;
         let tx = self.db.begin_write().map_err(|e| meta_err(sn, e))?;
         let snap;
@@ -983,6 +927,44 @@ impl Store {
             .map_err(|e| meta_err(sn, e))?;
         Ok(())
     }
+}
+
+/// Writes an empty metadata region: length block, then redb's tables with their first values.
+fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) -> Result<()> {
+    let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
+    w(io.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
+    w(io.flush())?;
+    let region = Region {
+        io: io.clone(),
+        off: META_OFFSET,
+        cap: meta_len,
+        len: Arc::new(AtomicU64::new(0)),
+    };
+    let me = |e: redb::Error| meta_err(name, e);
+    let db = db_builder()
+        .create_with_backend(region)
+        .map_err(|e| me(e.into()))?;
+    let tx = db.begin_write().map_err(|e| me(e.into()))?;
+    {
+        let mut c = tx.open_table(CONFIG).map_err(|e| me(e.into()))?;
+        for (k, v) in [
+            (K_EPOCH, 1u64),
+            (K_NEXT_ID, 1),
+            (K_HIGH_WATER, 0),
+            (K_USED, 0),
+            (K_NEXT_EVENT, 1),
+        ] {
+            c.insert(k, v).map_err(|e| me(e.into()))?;
+        }
+        tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
+        tx.open_table(EVENTS).map_err(|e| me(e.into()))?;
+        tx.open_table(NAMES).map_err(|e| me(e.into()))?;
+        tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
+        tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
+        tx.open_table(FREE).map_err(|e| me(e.into()))?;
+    }
+    tx.commit().map_err(|e| me(e.into()))?;
+    Ok(())
 }
 
 pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {

@@ -1,0 +1,184 @@
+//! The engine against a model: full copies of every snapshot, compared after every step.
+
+use std::collections::BTreeMap;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use snapctl::format::OnFull;
+use snapctl::store::SnapState;
+
+use crate::util::*;
+
+/// Random origin writes (any offset, any length, often across chunks), creates and deletes;
+/// every snapshot and the origin are compared with the model after every step; `check` must
+/// find the store clean, and a delete must free exactly the snapshot's `exclusive_bytes`.
+fn model_run(seed: u64, chunk: u64, steps: usize) {
+    let size = 64 * chunk + 1536; // a partial last chunk on purpose
+    let (mut s, _o, _d) = mem_store(size, 16 << 20, chunk, OnFull::FailWrites, seed);
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
+    let mut model = read_all(&s, "origin");
+    let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut next = 0;
+    for step in 0..steps {
+        let op = rng.gen_range(0..100);
+        if op < 60 {
+            let len = match rng.gen_range(0..4) {
+                0 => rng.gen_range(1..64),
+                1 => rng.gen_range(1..chunk as usize * 3),
+                2 => chunk as usize * rng.gen_range(1..20),
+                _ => rng.gen_range(1..600),
+            }
+            .min(size as usize);
+            let off = rng.gen_range(0..=size - len as u64);
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            s.write_origin(off, &data, rng.gen_bool(0.1)).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        } else if op < 80 {
+            let name = format!("s{next}");
+            next += 1;
+            s.create(&name, None, BTreeMap::new(), None).unwrap();
+            snaps.insert(name, model.clone());
+        } else if !snaps.is_empty() {
+            let k = rng.gen_range(0..snaps.len());
+            let name = snaps.keys().nth(k).unwrap().clone();
+            let excl = s.snapshot(&name).unwrap().exclusive_chunks * chunk;
+            let freed = s.delete(std::slice::from_ref(&name)).unwrap();
+            assert_eq!(
+                freed, excl,
+                "seed {seed} step {step}: delete of {name} freed {freed}, exclusive said {excl}"
+            );
+            snaps.remove(&name);
+        }
+        assert_eq!(
+            read_all(&s, "origin"),
+            model,
+            "seed {seed} step {step}: origin"
+        );
+        for (name, img) in &snaps {
+            assert!(
+                read_all(&s, name) == *img,
+                "seed {seed} step {step}: snapshot {name} differs"
+            );
+        }
+        if step % 10 == 0 || step + 1 == steps {
+            let rep = s.check().unwrap();
+            assert!(rep.is_clean(), "seed {seed} step {step}: {rep:?}");
+        }
+    }
+}
+
+#[test]
+fn every_snapshot_stays_exact_under_random_writes_creates_and_deletes() {
+    for seed in 0..12 {
+        model_run(seed, 4096, 120);
+    }
+}
+
+#[test]
+fn larger_chunks_behave_the_same() {
+    for seed in 100..104 {
+        model_run(seed, 65536, 80);
+    }
+}
+
+#[test]
+fn an_origin_write_copies_each_chunk_once_whatever_the_snapshot_count() {
+    let chunk = 4096;
+    let (mut s, _o, _d) = mem_store(256 * chunk, 16 << 20, chunk, OnFull::FailWrites, 1);
+    for i in 0..50 {
+        s.create(&format!("s{i}"), None, BTreeMap::new(), None)
+            .unwrap();
+    }
+    let before = read_all(&s, "origin");
+    s.write_origin(0, &vec![0xab; 256 * chunk as usize], false)
+        .unwrap();
+    // 256 chunks overwritten, 50 snapshots: 256 copies, not 12,800.
+    assert_eq!(s.used_chunks().unwrap(), 256);
+    // Written twice more: no new copies.
+    s.write_origin(0, &vec![0xcd; 256 * chunk as usize], false)
+        .unwrap();
+    assert_eq!(s.used_chunks().unwrap(), 256);
+    for i in 0..50 {
+        assert!(read_all(&s, &format!("s{i}")) == before);
+    }
+    // All 50 share the 256 copies: none holds them alone...
+    assert!(s.snapshots().all(|x| x.exclusive_chunks == 0));
+    // ...until only one is left.
+    let names: Vec<String> = (0..49).map(|i| format!("s{i}")).collect();
+    assert_eq!(s.delete(&names).unwrap(), 0);
+    assert_eq!(s.snapshot("s49").unwrap().exclusive_chunks, 256);
+    assert_eq!(s.delete(&["s49".to_string()]).unwrap(), 256 * chunk);
+    assert_eq!(s.used_chunks().unwrap(), 0);
+}
+
+#[test]
+fn a_sequential_write_is_recorded_as_few_extents() {
+    let chunk = 4096;
+    let (mut s, _o, _d) = mem_store(1024 * chunk, 16 << 20, chunk, OnFull::FailWrites, 2);
+    s.create("a", None, BTreeMap::new(), None).unwrap();
+    s.write_origin(0, &vec![1; 1024 * chunk as usize], false)
+        .unwrap();
+    let rep = s.check().unwrap();
+    // 1024 chunks in groups of 128: 8 records, not 1024.
+    assert_eq!(rep.records, 8, "{rep:?}");
+    assert_eq!(rep.used_chunks, 1024);
+}
+
+fn fill_until_full(policy: OnFull) -> (snapctl::store::Store, Vec<u8>, Result<(), snapctl::Error>) {
+    let chunk = 4096;
+    // Origin of 2048 chunks; store with room for about 1000 copies.
+    let store_size = (1 << 20) + META + 1000 * chunk;
+    let (mut s, _o, _d) = mem_store(2048 * chunk, store_size, chunk, policy, 3);
+    s.create("old", None, BTreeMap::new(), None).unwrap();
+    let img_old = read_all(&s, "origin");
+    s.write_origin(0, &vec![1; 600 * chunk as usize], false)
+        .unwrap();
+    s.create("new", None, BTreeMap::new(), None).unwrap();
+    // The same 600 chunks again: "new" needs 600 copies, "old" already has its own.
+    let r = s.write_origin(0, &vec![2; 600 * chunk as usize], false);
+    (s, img_old, r)
+}
+
+#[test]
+fn full_store_with_drop_oldest_deletes_the_oldest_and_the_write_succeeds() {
+    let (mut s, _old, r) = fill_until_full(OnFull::DropOldest);
+    r.unwrap();
+    assert!(s.snapshot("old").is_err(), "oldest snapshot should be gone");
+    assert!(s
+        .events
+        .iter()
+        .any(|e| e.snapshot == "old" && e.action == "deleted"));
+    let rep = s.check().unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    // "new" holds exactly what the origin had before the second write.
+    let img = read_all(&s, "new");
+    assert!(img[..600 * 4096].iter().all(|&b| b == 1));
+}
+
+#[test]
+fn full_store_with_invalidate_marks_the_snapshot_invalid_and_it_refuses_reads() {
+    let (mut s, img_old, r) = fill_until_full(OnFull::Invalidate);
+    r.unwrap();
+    let new = s.snapshot("new").unwrap();
+    assert_eq!(new.state, SnapState::Invalid);
+    let mut b = [0u8; 16];
+    let err = s.read_view("new", 0, &mut b).unwrap_err();
+    assert_eq!(err.kind(), "snapshot-invalid");
+    // The older snapshot that still fits stays exact.
+    assert_eq!(s.snapshot("old").unwrap().state, SnapState::Valid);
+    assert!(read_all(&s, "old") == img_old);
+    assert!(s.check().unwrap().is_clean());
+}
+
+#[test]
+fn full_store_with_fail_writes_fails_the_write_and_changes_nothing() {
+    let (mut s, img_old, r) = fill_until_full(OnFull::FailWrites);
+    let err = r.unwrap_err();
+    assert_eq!(err.kind(), "no-space");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    let origin = read_all(&s, "origin");
+    // The failed write did not reach the origin.
+    assert!(origin[..600 * 4096].iter().all(|&b| b == 1));
+    assert!(read_all(&s, "new") == origin);
+    assert!(read_all(&s, "old") == img_old);
+    assert!(s.check().unwrap().is_clean());
+}

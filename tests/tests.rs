@@ -1,0 +1,7 @@
+//! All integration tests, compiled as one binary with shared helpers.
+mod util;
+
+mod cli;
+mod crash;
+mod docs;
+mod model;

@@ -1,0 +1,41 @@
+#![allow(dead_code)]
+use std::sync::Arc;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use snapctl::format::OnFull;
+use snapctl::io::{BlockIo, MemIo};
+use snapctl::store::Store;
+
+pub const META: u64 = 4 << 20;
+
+/// A fresh in-memory origin (random bytes) and store.
+pub fn mem_store(
+    origin_size: u64,
+    store_size: u64,
+    chunk: u64,
+    on_full: OnFull,
+    seed: u64,
+) -> (Store, Arc<MemIo>, Arc<MemIo>) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut img = vec![0u8; origin_size as usize];
+    rng.fill(&mut img[..]);
+    let origin = Arc::new(MemIo::from_vec(img));
+    let dev = Arc::new(MemIo::new(store_size));
+    Store::init_io(dev.clone(), origin_size, chunk, META, on_full).expect("init");
+    let s = Store::open_io(dev.clone(), origin.clone(), "mem").expect("open");
+    (s, origin, dev)
+}
+
+pub fn read_all(s: &Store, view: &str) -> Vec<u8> {
+    let mut b = vec![0u8; s.sb.origin_size as usize];
+    s.read_view(view, 0, &mut b).expect("read view");
+    b
+}
+
+pub fn bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_snapctl"))
+}
+
+pub fn as_io(m: &Arc<MemIo>) -> Arc<dyn BlockIo> {
+    m.clone()
+}
