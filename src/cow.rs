@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::Serialize;
 
 use crate::error::{meta_err, Error, Result};
@@ -199,7 +199,7 @@ impl Store {
     /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
     /// touches whose old content a live snapshot still needs is copied to the store, the copy
     /// flushed, and its record committed (invariant 2). `fua`: durable on return.
-    pub fn write_origin(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+    pub(crate) fn write_origin_inner(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -249,7 +249,7 @@ impl Store {
         let e_prev = live.len().checked_sub(2).map(|i| live[i]);
         let epoch = self.epoch;
         let sn = self.name.clone();
-        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let tx = self.wtx()?;
         // Which chunks need a copy: no record since the newest snapshot.
         let mut need = Vec::new();
         {
@@ -399,7 +399,7 @@ impl Store {
             )));
         };
         let sn = self.name.clone();
-        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let tx = self.wtx()?;
         let (action, invalid) = match policy {
             OnFull::Invalidate => ("invalidated", Some("the store filled up".to_string())),
             _ => ("deleted", None),
@@ -585,7 +585,7 @@ impl Store {
     }
 
     /// Reads `buf.len()` bytes at `off` of snapshot `name`, or of the live origin for "origin".
-    pub fn read_view(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_view_inner(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
         self.check_origin_range(off, buf.len())?;
         if name == "origin" {
             return self
@@ -603,7 +603,7 @@ impl Store {
         let e = snap.epoch;
         let sn = &self.name;
         let cs = self.sb.chunk_size;
-        let tx = self.db.begin_read().map_err(|e| meta_err(sn, e))?;
+        let tx = self.rtx()?;
         let recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
         // Map the range onto segments (from the store or the origin), merging neighbours, then
         // read each device's segments as one batch so the engine keeps them in flight together.
@@ -661,11 +661,11 @@ impl Store {
     }
 
     /// Verifies the metadata engine's checksums and every invariant of the exception store.
-    pub fn check(&mut self) -> Result<CheckReport> {
+    pub(crate) fn check_inner(&mut self) -> Result<CheckReport> {
         let sn = self.name.clone();
         let mut rep = CheckReport::default();
         let ok = crate::store::guard_panic(&sn, || {
-            self.db.check_integrity().map_err(|e| meta_err(&sn, e))
+            self.wdb()?.check_integrity().map_err(|e| meta_err(&sn, e))
         })?;
         if !ok {
             rep.corruption.push(
@@ -673,7 +673,7 @@ impl Store {
             );
         }
         let data_chunks = self.sb.data_chunks;
-        let tx = self.db.begin_read().map_err(|e| meta_err(&sn, e))?;
+        let tx = self.rtx()?;
         let config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
         let get = |k: &str| -> Result<u64> {
             Ok(config
@@ -806,7 +806,7 @@ impl Store {
         }
         drop((recs, by_time, free, names, config, tx));
         // Space accounting: recompute what each snapshot holds alone.
-        let wtx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let wtx = self.wtx()?;
         for (k, &e) in live.iter().enumerate() {
             let prev = k.checked_sub(1).map(|i| live[i]);
             let hi = live.get(k + 1).copied().unwrap_or(epoch);

@@ -206,13 +206,23 @@ fn lock_timeout_from_env() -> Duration {
         .unwrap_or(Duration::from_secs(5))
 }
 
+/// The metadata database: opened read-only, so that commands which end up changing nothing
+/// (and every failed command) leave the store's bytes alone; upgraded to writable by the first
+/// write transaction.
+pub(crate) enum Db {
+    Ro(redb::ReadOnlyDatabase),
+    Rw(redb::Database),
+    Closed,
+}
+
 pub struct Store {
     pub sb: Superblock,
     /// The store's path as given (for messages).
     pub name: String,
     pub(crate) dev: Arc<dyn BlockIo>,
     pub(crate) origin: Arc<dyn BlockIo>,
-    pub(crate) db: redb::Database,
+    pub(crate) db: Db,
+    region: Region,
     /// Every snapshot, by id: one entry per snapshot, never per exception.
     pub(crate) snaps: BTreeMap<u64, Snapshot>,
     /// Epoch of the next write interval (E in DESIGN.md).
@@ -611,9 +621,15 @@ impl Store {
             len: Arc::new(AtomicU64::new(len)),
         };
         let db = guard_panic(&name, || {
-            db_builder()
-                .create_with_backend(region)
-                .map_err(|e| meta_err(&name, e))
+            match db_builder().open_read_only_with_backend(region.clone()) {
+                Ok(db) => Ok(Db::Ro(db)),
+                // The last writer did not close cleanly: recovery writes, so open writable.
+                Err(redb::DatabaseError::RepairAborted) => db_builder()
+                    .create_with_backend(region.clone())
+                    .map(Db::Rw)
+                    .map_err(|e| meta_err(&name, e)),
+                Err(e) => Err(meta_err(&name, e)),
+            }
         })?;
         let mut store = Store {
             preserved: vec![0; sb.origin_chunks().div_ceil(64) as usize],
@@ -622,19 +638,21 @@ impl Store {
             dev: io,
             origin,
             db,
+            region,
             snaps: BTreeMap::new(),
             epoch: 0,
             events: Vec::new(),
             _lock: lock_file,
         };
-        store.load_catalog()?;
+        let n = store.name.clone();
+        guard_panic(&n, || store.load_catalog())?;
         Ok(store)
     }
 
     /// Loads the config and the snapshot table: one row per snapshot, never the exception index.
     pub(crate) fn load_catalog(&mut self) -> Result<()> {
         let name = self.name.clone();
-        let tx = self.db.begin_read().map_err(|e| meta_err(&name, e))?;
+        let tx = self.rtx()?;
         let config = tx.open_table(CONFIG).map_err(|e| meta_err(&name, e))?;
         self.epoch = get_u64(&config, K_EPOCH, &name)?;
         let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
@@ -650,6 +668,37 @@ impl Store {
             self.snaps.insert(k.value(), s);
         }
         Ok(())
+    }
+
+    /// A read transaction on whichever handle is open.
+    pub(crate) fn rtx(&self) -> Result<redb::ReadTransaction> {
+        let r = match &self.db {
+            Db::Ro(d) => d.begin_read(),
+            Db::Rw(d) => d.begin_read(),
+            Db::Closed => return Err(Error::Corrupt(format!("{}: metadata is closed", self.name))),
+        };
+        r.map_err(|e| meta_err(&self.name, e))
+    }
+
+    /// The writable database, upgrading the read-only handle on first use.
+    pub(crate) fn wdb(&mut self) -> Result<&mut redb::Database> {
+        if !matches!(self.db, Db::Rw(_)) {
+            self.db = Db::Closed; // the read-only handle must be gone before a writer opens
+            let db = db_builder()
+                .create_with_backend(self.region.clone())
+                .map_err(|e| meta_err(&self.name, e))?;
+            self.db = Db::Rw(db);
+        }
+        match &mut self.db {
+            Db::Rw(d) => Ok(d),
+            _ => Err(Error::Corrupt(format!("{}: metadata is closed", self.name))),
+        }
+    }
+
+    /// A write transaction (upgrading to a writable handle if needed).
+    pub(crate) fn wtx(&mut self) -> Result<redb::WriteTransaction> {
+        let name = self.name.clone();
+        self.wdb()?.begin_write().map_err(|e| meta_err(&name, e))
     }
 
     pub fn engine(&self) -> &'static str {
@@ -674,14 +723,14 @@ impl Store {
         })
     }
 
-    pub fn used_chunks(&self) -> Result<u64> {
-        let tx = self.db.begin_read().map_err(|e| meta_err(&self.name, e))?;
+    fn used_chunks_inner(&self) -> Result<u64> {
+        let tx = self.rtx()?;
         let c = tx.open_table(CONFIG).map_err(|e| meta_err(&self.name, e))?;
         get_u64(&c, K_USED, &self.name)
     }
 
-    pub fn recent_events(&self, n: usize) -> Result<Vec<Event>> {
-        let tx = self.db.begin_read().map_err(|e| meta_err(&self.name, e))?;
+    fn recent_events_inner(&self, n: usize) -> Result<Vec<Event>> {
+        let tx = self.rtx()?;
         let t = tx.open_table(EVENTS).map_err(|e| meta_err(&self.name, e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| meta_err(&self.name, e))?.rev().take(n) {
@@ -695,7 +744,7 @@ impl Store {
     }
 
     /// Creates a read-only snapshot of the origin. O(1): touches neither device nor the index.
-    pub fn create(
+    fn create_inner(
         &mut self,
         name: &str,
         expires: Option<i64>,
@@ -714,8 +763,8 @@ impl Store {
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
+        let tx = self.wtx()?;
         let sn = &self.name;
-        let tx = self.db.begin_write().map_err(|e| meta_err(sn, e))?;
         let snap;
         {
             let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
@@ -753,7 +802,7 @@ impl Store {
         Ok(snap)
     }
 
-    pub fn rename(&mut self, old: &str, new: &str) -> Result<Snapshot> {
+    fn rename_inner(&mut self, old: &str, new: &str) -> Result<Snapshot> {
         crate::names::validate(new)?;
         let mut snap = self.snapshot(old)?.clone();
         if old == new {
@@ -766,8 +815,8 @@ impl Store {
             )));
         }
         snap.name = new.to_string();
+        let tx = self.wtx()?;
         let sn = &self.name;
-        let tx = self.db.begin_write().map_err(|e| meta_err(sn, e))?;
         {
             put_snap(&tx, &snap, sn)?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(sn, e))?;
@@ -781,7 +830,7 @@ impl Store {
 
     /// Deletes snapshots; returns the bytes freed. All names are checked before anything changes,
     /// and the whole delete is one commit.
-    pub fn delete(&mut self, names: &[String]) -> Result<u64> {
+    fn delete_inner(&mut self, names: &[String]) -> Result<u64> {
         let mut ids = Vec::new();
         for n in names {
             let id = self.snapshot(n)?.id;
@@ -791,7 +840,7 @@ impl Store {
             ids.push(id);
         }
         let sn = self.name.clone();
-        let tx = self.db.begin_write().map_err(|e| meta_err(&sn, e))?;
+        let tx = self.wtx()?;
         let mut freed = 0;
         for id in &ids {
             freed += self.drop_point(&tx, *id, None)?;
@@ -967,6 +1016,59 @@ fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) -> Result<(
     Ok(())
 }
 
+/// The public entry points: each runs under a panic guard, because the metadata engine may panic
+/// on pages damaged behind its back (redb's documentation says so); that is a corruption error,
+/// not a crash.
+impl Store {
+    /// Creates a read-only snapshot of the origin. O(1): no device reads, no exception index.
+    pub fn create(
+        &mut self,
+        name: &str,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+        created: Option<i64>,
+    ) -> Result<Snapshot> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.create_inner(name, expires, labels, created))
+    }
+
+    pub fn rename(&mut self, old: &str, new: &str) -> Result<Snapshot> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.rename_inner(old, new))
+    }
+
+    /// Deletes snapshots in one commit; returns the bytes freed.
+    pub fn delete(&mut self, names: &[String]) -> Result<u64> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.delete_inner(names))
+    }
+
+    pub fn used_chunks(&self) -> Result<u64> {
+        guard_panic(&self.name, || self.used_chunks_inner())
+    }
+
+    pub fn recent_events(&self, count: usize) -> Result<Vec<Event>> {
+        guard_panic(&self.name, || self.recent_events_inner(count))
+    }
+
+    /// Writes to the origin through copy-on-write (see `cow.rs`).
+    pub fn write_origin(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.write_origin_inner(off, data, fua))
+    }
+
+    /// Reads a snapshot, or the live origin for "origin".
+    pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        guard_panic(&self.name, || self.read_view_inner(view, off, buf))
+    }
+
+    /// Verifies checksums, single ownership of every chunk and the space accounting.
+    pub fn check(&mut self) -> Result<crate::cow::CheckReport> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.check_inner())
+    }
+}
+
 pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
     let mut t = tx.open_table(SNAPS).map_err(|e| meta_err(store, e))?;
     let v = serde_json::to_vec(s).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -993,5 +1095,34 @@ pub(crate) fn guard_panic<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Resul
         Err(_) => Err(Error::Corrupt(format!(
             "{name}: metadata is damaged (the metadata engine failed on it); run `snapctl check`"
         ))),
+    }
+}
+
+/// Damage on purpose, so tests can prove that `check` tells leaks from corruption.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Moves the allocation mark past `n` chunks that no record owns and no free extent holds:
+    /// leaked space.
+    pub fn leak_chunks(s: &mut Store, n: u64) -> Result<()> {
+        let tx = s.wtx()?;
+        {
+            let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&s.name, e))?;
+            let hw = get_u64(&c, K_HIGH_WATER, &s.name)?;
+            c.insert(K_HIGH_WATER, hw + n)
+                .map_err(|e| meta_err(&s.name, e))?;
+        }
+        tx.commit().map_err(|e| meta_err(&s.name, e))
+    }
+
+    /// Sets the used-chunk counter to a wrong value: corruption.
+    pub fn corrupt_used_counter(s: &mut Store) -> Result<()> {
+        let tx = s.wtx()?;
+        {
+            let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&s.name, e))?;
+            c.insert(K_USED, 12345).map_err(|e| meta_err(&s.name, e))?;
+        }
+        tx.commit().map_err(|e| meta_err(&s.name, e))
     }
 }
