@@ -125,7 +125,7 @@ pub enum Cmd {
     Info,
     /// Take a read-only snapshot of the origin (instant: copies nothing)
     Create {
-        /// Snapshot name: 1-128 of A-Z a-z 0-9 . _ - + : @, not starting with - or .
+        /// Snapshot name: 1-128 of A-Z a-z 0-9 . _ - + : @ (not starting with '-' or '.')
         name: String,
         /// When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)
         #[arg(long, value_name = "WHEN")]
@@ -190,6 +190,8 @@ pub fn main() -> i32 {
     let _ = std::panic::take_hook();
     match res {
         Ok(Ok(out)) => emit(&out),
+        // `snapctl export origin | cmp -s - x`: a reader that stops early is not an error.
+        Ok(Err(Error::Io { source, .. })) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Ok(Err(e)) => {
             report(json, e.kind(), &e.to_string());
             e.exit_code()
@@ -603,7 +605,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             }
             let mut t = String::new();
             for l in table.to_string().lines() {
-                t.push_str(l.trim_end());
+                t.push_str(l.strip_prefix(' ').unwrap_or(l).trim_end());
                 t.push('\n');
             }
             ok(t)
@@ -787,9 +789,14 @@ pub fn run(cli: Cli) -> Result<Output> {
                 v["clean"] = json!(rep.is_clean());
                 doc(json!({"schema_version": 1, "check": v}))
             } else {
+                let plural = |n: u64, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
                 let mut t = format!(
-                    "{}: {} snapshots, {} records, {} chunks in use, {} free\n",
-                    store.name, rep.snapshots, rep.records, rep.used_chunks, rep.free_chunks
+                    "{}: {}, {}, {} in use, {} free\n",
+                    store.name,
+                    plural(rep.snapshots, "snapshot"),
+                    plural(rep.records, "record"),
+                    plural(rep.used_chunks, "chunk"),
+                    plural(rep.free_chunks, "chunk"),
                 );
                 for c in rep.corruption.iter().take(50) {
                     t.push_str(&format!("CORRUPT: {c}\n"));
@@ -820,7 +827,8 @@ pub fn generate_docs(dir: &Path) -> Result<()> {
     for d in [&man, &comp] {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d.display().to_string(), e))?;
     }
-    let cmd = Cli::command();
+    let mut cmd = Cli::command();
+    cmd.build(); // propagates the global options into every subcommand's page
     let write = |p: PathBuf, bytes: Vec<u8>| -> Result<()> {
         std::fs::write(&p, bytes).map_err(|e| Error::io(p.display().to_string(), e))
     };

@@ -559,7 +559,7 @@ impl Store {
                     }
                 }
             }
-            if free && kept.len() != runs.len() || free && kept != runs {
+            if free && kept != runs {
                 if kept.is_empty() {
                     recs.remove(key).map_err(|e| meta_err(sn, e))?;
                     let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(sn, e))?;
@@ -617,11 +617,13 @@ impl Store {
             let within = abs % cs;
             let n = ((cs - within) as usize).min(buf.len() - pos);
             let g = c / GROUP_CHUNKS;
-            if !groups.contains_key(&g) {
-                let r = resolve_group(&recs, sn, 0, g, e)?;
-                groups.insert(g, r);
-            }
-            let (from_store, dev_off) = match groups[&g][(c % GROUP_CHUNKS) as usize] {
+            let resolved = match groups.entry(g) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(resolve_group(&recs, sn, 0, g, e)?)
+                }
+            };
+            let (from_store, dev_off) = match resolved[(c % GROUP_CHUNKS) as usize] {
                 Some(p) if p >= self.sb.data_chunks => {
                     return Err(Error::Corrupt(format!(
                         "{sn}: a record points outside the store; run `snapctl check`"

@@ -460,7 +460,7 @@ impl BlockIo for UringIo {
         let mut ops = Vec::with_capacity(reqs.len());
         for (off, buf) in reqs {
             check_range(self.size, *off, buf.len())?;
-            ops.push((*off, Op::Write(*buf)));
+            ops.push((*off, Op::Write(buf)));
         }
         self.run(&mut ops)
     }

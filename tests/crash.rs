@@ -180,6 +180,9 @@ fn verify(origin_img: Vec<u8>, store_img: Vec<u8>, p: &Promised, what: &str) {
     }
 }
 
+/// How many bytes of a pending write of n bytes reach the medium.
+type Keep = Box<dyn Fn(&mut SmallRng, usize) -> usize>;
+
 fn crash_everywhere(seed: u64) {
     let ops = scenario(seed);
     let (origin_img, store_img) = base_images();
@@ -193,7 +196,7 @@ fn crash_everywhere(seed: u64) {
     for cut in 0..total {
         // Late cuts fall in the clean close after the last operation: crash there too.
         let (_, o, s, p, _) = run(&ops, &origin_img, &store_img, Some(cut));
-        let policies: [(&str, Box<dyn Fn(&mut SmallRng, usize) -> usize>); 4] = [
+        let policies: [(&str, Keep); 4] = [
             ("lost", Box::new(|_, _| 0)),
             ("kept", Box::new(|_, n| n)),
             ("some", Box::new(|r, n| if r.gen_bool(0.5) { n } else { 0 })),

@@ -1,0 +1,149 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_snapctl_global_optspecs
+    string join \n s/store= json q/quiet v/verbose h/help V/version
+end
+
+function __fish_snapctl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_snapctl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_snapctl_using_subcommand
+    set -l cmd (__fish_snapctl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c snapctl -n "__fish_snapctl_needs_command" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_needs_command" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_needs_command" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_needs_command" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "list" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "ls" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "show" -d 'Show one snapshot'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "rename" -d 'Rename a snapshot'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "delete" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "rm" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l origin -d 'The device (or file) whose snapshots to keep' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l chunk-size -d 'Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l on-full -d 'What to do when the store has no room for a copy an origin write needs' -r -f -a "drop-oldest\t'Delete the oldest snapshots until the copy fits'
+invalidate\t'Mark the snapshots that need the copy invalid (they refuse reads)'
+fail-writes\t'Fail the origin write with ENOSPC'"
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l metadata-size -d 'Metadata region size (default: 256 bytes per store chunk, at least 8 MiB)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l force -d 'Overwrite a store that already holds snapctl data (its snapshots are lost)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l expires -d 'When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l label -d 'A KEY=VALUE label (repeatable)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand show" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rename" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand delete" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand rm" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s o -l output -d 'Output file (default: stdout)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -l offset -d 'Byte offset in the origin' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s i -l input -d 'Input file (default: stdin)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -l out-dir -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "show" -d 'Show one snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "rename" -d 'Rename a snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
