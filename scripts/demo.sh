@@ -14,7 +14,7 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
-run() { say "$*"; "$@"; }
+run() { say "$(basename "$1") ${*:2}"; "$@"; }
 
 # A 64 MiB origin with data in it, and a 64 MiB store.
 head -c 64M /dev/urandom > "$work/origin.img"
