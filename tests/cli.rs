@@ -603,3 +603,140 @@ fn a_mounted_device_is_refused() {
     let v = e.json(&["info"]);
     assert_eq!(v["store"]["origin_size"], 32 << 20);
 }
+
+/// ramfs refuses O_DIRECT (EINVAL), as some FUSE and network file systems do: snapctl must fall
+/// back to buffered I/O by itself, and say so with -v.
+#[test]
+fn a_file_system_without_o_direct_falls_back_to_buffered_io() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting ramfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("ramfs");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !m.status.success() {
+        eprintln!(
+            "skipped: cannot mount ramfs: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    std::fs::write(mnt.join("o.img"), vec![5u8; 4 << 20]).unwrap();
+    std::fs::write(mnt.join("s.img"), vec![0u8; 16 << 20]).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .current_dir(&mnt)
+            .env("SNAPCTL_STORE", "s.img")
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["init", "s.img", "--origin", "o.img"])
+        .status
+        .success());
+    assert!(run(&["create", "a"]).status.success());
+    let o = run(&["-v", "export", "a", "-o", "a.img"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("buffered") && !err.contains("O_DIRECT"),
+        "{err}"
+    );
+    assert!(std::fs::read(mnt.join("a.img")).unwrap() == vec![5u8; 4 << 20]);
+}
+
+/// Containers often forbid io_uring by seccomp: snapctl must fall back to pread/pwrite by itself.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_refused_by_seccomp_falls_back_to_pread_pwrite() {
+    use std::os::unix::process::CommandExt;
+    let e = Env::new();
+    e.init();
+    e.ok(&["create", "a"]);
+    e.ok_write(&vec![4u8; 200_000], 3);
+    let mut c = Command::new(bin());
+    c.args(["-v", "export", "a", "-o", "a.img"])
+        .current_dir(e.dir.path())
+        .env("SNAPCTL_STORE", e.p("store.img"));
+    // SAFETY: only async-signal-safe prctl calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            const NR_IO_URING_SETUP: u32 = 425;
+            let filter = [
+                // A = syscall number
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                // if A == io_uring_setup: fall through to EPERM, else skip it
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: NR_IO_URING_SETUP,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut _,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const _,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("sync (pread/pwrite") && !err.contains("io_uring"),
+        "{err}"
+    );
+    let img = std::fs::read(e.p("a.img")).unwrap();
+    assert!(
+        img == std::fs::read(e.p("origin.img"))
+            .map(|mut o| {
+                // the snapshot predates the write: undo it in the expected image
+                let want: Vec<u8> = (0..200_000usize)
+                    .map(|i| ((i + 3) * 7 % 251) as u8)
+                    .collect();
+                o[3..200_003].copy_from_slice(&want);
+                o
+            })
+            .unwrap()
+    );
+}

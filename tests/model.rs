@@ -182,3 +182,53 @@ fn full_store_with_fail_writes_fails_the_write_and_changes_nothing() {
     assert!(read_all(&s, "old") == img_old);
     assert!(s.check().unwrap().is_clean());
 }
+
+/// Bytes read from the store by open + create + list, on a store whose exception index holds
+/// `records` scattered records.
+fn catalog_cost(scatter_writes: usize) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    let chunk = 4096;
+    let (mut s, origin, dev) = mem_store(16384 * chunk, 128 << 20, chunk, OnFull::FailWrites, 9);
+    let mut rng = SmallRng::seed_from_u64(9);
+    for i in 0..20 {
+        s.create(&format!("s{i}"), None, BTreeMap::new(), None)
+            .unwrap();
+        for _ in 0..scatter_writes / 20 {
+            let c = rng.gen_range(0..16384u64);
+            s.write_origin(c * chunk, &[i as u8; 4096], false).unwrap();
+        }
+    }
+    let rep = s.check().unwrap();
+    let records = rep.records;
+    if scatter_writes > 0 {
+        assert!(
+            rep.used_chunks > 10_000,
+            "only {} chunks saved",
+            rep.used_chunks
+        );
+    }
+    drop(s);
+    let counting = Arc::new(Counting {
+        inner: dev.clone(),
+        read: Default::default(),
+    });
+    let io: Arc<dyn snapctl::io::BlockIo> = counting.clone();
+    let mut s = snapctl::store::Store::open_io(io, origin.clone(), "count").unwrap();
+    s.create("new", None, BTreeMap::new(), None).unwrap();
+    assert_eq!(s.snapshots().count(), 21);
+    (counting.read.load(Ordering::SeqCst), records)
+}
+
+#[test]
+fn create_and_list_do_not_read_the_exception_index() {
+    let (empty_cost, r0) = catalog_cost(0);
+    let (full_cost, r1) = catalog_cost(20_000);
+    assert_eq!(r0, 0);
+    assert!(r1 > 2_000, "only {r1} records");
+    // The index holds megabytes; open + create + list read the same few pages either way.
+    assert!(
+        full_cost <= empty_cost + (64 << 10),
+        "open+create+list read {full_cost} bytes with {r1} records, {empty_cost} with none"
+    );
+}

@@ -39,3 +39,29 @@ pub fn bin() -> std::path::PathBuf {
 pub fn as_io(m: &Arc<MemIo>) -> Arc<dyn BlockIo> {
     m.clone()
 }
+
+/// Counts the bytes read through it.
+pub struct Counting {
+    pub inner: Arc<dyn BlockIo>,
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+impl BlockIo for Counting {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn engine(&self) -> &'static str {
+        "counting"
+    }
+}
