@@ -154,6 +154,13 @@ fn resolve_group<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
     Ok(out)
 }
 
+/// One read of a batch: `buf.len()` bytes at `off` of `view` (a snapshot name or "origin").
+pub struct ReadReq<'a> {
+    pub view: &'a str,
+    pub off: u64,
+    pub buf: &'a mut [u8],
+}
+
 enum Preserve {
     Done,
     Full,
@@ -200,15 +207,29 @@ impl Store {
     /// touches whose old content a live snapshot still needs is copied to the store, the copy
     /// flushed, and its record committed (invariant 2). `fua`: durable on return.
     pub(crate) fn write_origin_inner(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
-        if data.is_empty() {
+        self.write_batch_inner(&[(off, data)], fua)
+    }
+
+    /// Several origin writes: the copies all of them need are made and committed together (one
+    /// flush and one commit for the batch, however deep the client's queue), then the writes go
+    /// out together. Overlapping writes are applied in order.
+    pub(crate) fn write_batch_inner(&mut self, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
+        let cs = self.sb.chunk_size;
+        let mut chunks = Vec::new();
+        for (off, data) in writes {
+            self.check_origin_range(*off, data.len())?;
+            if !data.is_empty() {
+                chunks.extend(off / cs..=(off + data.len() as u64 - 1) / cs);
+            }
+        }
+        if chunks.is_empty() {
             return Ok(());
         }
-        self.check_origin_range(off, data.len())?;
-        let cs = self.sb.chunk_size;
-        let (c0, c1) = (off / cs, (off + data.len() as u64 - 1) / cs);
+        chunks.sort_unstable();
+        chunks.dedup();
         let mut attempts = 0u64;
         loop {
-            match self.preserve(c0, c1)? {
+            match self.preserve(&chunks)? {
                 Preserve::Done => break,
                 Preserve::Full => {
                     attempts += 1;
@@ -222,9 +243,18 @@ impl Store {
                 }
             }
         }
-        self.origin
-            .write_at(data, off)
-            .map_err(|e| Error::io(format!("origin {}: write", self.sb.origin_path), e))?;
+        let werr = |e| Error::io(format!("origin {}: write", self.sb.origin_path), e);
+        let mut sorted: Vec<(u64, u64)> =
+            writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        sorted.sort_unstable();
+        let overlap = sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
+        if overlap {
+            for (off, data) in writes {
+                self.origin.write_at(data, *off).map_err(werr)?;
+            }
+        } else {
+            self.origin.write_many(writes).map_err(werr)?;
+        }
         if fua {
             self.flush()?;
         }
@@ -238,12 +268,13 @@ impl Store {
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))
     }
 
-    fn preserve(&mut self, c0: u64, c1: u64) -> Result<Preserve> {
+    /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
+    fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
         let live = self.live_epochs();
         let Some(&e_max) = live.last() else {
             return Ok(Preserve::Done);
         };
-        if (c0..=c1).all(|c| self.bit(c)) {
+        if chunks.iter().all(|&c| self.bit(c)) {
             return Ok(Preserve::Done);
         }
         let e_prev = live.len().checked_sub(2).map(|i| live[i]);
@@ -254,7 +285,7 @@ impl Store {
         let mut need = Vec::new();
         {
             let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
-            for c in c0..=c1 {
+            for &c in chunks {
                 if self.bit(c) {
                     continue;
                 }
@@ -586,72 +617,89 @@ impl Store {
 
     /// Reads `buf.len()` bytes at `off` of snapshot `name`, or of the live origin for "origin".
     pub(crate) fn read_view_inner(&self, name: &str, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_origin_range(off, buf.len())?;
-        if name == "origin" {
-            return self
-                .origin
-                .read_at(buf, off)
-                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e));
-        }
-        let snap = self.snapshot(name)?;
-        if snap.state == SnapState::Invalid {
-            return Err(Error::InvalidSnapshot(format!(
-                "snapshot '{name}' is invalid ({}) and cannot be read; delete it",
-                snap.invalid_reason.as_deref().unwrap_or("store full")
-            )));
-        }
-        let e = snap.epoch;
+        self.read_batch_inner(&mut [ReadReq {
+            view: name,
+            off,
+            buf,
+        }])
+    }
+
+    /// Several reads of any views: each is mapped onto segments of the store or the origin
+    /// (neighbours merged), and each device's segments go out as one batch, in flight together.
+    pub(crate) fn read_batch_inner(&self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
         let sn = &self.name;
         let cs = self.sb.chunk_size;
-        let tx = self.rtx()?;
-        let recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
-        // Map the range onto segments (from the store or the origin), merging neighbours, then
-        // read each device's segments as one batch so the engine keeps them in flight together.
-        let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
-        // (from_store, device offset, length)
-        let mut segs: Vec<(bool, u64, usize)> = Vec::new();
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let abs = off + pos as u64;
-            let c = abs / cs;
-            let within = abs % cs;
-            let n = ((cs - within) as usize).min(buf.len() - pos);
-            let g = c / GROUP_CHUNKS;
-            let resolved = match groups.entry(g) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(resolve_group(&recs, sn, 0, g, e)?)
-                }
-            };
-            let (from_store, dev_off) = match resolved[(c % GROUP_CHUNKS) as usize] {
-                Some(p) if p >= self.sb.data_chunks => {
-                    return Err(Error::Corrupt(format!(
-                        "{sn}: a record points outside the store; run `snapctl check`"
-                    )))
-                }
-                Some(p) => (true, self.sb.data_offset + p * cs + within),
-                None => (false, abs),
-            };
-            match segs.last_mut() {
-                Some((s, o, l))
-                    if *s == from_store && *o + *l as u64 == dev_off && *l < 8 << 20 =>
-                {
-                    *l += n
-                }
-                _ => segs.push((from_store, dev_off, n)),
+        let mut tx = None;
+        // Per request: (from_store, device offset, length) segments.
+        let mut plans: Vec<Vec<(bool, u64, usize)>> = Vec::with_capacity(reqs.len());
+        for r in reqs.iter() {
+            self.check_origin_range(r.off, r.buf.len())?;
+            if r.view == "origin" {
+                plans.push(vec![(false, r.off, r.buf.len())]);
+                continue;
             }
-            pos += n;
+            let snap = self.snapshot(r.view)?;
+            if snap.state == SnapState::Invalid {
+                return Err(Error::InvalidSnapshot(format!(
+                    "snapshot '{}' is invalid ({}) and cannot be read; delete it",
+                    r.view,
+                    snap.invalid_reason.as_deref().unwrap_or("store full")
+                )));
+            }
+            let e = snap.epoch;
+            if tx.is_none() {
+                tx = Some(self.rtx()?);
+            }
+            let Some(t) = tx.as_ref() else { continue };
+            let recs = t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+            let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
+            let mut segs: Vec<(bool, u64, usize)> = Vec::new();
+            let mut pos = 0usize;
+            while pos < r.buf.len() {
+                let abs = r.off + pos as u64;
+                let c = abs / cs;
+                let within = abs % cs;
+                let n = ((cs - within) as usize).min(r.buf.len() - pos);
+                let g = c / GROUP_CHUNKS;
+                let resolved = match groups.entry(g) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(resolve_group(&recs, sn, 0, g, e)?)
+                    }
+                };
+                let (from_store, dev_off) = match resolved[(c % GROUP_CHUNKS) as usize] {
+                    Some(p) if p >= self.sb.data_chunks => {
+                        return Err(Error::Corrupt(format!(
+                            "{sn}: a record points outside the store; run `snapctl check`"
+                        )))
+                    }
+                    Some(p) => (true, self.sb.data_offset + p * cs + within),
+                    None => (false, abs),
+                };
+                match segs.last_mut() {
+                    Some((s, o, l))
+                        if *s == from_store && *o + *l as u64 == dev_off && *l < 8 << 20 =>
+                    {
+                        *l += n
+                    }
+                    _ => segs.push((from_store, dev_off, n)),
+                }
+                pos += n;
+            }
+            plans.push(segs);
         }
         let mut store_reqs: Vec<(u64, &mut [u8])> = Vec::new();
         let mut origin_reqs: Vec<(u64, &mut [u8])> = Vec::new();
-        let mut rest = buf;
-        for (from_store, dev_off, n) in segs {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = tail;
-            if from_store {
-                store_reqs.push((dev_off, head));
-            } else {
-                origin_reqs.push((dev_off, head));
+        for (r, segs) in reqs.iter_mut().zip(plans) {
+            let mut rest = &mut r.buf[..];
+            for (from_store, dev_off, n) in segs {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                if from_store {
+                    store_reqs.push((dev_off, head));
+                } else {
+                    origin_reqs.push((dev_off, head));
+                }
             }
         }
         self.dev

@@ -1057,6 +1057,17 @@ impl Store {
         guard_panic(&n, || self.write_origin_inner(off, data, fua))
     }
 
+    /// Several origin writes with one preservation commit (see `cow.rs`).
+    pub fn write_batch(&mut self, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.write_batch_inner(writes, fua))
+    }
+
+    /// Several reads of any views, in flight together.
+    pub fn read_batch(&self, reqs: &mut [crate::cow::ReadReq<'_>]) -> Result<()> {
+        guard_panic(&self.name, || self.read_batch_inner(reqs))
+    }
+
     /// Reads a snapshot, or the live origin for "origin".
     pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
         guard_panic(&self.name, || self.read_view_inner(view, off, buf))

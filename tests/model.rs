@@ -20,7 +20,22 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
     let mut next = 0;
     for step in 0..steps {
         let op = rng.gen_range(0..100);
-        if op < 60 {
+        if op < 15 {
+            // A batch, as the NBD server sends them: one preservation commit for all.
+            let n = rng.gen_range(1..8);
+            let mut writes = Vec::new();
+            for _ in 0..n {
+                let len = rng.gen_range(1..chunk as usize * 3).min(size as usize);
+                let off = rng.gen_range(0..=size - len as u64);
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                writes.push((off, data));
+            }
+            let refs: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+            s.write_batch(&refs, false).unwrap();
+            for (off, data) in &writes {
+                model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+        } else if op < 60 {
             let len = match rng.gen_range(0..4) {
                 0 => rng.gen_range(1..64),
                 1 => rng.gen_range(1..chunk as usize * 3),
@@ -58,6 +73,38 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
                 read_all(&s, name) == *img,
                 "seed {seed} step {step}: snapshot {name} differs"
             );
+        }
+        // Batched reads across views agree with the model.
+        if !snaps.is_empty() {
+            let names: Vec<&String> = snaps.keys().collect();
+            let mut bufs: Vec<(String, u64, Vec<u8>)> = (0..4)
+                .map(|_| {
+                    let len = rng.gen_range(1..3 * chunk as usize).min(size as usize);
+                    let off = rng.gen_range(0..=size - len as u64);
+                    let v = if rng.gen_bool(0.3) {
+                        "origin".to_string()
+                    } else {
+                        names[rng.gen_range(0..names.len())].clone()
+                    };
+                    (v, off, vec![0u8; len])
+                })
+                .collect();
+            let mut reqs: Vec<snapctl::cow::ReadReq> = bufs
+                .iter_mut()
+                .map(|(v, off, b)| snapctl::cow::ReadReq {
+                    view: v.as_str(),
+                    off: *off,
+                    buf: b.as_mut_slice(),
+                })
+                .collect();
+            s.read_batch(&mut reqs).unwrap();
+            for (v, off, b) in &bufs {
+                let img = if v == "origin" { &model } else { &snaps[v] };
+                assert!(
+                    b[..] == img[*off as usize..*off as usize + b.len()],
+                    "seed {seed} step {step}: batched read of {v}"
+                );
+            }
         }
         if step % 10 == 0 || step + 1 == steps {
             let rep = s.check().unwrap();
