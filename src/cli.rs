@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::format::OnFull;
 use crate::names::{human_bytes, parse_expiry, parse_size, rfc3339};
+use crate::nbd::Shared;
 use crate::store::{InitOptions, OpenOptions, SnapState, Snapshot, Store};
 
 const AFTER_HELP: &str = "\
@@ -146,6 +149,9 @@ pub enum Cmd {
     Delete {
         #[arg(required = true)]
         names: Vec<String>,
+        /// Delete even when an NBD client has the snapshot open (its reads then fail)
+        #[arg(long)]
+        force: bool,
     },
     /// Write the full image of a snapshot (or of `origin`) to FILE or stdout
     Export {
@@ -166,6 +172,23 @@ pub enum Cmd {
     },
     /// Verify the store: checksums, single ownership of every chunk, space accounting
     Check,
+    /// Serve the origin and every snapshot over NBD, in the foreground
+    ///
+    /// Exports: `origin` (also the default export "") is the live origin, read-write, with
+    /// writes going through copy-on-write; every snapshot is exported read-only under its name.
+    /// Listens on a unix socket (default $SNAPCTL_RUN_DIR/UUID.sock, SNAPCTL_RUN_DIR defaulting
+    /// to /run/snapctl, UUID being the store's) and on TCP only with --listen. While it runs,
+    /// every other snapctl command on the store is carried out by the server through its control
+    /// socket (UUID.ctl in the same directory), found from the store path. SIGTERM or SIGINT
+    /// finish the requests in flight, commit, and exit 0.
+    Serve {
+        /// Unix socket for NBD clients
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1)
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
     /// Generate man pages and shell completions (for packagers)
     #[command(hide = true)]
     GenerateDocs {
@@ -185,6 +208,32 @@ pub fn main() -> i32 {
         }
     };
     let json = cli.global.json;
+    // A server holding the store carries the command out; otherwise it runs here.
+    let forwardable = !matches!(
+        cli.cmd,
+        Cmd::Init { .. } | Cmd::Serve { .. } | Cmd::GenerateDocs { .. }
+    );
+    if let (true, Some(store)) = (forwardable, cli.global.store.as_deref()) {
+        let argv: Vec<String> = std::env::args().collect();
+        match crate::serve::forward(store, &argv) {
+            Some(Ok(reply)) => {
+                let out = Output {
+                    text: reply.stdout,
+                    code: reply.code,
+                };
+                if let Some((kind, msg)) = reply.error {
+                    report(json, &kind, &msg);
+                    return reply.code;
+                }
+                return emit(&out);
+            }
+            Some(Err(e)) => {
+                report(json, e.kind(), &e.to_string());
+                return e.exit_code();
+            }
+            None => {}
+        }
+    }
     std::panic::set_hook(Box::new(|_| {}));
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
     let _ = std::panic::take_hook();
@@ -310,6 +359,51 @@ fn snapshot_text(s: &Snapshot, cs: u64) -> String {
     t
 }
 
+/// Where a command runs: in this process on a store it opens, or inside a running server
+/// (forwarded through the control socket) on the server's store.
+#[derive(Default)]
+pub struct Ctx {
+    pub shared: Option<Arc<Shared>>,
+    /// The client's working directory, for relative paths.
+    pub cwd: Option<PathBuf>,
+    pub stdin: Option<std::fs::File>,
+    pub stdout: Option<std::fs::File>,
+}
+
+impl Ctx {
+    fn path(&self, p: &Path) -> PathBuf {
+        match &self.cwd {
+            Some(c) if p.is_relative() => c.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+}
+
+/// A store a command works on: opened here, or the server's, locked.
+enum StoreGuard<'a> {
+    Own(Box<Store>),
+    Locked(std::sync::MutexGuard<'a, Store>),
+}
+
+impl std::ops::Deref for StoreGuard<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        match self {
+            StoreGuard::Own(s) => s,
+            StoreGuard::Locked(s) => s,
+        }
+    }
+}
+
+impl std::ops::DerefMut for StoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Store {
+        match self {
+            StoreGuard::Own(s) => s,
+            StoreGuard::Locked(s) => s,
+        }
+    }
+}
+
 /// How a command uses the origin.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Use {
@@ -321,7 +415,10 @@ enum Use {
     Write,
 }
 
-fn open(g: &Global, how: Use) -> Result<Store> {
+fn open<'a>(g: &Global, how: Use, ctx: &'a Ctx) -> Result<StoreGuard<'a>> {
+    if let Some(sh) = &ctx.shared {
+        return Ok(StoreGuard::Locked(sh.lock()?));
+    }
     let path = store_path(g)?;
     let store = Store::open(
         path,
@@ -340,11 +437,11 @@ fn open(g: &Global, how: Use) -> Result<Store> {
             store.origin_engine()
         );
     }
-    Ok(store)
+    Ok(StoreGuard::Own(Box::new(store)))
 }
 
 /// Logs what the store did on its own (the on-full policy) to stderr.
-fn log_events(store: &mut Store, g: &Global) {
+fn log_events(store: &mut StoreGuard<'_>, g: &Global) {
     for ev in store.events.drain(..) {
         if !g.quiet {
             eprintln!(
@@ -382,8 +479,8 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-fn progress(g: &Global, total: u64, what: &str) -> indicatif::ProgressBar {
-    if g.quiet || !std::io::stderr().is_terminal() {
+fn progress(g: &Global, ctx: &Ctx, total: u64, what: &str) -> indicatif::ProgressBar {
+    if g.quiet || ctx.shared.is_some() || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
@@ -399,6 +496,10 @@ fn progress(g: &Global, total: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 pub fn run(cli: Cli) -> Result<Output> {
+    run_ctx(cli, &Ctx::default())
+}
+
+pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
     let g = &cli.global;
     match &cli.cmd {
         Cmd::Init {
@@ -457,7 +558,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Info => {
-            let store = open(g, Use::Read)?;
+            let store = open(g, Use::Read, ctx)?;
             let sb = &store.sb;
             let cap = sb.data_chunks * sb.chunk_size;
             let used = store.used_chunks()? * sb.chunk_size;
@@ -535,7 +636,7 @@ pub fn run(cli: Cli) -> Result<Output> {
                 .as_deref()
                 .map(|e| parse_expiry(e, now))
                 .transpose()?;
-            let mut store = open(g, Use::Change)?;
+            let mut store = open(g, Use::Change, ctx)?;
             let s = store.create(name, expires, labels, None)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -553,7 +654,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::List => {
-            let store = open(g, Use::Read)?;
+            let store = open(g, Use::Read, ctx)?;
             let cs = store.sb.chunk_size;
             if g.json {
                 let v: Vec<Value> = store.snapshots().map(|s| snapshot_json(s, cs)).collect();
@@ -611,7 +712,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ok(t)
         }
         Cmd::Show { name } => {
-            let store = open(g, Use::Read)?;
+            let store = open(g, Use::Read, ctx)?;
             let s = store.snapshot(name)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -623,7 +724,7 @@ pub fn run(cli: Cli) -> Result<Output> {
         }
         Cmd::Rename { old, new } => {
             crate::names::validate(new)?;
-            let mut store = open(g, Use::Change)?;
+            let mut store = open(g, Use::Change, ctx)?;
             let s = store.rename(old, new)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -636,8 +737,18 @@ pub fn run(cli: Cli) -> Result<Output> {
             }
             ok(format!("renamed '{old}' to '{new}'\n"))
         }
-        Cmd::Delete { names } => {
-            let mut store = open(g, Use::Change)?;
+        Cmd::Delete { names, force } => {
+            if let (Some(sh), false) = (&ctx.shared, force) {
+                for n in names {
+                    let open = sh.open_count(n);
+                    if open > 0 {
+                        return Err(Error::Busy(format!(
+                            "snapshot '{n}' is open by {open} NBD client(s); disconnect them, or use --force"
+                        )));
+                    }
+                }
+            }
+            let mut store = open(g, Use::Change, ctx)?;
             let freed = store.delete(names)?;
             if g.json {
                 return ok(doc(
@@ -658,17 +769,36 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Export { name, output } => {
-            let store = open(g, Use::Read)?;
-            if name != "origin" {
-                store.snapshot(name)?;
+            // Through a server, lock per step, so that NBD clients are not stalled for the
+            // length of the export.
+            let mut held = Some(open(g, Use::Read, ctx)?);
+            let (total, chunk) = match &held {
+                Some(s) => {
+                    if name != "origin" {
+                        s.snapshot(name)?;
+                    }
+                    (s.sb.origin_size, s.sb.chunk_size)
+                }
+                None => (0, 4096),
+            };
+            if ctx.shared.is_some() {
+                held = None;
             }
-            let total = store.sb.origin_size;
-            let mut sink: Box<dyn Write> = match output {
-                Some(p) => Box::new(
+            let output = output.as_ref().map(|p| ctx.path(p));
+            let mut sink: Box<dyn Write> = match (&output, &ctx.stdout) {
+                (Some(p), _) => Box::new(
                     std::fs::File::create(p)
                         .map_err(|e| Error::io(format!("output {}", p.display()), e))?,
                 ),
-                None => {
+                (None, Some(f)) => {
+                    if f.is_terminal() && !g.json {
+                        return Err(Error::Invalid(
+                            "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
+                        ));
+                    }
+                    Box::new(f.try_clone().map_err(|e| Error::io("stdout", e))?)
+                }
+                (None, None) => {
                     if std::io::stdout().is_terminal() && !g.json {
                         return Err(Error::Invalid(
                             "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
@@ -677,13 +807,20 @@ pub fn run(cli: Cli) -> Result<Output> {
                     Box::new(std::io::stdout().lock())
                 }
             };
-            let pb = progress(g, total, &format!("export {name}"));
-            let step = (4u64 << 20).max(store.sb.chunk_size);
+            let pb = progress(g, ctx, total, &format!("export {name}"));
+            let step = (4u64 << 20).max(chunk);
             let mut buf = crate::io::AlignedBuf::new(step as usize);
             let mut off = 0;
             while off < total {
                 let n = step.min(total - off) as usize;
-                store.read_view(name, off, &mut buf.as_mut_slice()[..n])?;
+                match &held {
+                    Some(s) => s.read_view(name, off, &mut buf.as_mut_slice()[..n])?,
+                    None => open(g, Use::Read, ctx)?.read_view(
+                        name,
+                        off,
+                        &mut buf.as_mut_slice()[..n],
+                    )?,
+                }
                 sink.write_all(&buf.as_slice()[..n])
                     .map_err(|e| Error::io("export output", e))?;
                 off += n as u64;
@@ -715,16 +852,18 @@ pub fn run(cli: Cli) -> Result<Output> {
         Cmd::Write { offset, input } => {
             let offset = parse_size(offset)
                 .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
-            let mut src: Box<dyn Read> = match input {
-                Some(p) => Box::new(std::fs::File::open(p).map_err(|e| match e.kind() {
+            let input = input.as_ref().map(|p| ctx.path(p));
+            let mut src: Box<dyn Read> = match (&input, &ctx.stdin) {
+                (None, Some(f)) => Box::new(f.try_clone().map_err(|e| Error::io("stdin", e))?),
+                (Some(p), _) => Box::new(std::fs::File::open(p).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => {
                         Error::NotFound(format!("input {}: no such file", p.display()))
                     }
                     _ => Error::io(format!("input {}", p.display()), e),
                 })?),
-                None => Box::new(std::io::stdin().lock()),
+                (None, None) => Box::new(std::io::stdin().lock()),
             };
-            let mut store = open(g, Use::Write)?;
+            let mut store = open(g, Use::Write, ctx)?;
             if offset > store.sb.origin_size {
                 return Err(Error::Invalid(format!(
                     "--offset {offset} is beyond the end of the origin ({} bytes)",
@@ -775,7 +914,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             ))
         }
         Cmd::Check => {
-            let mut store = open(g, Use::Read)?;
+            let mut store = open(g, Use::Read, ctx)?;
             let rep = store.check()?;
             let code = if !rep.corruption.is_empty() {
                 6
@@ -813,10 +952,81 @@ pub fn run(cli: Cli) -> Result<Output> {
             };
             Ok(Output { text, code })
         }
+        Cmd::Serve { socket, listen } => {
+            if ctx.shared.is_some() {
+                return Err(Error::Busy("this store is already being served".into()));
+            }
+            let path = store_path(g)?;
+            crate::serve::serve(
+                path,
+                crate::serve::ServeOptions {
+                    socket: socket.clone(),
+                    listen: listen.clone(),
+                    verbose: g.verbose > 0,
+                },
+            )?;
+            ok(String::new())
+        }
         Cmd::GenerateDocs { out_dir } => {
             generate_docs(out_dir)?;
             ok(String::new())
         }
+    }
+}
+
+/// Runs a command forwarded by another snapctl through the control socket, on the server's store.
+pub fn run_forwarded(
+    shared: Arc<Shared>,
+    argv: Vec<String>,
+    cwd: PathBuf,
+    stdin: Option<std::fs::File>,
+    stdout: Option<std::fs::File>,
+) -> crate::serve::ControlReply {
+    let reply =
+        |code: i32, stdout: String, error: Option<(String, String)>| crate::serve::ControlReply {
+            code,
+            stdout,
+            error,
+        };
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            return reply(
+                2,
+                String::new(),
+                Some(("invalid-argument".into(), e.to_string())),
+            )
+        }
+    };
+    if matches!(
+        cli.cmd,
+        Cmd::Init { .. } | Cmd::Serve { .. } | Cmd::GenerateDocs { .. }
+    ) {
+        let e = Error::Busy("the store is being served by snapctl serve; stop it first".into());
+        return reply(
+            e.exit_code(),
+            String::new(),
+            Some((e.kind().into(), e.to_string())),
+        );
+    }
+    let ctx = Ctx {
+        shared: Some(shared),
+        cwd: Some(cwd),
+        stdin,
+        stdout,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_ctx(cli, &ctx))) {
+        Ok(Ok(out)) => reply(out.code, out.text, None),
+        Ok(Err(e)) => reply(
+            e.exit_code(),
+            String::new(),
+            Some((e.kind().into(), e.to_string())),
+        ),
+        Err(_) => reply(
+            70,
+            String::new(),
+            Some(("internal".into(), "internal error in the server".into())),
+        ),
     }
 }
 

@@ -10,6 +10,8 @@ pub mod error;
 pub mod format;
 pub mod io;
 pub mod names;
+pub mod nbd;
+pub mod serve;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,625 @@
+//! The NBD protocol (NetworkBlockDevice/nbd doc/proto.md), fixed newstyle, simple replies.
+//!
+//! Exports: `origin` (and the default export `""`) is the live origin, read-write; every snapshot
+//! is exported read-only under its name. Each connection reads requests pipelined and serves them
+//! in batches: the copies that all the batch's writes need are made and committed together (one
+//! flush and one commit for the batch), and its reads go to the devices together.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::cow::ReadReq;
+use crate::error::Error;
+use crate::store::{SnapState, Store};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const FLAG_NO_ZEROES: u16 = 1 << 1;
+const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+const CLIENT_NO_ZEROES: u32 = 1 << 1;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_DESCRIPTION: u16 = 2;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1 << 0;
+const TF_READ_ONLY: u16 = 1 << 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1 << 0;
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// Largest request payload accepted: bigger writes close the connection, bigger reads get EINVAL.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Largest option payload read during the handshake.
+const MAX_OPTION: u32 = 64 << 10;
+/// Requests gathered into one batch.
+const BATCH_REQUESTS: usize = 128;
+const BATCH_BYTES: usize = 32 << 20;
+
+/// What every connection shares: the store, the exports clients hold open, the shutdown flag.
+pub struct Shared {
+    pub store: Mutex<Store>,
+    pub open_exports: Mutex<HashMap<String, usize>>,
+    pub shutdown: AtomicBool,
+    pub verbose: bool,
+}
+
+impl Shared {
+    pub fn new(store: Store, verbose: bool) -> Self {
+        Shared {
+            store: Mutex::new(store),
+            open_exports: Mutex::new(HashMap::new()),
+            shutdown: AtomicBool::new(false),
+            verbose,
+        }
+    }
+
+    pub fn lock(&self) -> Result<MutexGuard<'_, Store>, Error> {
+        self.store.lock().map_err(|_| {
+            Error::Corrupt("the server's store lock was poisoned by a failed request".into())
+        })
+    }
+
+    /// How many connections have `name` open.
+    pub fn open_count(&self, name: &str) -> usize {
+        self.open_exports
+            .lock()
+            .map(|m| m.get(name).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn log(&self, msg: &str) {
+        if self.verbose {
+            eprintln!("snapctl serve: {msg}");
+        }
+    }
+}
+
+/// An export, resolved at NBD_OPT_GO time.
+#[derive(Clone)]
+struct Export {
+    name: String,
+    size: u64,
+    writable: bool,
+}
+
+fn lookup(shared: &Shared, name: &str) -> Result<Export, String> {
+    let store = shared.lock().map_err(|e| e.to_string())?;
+    let size = store.sb.origin_size;
+    if name.is_empty() || name == "origin" {
+        return Ok(Export {
+            name: "origin".into(),
+            size,
+            writable: true,
+        });
+    }
+    match store.snapshot(name) {
+        Ok(s) if s.state == SnapState::Invalid => Err(format!("snapshot '{name}' is invalid")),
+        Ok(_) => Ok(Export {
+            name: name.to_string(),
+            size,
+            writable: false,
+        }),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn export_names(shared: &Shared) -> Vec<String> {
+    let mut v = vec!["origin".to_string()];
+    if let Ok(store) = shared.lock() {
+        v.extend(
+            store
+                .snapshots()
+                .filter(|s| s.state == SnapState::Valid)
+                .map(|s| s.name.clone()),
+        );
+    }
+    v
+}
+
+fn tflags(e: &Export) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
+    if e.writable {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+    } else {
+        f |= TF_READ_ONLY;
+    }
+    f
+}
+
+fn read_u32<R: Read>(r: &mut R) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64<R: Read>(r: &mut R) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn opt_reply<W: Write>(w: &mut W, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    w.write_all(&b)
+}
+
+fn protocol(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Serves one client connection to its end. Protocol violations close the connection.
+pub fn serve_connection<S: AsRawFd>(shared: &Shared, stream: S) -> io::Result<()>
+where
+    for<'b> &'b S: Read + Write,
+{
+    let fd = stream.as_raw_fd();
+    let mut rd = BufReader::with_capacity(1 << 20, Stream(&stream));
+    let mut wr = Stream(&stream);
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    wr.write_all(&hello)?;
+    let cflags = read_u32(&mut rd)?;
+    if cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol("unknown client flags"));
+    }
+    let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    let export = loop {
+        if read_u64(&mut rd)? != IHAVEOPT {
+            return Err(protocol("bad option magic"));
+        }
+        let opt = read_u32(&mut rd)?;
+        let len = read_u32(&mut rd)?;
+        if len > MAX_OPTION {
+            return Err(protocol("option too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data)?;
+        if shared.shutdown.load(Ordering::SeqCst) && opt != OPT_ABORT {
+            opt_reply(&mut wr, opt, REP_ERR_SHUTDOWN, b"server is shutting down")?;
+            continue;
+        }
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).to_string();
+                // No way to say "no" to EXPORT_NAME but closing the connection.
+                let e = lookup(shared, &name).map_err(|m| protocol(&m))?;
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&e.size.to_be_bytes());
+                b.extend_from_slice(&tflags(&e).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                wr.write_all(&b)?;
+                break e;
+            }
+            OPT_ABORT => {
+                let _ = opt_reply(&mut wr, opt, REP_ACK, &[]);
+                return Ok(());
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    opt_reply(&mut wr, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                    continue;
+                }
+                for n in export_names(shared) {
+                    let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(n.as_bytes());
+                    opt_reply(&mut wr, opt, REP_SERVER, &d)?;
+                }
+                opt_reply(&mut wr, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let parsed = (|| {
+                    let nlen = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+                    let name = data.get(4..4 + nlen)?;
+                    let rest = data.get(4 + nlen..)?;
+                    let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
+                    let reqs = rest.get(2..)?;
+                    if reqs.len() != 2 * n {
+                        return None;
+                    }
+                    let infos: Vec<u16> = reqs
+                        .chunks_exact(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .collect();
+                    Some((String::from_utf8_lossy(name).to_string(), infos))
+                })();
+                let Some((name, infos)) = parsed else {
+                    opt_reply(&mut wr, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
+                    continue;
+                };
+                let e = match lookup(shared, &name) {
+                    Ok(e) => e,
+                    Err(msg) => {
+                        opt_reply(&mut wr, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    }
+                };
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&e.size.to_be_bytes());
+                d.extend_from_slice(&tflags(&e).to_be_bytes());
+                opt_reply(&mut wr, opt, REP_INFO, &d)?;
+                // Any alignment works (unaligned requests are read-modify-written); the chunk
+                // size is what avoids that work.
+                let chunk = shared
+                    .lock()
+                    .map(|s| s.sb.chunk_size as u32)
+                    .unwrap_or(4096);
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&1u32.to_be_bytes());
+                d.extend_from_slice(&chunk.min(MAX_REQUEST).to_be_bytes());
+                d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                opt_reply(&mut wr, opt, REP_INFO, &d)?;
+                if infos.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(e.name.as_bytes());
+                    opt_reply(&mut wr, opt, REP_INFO, &d)?;
+                }
+                if infos.contains(&INFO_DESCRIPTION) {
+                    let desc = if e.writable {
+                        "live origin (writes are copy-on-write)".to_string()
+                    } else {
+                        format!("read-only snapshot {}", e.name)
+                    };
+                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(desc.as_bytes());
+                    opt_reply(&mut wr, opt, REP_INFO, &d)?;
+                }
+                opt_reply(&mut wr, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    break e;
+                }
+            }
+            _ => opt_reply(&mut wr, opt, REP_ERR_UNSUP, b"option not supported")?,
+        }
+    };
+    if let Ok(mut m) = shared.open_exports.lock() {
+        *m.entry(export.name.clone()).or_insert(0) += 1;
+    }
+    shared.log(&format!("client attached to export '{}'", export.name));
+    let r = transmission(shared, &export, &mut rd, &mut wr, fd);
+    if let Ok(mut m) = shared.open_exports.lock() {
+        if let Some(n) = m.get_mut(&export.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&export.name);
+            }
+        }
+    }
+    shared.log(&format!("client left export '{}'", export.name));
+    r
+}
+
+/// `&S` as Read + Write, so one stream serves a buffered reader and a writer.
+struct Stream<'a, S>(&'a S);
+
+impl<S> Read for Stream<'_, S>
+where
+    for<'b> &'b S: Read,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.0;
+        s.read(buf)
+    }
+}
+
+impl<S> Write for Stream<'_, S>
+where
+    for<'b> &'b S: Write,
+{
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self.0;
+        s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let mut s = self.0;
+        s.flush()
+    }
+}
+
+struct Request {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    data: Vec<u8>,
+}
+
+/// Waits until the socket has data, or the server shuts down (then false).
+fn wait_readable(fd: i32, shared: &Shared) -> io::Result<bool> {
+    loop {
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 200) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r > 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn readable_now(fd: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+fn read_request<R: Read>(rd: &mut R) -> io::Result<Request> {
+    let mut h = [0u8; 28];
+    rd.read_exact(&mut h)?;
+    let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    if be32(0) != REQUEST_MAGIC {
+        return Err(protocol("bad request magic"));
+    }
+    let flags = u16::from_be_bytes([h[4], h[5]]);
+    let kind = u16::from_be_bytes([h[6], h[7]]);
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+    let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or([0; 8]));
+    let length = be32(24);
+    let mut data = Vec::new();
+    if kind == CMD_WRITE {
+        if length > MAX_REQUEST {
+            // The payload cannot be skipped safely: the spec allows closing here.
+            return Err(protocol("write larger than the maximum request size"));
+        }
+        data = vec![0u8; length as usize];
+        rd.read_exact(&mut data)?;
+    }
+    Ok(Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        length,
+        data,
+    })
+}
+
+fn errno_of(e: &Error) -> u32 {
+    match e.errno() {
+        libc::ENOSPC => ENOSPC,
+        libc::EINVAL => EINVAL,
+        libc::EPERM => EPERM,
+        _ => EIO,
+    }
+}
+
+fn transmission<R: Read, W: Write>(
+    shared: &Shared,
+    export: &Export,
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    fd: i32,
+) -> io::Result<()> {
+    let size = export.size;
+    loop {
+        if rd.buffer().is_empty() && !wait_readable(fd, shared)? {
+            return Ok(()); // shutting down: everything answered so far is done
+        }
+        // Gather what the client has already sent.
+        let mut batch = vec![read_request(rd)?];
+        let mut bytes = batch[0].length as usize;
+        let mut disc = batch[0].kind == CMD_DISC;
+        while !disc
+            && batch.len() < BATCH_REQUESTS
+            && bytes < BATCH_BYTES
+            && (rd.buffer().len() >= 28 || readable_now(fd))
+        {
+            let r = read_request(rd)?;
+            bytes += r.length as usize;
+            disc = r.kind == CMD_DISC;
+            batch.push(r);
+        }
+        let mut errors = vec![0u32; batch.len()];
+        let mut read_bufs: Vec<Option<Vec<u8>>> = (0..batch.len()).map(|_| None).collect();
+        {
+            let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
+            // Validate, and collect the writes (up to each flush) and the reads.
+            let mut writes: Vec<usize> = Vec::new();
+            let mut reads: Vec<usize> = Vec::new();
+            let in_range = |r: &Request| {
+                r.offset
+                    .checked_add(r.length as u64)
+                    .is_some_and(|e| e <= size)
+            };
+            for (i, r) in batch.iter().enumerate() {
+                let known_flags = CMD_FLAG_FUA
+                    | if r.kind == CMD_WRITE_ZEROES {
+                        CMD_FLAG_NO_HOLE
+                    } else {
+                        0
+                    };
+                if r.flags & !known_flags != 0 {
+                    errors[i] = EINVAL;
+                    continue;
+                }
+                match r.kind {
+                    CMD_READ => {
+                        if r.length > MAX_REQUEST || !in_range(r) {
+                            errors[i] = EINVAL;
+                        } else {
+                            reads.push(i);
+                        }
+                    }
+                    CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+                        if !export.writable {
+                            errors[i] = EPERM;
+                        } else if !in_range(r) {
+                            errors[i] = ENOSPC;
+                        } else if r.kind == CMD_TRIM {
+                            // A hint: discarding nothing is allowed, and keeps every snapshot exact.
+                        } else if r.kind == CMD_WRITE_ZEROES && r.length > MAX_REQUEST {
+                            errors[i] = EINVAL;
+                        } else {
+                            writes.push(i);
+                        }
+                    }
+                    CMD_FLUSH => {
+                        // Everything before the flush first, then make it durable.
+                        flush_writes(&mut store, &batch, &writes, &mut errors);
+                        writes.clear();
+                        if let Err(e) = store.flush() {
+                            errors[i] = errno_of(&e);
+                        }
+                    }
+                    CMD_DISC => {}
+                    _ => errors[i] = EINVAL,
+                }
+            }
+            flush_writes(&mut store, &batch, &writes, &mut errors);
+            // Reads.
+            let mut bufs: Vec<Vec<u8>> = reads
+                .iter()
+                .map(|&i| vec![0u8; batch[i].length as usize])
+                .collect();
+            let ok = {
+                let mut reqs: Vec<ReadReq> = reads
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(&i, b)| ReadReq {
+                        view: &export.name,
+                        off: batch[i].offset,
+                        buf: b,
+                    })
+                    .collect();
+                store.read_batch(&mut reqs)
+            };
+            if let Err(e) = ok {
+                // Find out which read failed.
+                for (&i, b) in reads.iter().zip(bufs.iter_mut()) {
+                    if let Err(e2) = store.read_view(&export.name, batch[i].offset, b) {
+                        errors[i] = errno_of(&e2);
+                    }
+                }
+                shared.log(&format!("read error on '{}': {e}", export.name));
+            }
+            for (&i, b) in reads.iter().zip(bufs) {
+                if errors[i] == 0 {
+                    read_bufs[i] = Some(b);
+                }
+            }
+        }
+        // Replies, in one write.
+        let mut out = Vec::with_capacity(batch.len() * 16);
+        for (i, r) in batch.iter().enumerate() {
+            if r.kind == CMD_DISC {
+                continue;
+            }
+            out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            out.extend_from_slice(&errors[i].to_be_bytes());
+            out.extend_from_slice(&r.cookie.to_be_bytes());
+            if let Some(b) = &read_bufs[i] {
+                out.extend_from_slice(b);
+            }
+        }
+        wr.write_all(&out)?;
+        if disc {
+            return Ok(());
+        }
+    }
+}
+
+/// Applies the collected writes of a batch (one preservation commit), attributing errors.
+fn flush_writes(store: &mut Store, batch: &[Request], writes: &[usize], errors: &mut [u32]) {
+    if writes.is_empty() {
+        return;
+    }
+    let zeroes: Vec<Vec<u8>> = writes
+        .iter()
+        .map(|&i| {
+            if batch[i].kind == CMD_WRITE_ZEROES {
+                vec![0u8; batch[i].length as usize]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let list: Vec<(u64, &[u8])> = writes
+        .iter()
+        .zip(&zeroes)
+        .map(|(&i, z)| {
+            let r = &batch[i];
+            (
+                r.offset,
+                if r.kind == CMD_WRITE {
+                    r.data.as_slice()
+                } else {
+                    z.as_slice()
+                },
+            )
+        })
+        .collect();
+    let fua = writes.iter().any(|&i| batch[i].flags & CMD_FLAG_FUA != 0);
+    if store.write_batch(&list, fua).is_err() {
+        // Redo one by one to tell which failed (rewriting the same bytes is harmless).
+        for (&i, (off, data)) in writes.iter().zip(&list) {
+            if let Err(e) = store.write_origin(*off, data, batch[i].flags & CMD_FLAG_FUA != 0) {
+                errors[i] = errno_of(&e);
+            }
+        }
+    }
+}
