@@ -1,0 +1,614 @@
+//! `snapctl serve` with clients nobody here wrote (nbdinfo, qemu-io, qemu-img, nbdcopy, fio,
+//! nbdfuse), and a raw protocol client for hostile input and the seeded model test.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::util::bin;
+
+/// True when `tool` runs; in CI a missing tool is a failure (setup.sh installs them all).
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{tool} is missing in CI: scripts/setup.sh must install it"
+        );
+        eprintln!("skipped: {tool} is not installed");
+    }
+    ok
+}
+
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+impl Served {
+    /// A 32 MiB origin of known bytes, a store, and a server on a unix socket.
+    pub fn start() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(dir.path().join("origin.img"), &img).unwrap();
+        std::fs::write(dir.path().join("store.img"), vec![0u8; 96 << 20]).unwrap();
+        let mut s = Served { dir, child: None };
+        let o = s.cli(&["init", "store.img", "--origin", "origin.img"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(self.p("serve.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "-v", "--socket"])
+            .arg(self.sock())
+            .current_dir(self.dir.path())
+            .env("SNAPCTL_STORE", self.p("store.img"))
+            .env("SNAPCTL_RUN_DIR", self.p("run"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        assert!(
+            snapctl::serve::wait_for_socket(&self.sock(), Duration::from_secs(10)),
+            "server did not start: {}",
+            std::fs::read_to_string(self.p("serve.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn p(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+    pub fn sock(&self) -> PathBuf {
+        self.p("nbd.sock")
+    }
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock().display())
+    }
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("SNAPCTL_STORE", self.p("store.img"))
+            .env("SNAPCTL_RUN_DIR", self.p("run"))
+            .output()
+            .unwrap()
+    }
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+    pub fn export(&self, view: &str) -> Vec<u8> {
+        let o = self.cli(&["export", view]);
+        assert!(
+            o.status.success(),
+            "export {view}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal NBD client speaking the protocol byte by byte.
+pub struct Raw {
+    pub s: UnixStream,
+    pub size: u64,
+    pub flags: u16,
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+impl Raw {
+    pub fn hello(sock: &Path) -> UnixStream {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut h = [0u8; 18];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..8], b"NBDMAGIC");
+        assert_eq!(&h[8..16], b"IHAVEOPT");
+        s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+        s
+    }
+
+    pub fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+        let mut b = b"IHAVEOPT".to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).unwrap();
+    }
+
+    /// One option reply: (type, data).
+    pub fn opt_reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            0x3e889045565a9
+        );
+        let kind = be32(&h[12..]);
+        let mut d = vec![0u8; be32(&h[16..]) as usize];
+        s.read_exact(&mut d).unwrap();
+        (kind, d)
+    }
+
+    pub fn go(sock: &Path, export: &str) -> Result<Raw, u32> {
+        let mut s = Raw::hello(sock);
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        Raw::option(&mut s, 7, &d);
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let (kind, data) = Raw::opt_reply(&mut s);
+            match kind {
+                1 => return Ok(Raw { s, size, flags }),
+                3 if u16::from_be_bytes([data[0], data[1]]) == 0 => {
+                    size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                    flags = u16::from_be_bytes([data[10], data[11]]);
+                }
+                3 => {}
+                e => return Err(e),
+            }
+        }
+    }
+
+    pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, off: u64, len: u32, data: &[u8]) {
+        let mut b = 0x25609513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&off.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// A simple reply: (error, cookie); reads `payload` bytes after it when the error is 0.
+    pub fn reply(&mut self, payload: usize) -> (u32, u64, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(be32(&h), 0x67446698);
+        let err = be32(&h[4..]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut d = Vec::new();
+        if err == 0 && payload > 0 {
+            d = vec![0u8; payload];
+            self.s.read_exact(&mut d).unwrap();
+        }
+        (err, cookie, d)
+    }
+
+    pub fn read(&mut self, off: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.request(0, 0, 1, off, len, &[]);
+        let (e, _, d) = self.reply(len as usize);
+        if e == 0 {
+            Ok(d)
+        } else {
+            Err(e)
+        }
+    }
+
+    pub fn write(&mut self, off: u64, data: &[u8]) -> u32 {
+        self.request(1, 0, 2, off, data.len() as u32, data);
+        self.reply(0).0
+    }
+
+    pub fn flush(&mut self) -> u32 {
+        self.request(3, 0, 3, 0, 0, &[]);
+        self.reply(0).0
+    }
+
+    /// True when the server has closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn nbdinfo_lists_the_origin_and_every_snapshot_with_their_modes() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = Served::start();
+    s.ok(&["create", "before"]);
+    let o = Command::new("nbdinfo")
+        .args(["--list", "--json", &s.uri("")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let exports = v["exports"].as_array().unwrap();
+    let find = |n: &str| exports.iter().find(|e| e["export-name"] == n).cloned();
+    let origin = find("origin").expect("origin export");
+    assert_eq!(origin["is_read_only"], false);
+    assert_eq!(origin["export-size"], 32 << 20);
+    assert_eq!(origin["can_flush"], true);
+    assert_eq!(origin["can_fua"], true);
+    let snap = find("before").expect("snapshot export");
+    assert_eq!(snap["is_read_only"], true);
+}
+
+#[test]
+fn qemu_writes_go_through_copy_on_write_and_snapshots_compare_exact() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    let s = Served::start();
+    let before = std::fs::read(s.p("origin.img")).unwrap();
+    std::fs::write(s.p("before.img"), &before).unwrap();
+    s.ok(&["create", "s1"]);
+    let qio = |export: &str, cmd: &str| {
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &s.uri(export)])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "qemu-io {cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    qio("origin", "write -P 0xab 1000 3M");
+    qio("origin", "write -P 0xcd 20M 64k");
+    let out = qio("origin", "read -P 0xab 1000 3M");
+    assert!(out.contains("read 3145728/3145728"), "{out}");
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.uri("s1"),
+            &s.p("before.img").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "snapshot differs: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // and the origin does not match the old image any more
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.uri("origin"),
+            &s.p("before.img").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(cmp.status.code(), Some(1));
+    // read-only: qemu-io opened read-only can read the snapshot
+    let o = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 1000 3M",
+            &s.uri("s1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    s.ok(&["check"]);
+}
+
+#[test]
+fn nbdcopy_round_trips_through_origin_and_snapshot() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let s = Served::start();
+    let before = std::fs::read(s.p("origin.img")).unwrap();
+    s.ok(&["create", "old"]);
+    let new: Vec<u8> = (0..32usize << 20).map(|i| (i * 31 % 253) as u8).collect();
+    std::fs::write(s.p("new.img"), &new).unwrap();
+    let c = |a: &str, b: &str| {
+        let o = Command::new("nbdcopy").args([a, b]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "nbdcopy {a} {b}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    c(&s.p("new.img").display().to_string(), &s.uri("origin"));
+    c(&s.uri("origin"), &s.p("out.img").display().to_string());
+    c(&s.uri("old"), &s.p("old.img").display().to_string());
+    assert!(std::fs::read(s.p("out.img")).unwrap() == new);
+    assert!(std::fs::read(s.p("old.img")).unwrap() == before);
+}
+
+#[test]
+fn fio_verifies_across_a_snapshot() {
+    if !have("fio") {
+        return;
+    }
+    let s = Served::start();
+    let fio = |seed: &str, rw: &str| {
+        let o = Command::new("fio")
+            .args([
+                "--name=v",
+                "--ioengine=nbd",
+                &format!("--uri={}", s.uri("origin")),
+                &format!("--rw={rw}"),
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=8M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                &format!("--randseed={seed}"),
+            ])
+            .output()
+            .unwrap();
+        let out =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && !out.contains("verify: bad"),
+            "fio: {out}"
+        );
+    };
+    fio("1", "randwrite");
+    let image = s.export("origin");
+    s.ok(&["create", "mid"]);
+    fio("2", "randwrite");
+    assert!(
+        s.export("mid") == image,
+        "the snapshot changed under later writes"
+    );
+    s.ok(&["check"]);
+}
+
+#[test]
+fn hostile_requests_get_errors_or_a_closed_connection_never_a_crash() {
+    let s = Served::start();
+    let before = std::fs::read(s.p("origin.img")).unwrap();
+    s.ok(&["create", "ro"]);
+    let size = 32u64 << 20;
+    // Out of range, oversized, unknown commands and flags: errors, the connection stays usable.
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    assert_eq!(c.size, size);
+    assert_eq!(c.read(size - 10, 20), Err(22));
+    assert_eq!(c.read(u64::MAX - 5, 10), Err(22));
+    assert_eq!(c.read(0, 64 << 20), Err(22));
+    assert_eq!(c.write(size - 2, &[1, 2, 3, 4]), 28);
+    c.request(99, 0, 7, 0, 0, &[]);
+    assert_eq!(c.reply(0).0, 22);
+    c.request(0, 1 << 9, 8, 0, 16, &[]);
+    assert_eq!(c.reply(16).0, 22);
+    assert_eq!(c.read(0, 16).unwrap(), before[..16]);
+    // Writes to a snapshot: EPERM, nothing changes.
+    let mut r = Raw::go(&s.sock(), "ro").unwrap();
+    assert_ne!(r.flags & 2, 0, "snapshot not flagged read-only");
+    assert_eq!(r.write(0, &[9; 512]), 1);
+    r.request(4, 0, 1, 0, 4096, &[]); // trim
+    assert_eq!(r.reply(0).0, 1);
+    assert_eq!(r.read(0, 512).unwrap(), before[..512]);
+    // Unknown export, unknown option, malformed GO: option errors.
+    assert_eq!(Raw::go(&s.sock(), "nope").err(), Some(0x8000_0006));
+    let mut h = Raw::hello(&s.sock());
+    Raw::option(&mut h, 4242, b"junk");
+    assert_eq!(Raw::opt_reply(&mut h).0, 0x8000_0001);
+    Raw::option(&mut h, 7, &[0, 0, 0, 200, 1]);
+    assert_eq!(Raw::opt_reply(&mut h).0, 0x8000_0003);
+    // Bad magic, a huge write, a giant option: the server hangs up on that client only.
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    c.s.write_all(&[0xde; 28]).unwrap();
+    assert!(c.closed());
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    c.request(1, 0, 1, 0, u32::MAX, &[]);
+    assert!(c.closed());
+    let mut h = Raw::hello(&s.sock());
+    let mut b = b"IHAVEOPT".to_vec();
+    b.extend_from_slice(&7u32.to_be_bytes());
+    b.extend_from_slice(&u32::MAX.to_be_bytes());
+    h.write_all(&b).unwrap();
+    let mut buf = [0u8; 1];
+    assert!(matches!(h.read(&mut buf), Ok(0) | Err(_)));
+    let mut h = Raw::hello(&s.sock());
+    h.write_all(b"GARBAGE!GARBAGE!").unwrap();
+    assert!(matches!(h.read(&mut buf), Ok(0) | Err(_)));
+    // Still serving, and nothing was written anywhere.
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), before[..4096]);
+    drop(c);
+    assert!(s.export("origin") == before);
+    assert!(s.export("ro") == before);
+    s.ok(&["check"]);
+}
+
+#[test]
+fn a_snapshot_a_client_has_open_is_not_deleted_without_force() {
+    let s = Served::start();
+    s.ok(&["create", "held"]);
+    let c = Raw::go(&s.sock(), "held").unwrap();
+    let o = s.cli(&["delete", "held"]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("open by 1 NBD client"));
+    drop(c);
+    // the server notices the disconnect
+    let mut deleted = false;
+    for _ in 0..50 {
+        if s.cli(&["delete", "held"]).status.success() {
+            deleted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(deleted);
+    s.ok(&["create", "held2"]);
+    let _c = Raw::go(&s.sock(), "held2").unwrap();
+    s.ok(&["delete", "held2", "--force"]);
+}
+
+#[test]
+fn sigterm_finishes_commits_and_exits_zero() {
+    let mut s = Served::start();
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    assert_eq!(c.write(4096, &[7u8; 8192]), 0);
+    s.ok(&["create", "t"]);
+    assert_eq!(c.write(4096, &[8u8; 8192]), 0);
+    let st = s.sigterm();
+    assert!(st.success(), "{st:?}");
+    assert!(!s.sock().exists(), "socket left behind");
+    // Served no more: the CLI opens the store itself.
+    let img = s.export("t");
+    assert!(img[4096..12288].iter().all(|&b| b == 7));
+    let now = s.export("origin");
+    assert!(now[4096..12288].iter().all(|&b| b == 8));
+    s.ok(&["check"]);
+}
+
+#[test]
+fn after_kill_9_flushed_writes_and_every_snapshot_survive() {
+    let mut s = Served::start();
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut model = std::fs::read(s.p("origin.img")).unwrap();
+    let mut snaps = BTreeMap::new();
+    for round in 0..4 {
+        for _ in 0..20 {
+            let len = rng.gen_range(1..20000usize);
+            let off = rng.gen_range(0..(32u64 << 20) - len as u64);
+            let v: u8 = rng.gen();
+            assert_eq!(c.write(off, &vec![v; len]), 0);
+            model[off as usize..off as usize + len].fill(v);
+        }
+        assert_eq!(c.flush(), 0);
+        let name = format!("r{round}");
+        s.ok(&["create", &name]);
+        snaps.insert(name, model.clone());
+    }
+    drop(c);
+    s.kill9();
+    s.spawn();
+    for (n, img) in &snaps {
+        assert!(s.export(n) == *img, "snapshot {n} differs after kill -9");
+    }
+    assert!(s.export("origin") == model);
+    s.ok(&["check"]);
+}
+
+/// Random origin writes (any offset, any length, pipelined so that the server batches them)
+/// interleaved with creates and deletes through the CLI while the server runs; every snapshot
+/// and the origin are checked against an in-memory model.
+#[test]
+fn seeded_model_test_through_the_server() {
+    let s = Served::start();
+    let size = 32u64 << 20;
+    let mut model = std::fs::read(s.p("origin.img")).unwrap();
+    let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut rng = SmallRng::seed_from_u64(77);
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    for step in 0..40 {
+        match rng.gen_range(0..10) {
+            0..=5 => {
+                // a pipelined burst
+                let n = rng.gen_range(1..24);
+                let mut expect = Vec::new();
+                for k in 0..n {
+                    let len = if rng.gen_bool(0.5) {
+                        rng.gen_range(1..70000usize)
+                    } else {
+                        4096 * rng.gen_range(1..8)
+                    };
+                    let off = if rng.gen_bool(0.5) {
+                        rng.gen_range(0..size - len as u64)
+                    } else {
+                        4096 * rng.gen_range(0..(size - len as u64) / 4096)
+                    };
+                    let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                    c.request(1, 0, k as u64, off, len as u32, &data);
+                    model[off as usize..off as usize + len].copy_from_slice(&data);
+                    expect.push(k as u64);
+                }
+                let mut got: Vec<u64> = (0..n)
+                    .map(|_| {
+                        let (e, cookie, _) = c.reply(0);
+                        assert_eq!(e, 0, "step {step}");
+                        cookie
+                    })
+                    .collect();
+                got.sort_unstable();
+                assert_eq!(got, expect);
+            }
+            6..=7 => {
+                let name = format!("m{step}");
+                s.ok(&["create", &name]);
+                snaps.insert(name, model.clone());
+            }
+            _ => {
+                if let Some(name) = snaps.keys().next().cloned() {
+                    s.ok(&["delete", &name]);
+                    snaps.remove(&name);
+                }
+            }
+        }
+        if step % 8 == 7 {
+            // reads through NBD of a random range of each snapshot
+            for (name, img) in &snaps {
+                let mut r = Raw::go(&s.sock(), name).unwrap();
+                let len = rng.gen_range(1..200_000u32);
+                let off = rng.gen_range(0..size - len as u64);
+                assert_eq!(
+                    r.read(off, len).unwrap(),
+                    img[off as usize..off as usize + len as usize],
+                    "{name}"
+                );
+            }
+        }
+    }
+    assert!(s.export("origin") == model);
+    for (name, img) in &snaps {
+        assert!(s.export(name) == *img, "snapshot {name} differs");
+    }
+    let o = s.cli(&["--json", "check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
