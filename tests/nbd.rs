@@ -612,3 +612,204 @@ fn seeded_model_test_through_the_server() {
     let o = s.cli(&["--json", "check"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// Undoes one step of the filesystem test on drop, whatever happened.
+struct Undo(Vec<String>);
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = Command::new("sh").arg("-c").arg(self.0.join("; ")).output();
+    }
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// nbdfuse exposes the origin as a file, a loop device on it carries ext4: write files, freeze,
+/// snapshot, thaw, change the files; the snapshot's image then mounts with every file as it was
+/// and e2fsck -fn finds it clean.
+#[test]
+fn a_frozen_filesystem_snapshots_consistently() {
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    if !have("nbdfuse") {
+        return;
+    }
+    let s = Served::start();
+    let d = s.dir.path().display().to_string();
+    for sub in ["fuse", "mnt", "snap"] {
+        std::fs::create_dir(s.p(sub)).unwrap();
+    }
+    let mut fuse = Command::new("nbdfuse")
+        .arg(s.p("fuse"))
+        .arg(s.uri("origin"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fuse = Undo(vec![format!("fusermount3 -u {d}/fuse")]);
+    for _ in 0..100 {
+        if s.p("fuse/nbd").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dev = sh(&format!("losetup --find --show {d}/fuse/nbd"))
+        .trim()
+        .to_string();
+    let _loop = Undo(vec![format!("umount {d}/mnt"), format!("losetup -d {dev}")]);
+    sh(&format!("mkfs.ext4 -q {dev} && mount {dev} {d}/mnt"));
+    sh(&format!("echo hello > {d}/mnt/a.txt && head -c 3M /dev/urandom > {d}/mnt/b.bin && mkdir {d}/mnt/dir && echo x > {d}/mnt/dir/c.txt"));
+    sh(&format!(
+        "cd {d}/mnt && md5sum a.txt b.bin dir/c.txt > {d}/sums"
+    ));
+    sh(&format!("fsfreeze -f {d}/mnt"));
+    let thaw = Undo(vec![format!("fsfreeze -u {d}/mnt")]);
+    s.ok(&["create", "frozen"]);
+    drop(thaw);
+    sh(&format!("echo changed > {d}/mnt/a.txt && rm {d}/mnt/b.bin && rm -r {d}/mnt/dir && head -c 2M /dev/urandom > {d}/mnt/new.bin && sync"));
+    s.ok(&["export", "frozen", "-o", "snap.img"]);
+    sh(&format!("e2fsck -fn {d}/snap.img"));
+    sh(&format!("mount -o ro,loop {d}/snap.img {d}/snap"));
+    let _snap = Undo(vec![format!("umount {d}/snap")]);
+    sh(&format!(
+        "cd {d}/snap && md5sum -c {d}/sums && test ! -e new.bin"
+    ));
+    drop(_snap);
+    drop(_loop);
+    drop(_fuse);
+    let _ = fuse.kill();
+    let _ = fuse.wait();
+}
+
+/// While a client streams writes, `create` is a point in time: every write acknowledged before
+/// create began is in the snapshot, none issued after it returned is.
+#[test]
+fn create_on_a_busy_volume_is_a_point_in_time() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let s = Served::start();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sock = s.sock();
+    let (a, st) = (acked.clone(), stop.clone());
+    // Write i (1, 2, 3, ...) stamps block i % 4096 with the number i.
+    let writer = std::thread::spawn(move || {
+        let mut c = Raw::go(&sock, "origin").unwrap();
+        let mut i = 1u64;
+        while !st.load(Ordering::SeqCst) {
+            let mut blk = vec![0u8; 4096];
+            blk[..8].copy_from_slice(&i.to_le_bytes());
+            assert_eq!(c.write((i % 4096) * 4096, &blk), 0);
+            a.store(i, Ordering::SeqCst);
+            i += 1;
+        }
+    });
+    let mut checks = Vec::new();
+    for k in 0..5 {
+        std::thread::sleep(Duration::from_millis(150));
+        let before = acked.load(Ordering::SeqCst);
+        s.ok(&["create", &format!("p{k}")]);
+        let after = acked.load(Ordering::SeqCst);
+        checks.push((format!("p{k}"), before, after));
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    for (name, before, after) in checks {
+        let img = s.export(&name);
+        let stamps: Vec<u64> = (0..4096usize)
+            .map(|b| u64::from_le_bytes(img[b * 4096..b * 4096 + 8].try_into().unwrap()))
+            .collect();
+        // The newest stamp in the image, and every earlier write still visible where not overwritten.
+        let newest = stamps
+            .iter()
+            .copied()
+            .filter(|&v| v < 1 << 40)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            newest >= before,
+            "{name}: acknowledged write {before} missing (newest {newest})"
+        );
+        assert!(
+            newest <= after + 1,
+            "{name}: holds write {newest}, issued after create returned ({after})"
+        );
+        for (b, &v) in stamps.iter().enumerate() {
+            // block b holds the last write j <= newest with j % 4096 == b
+            let want = if newest >= b as u64 {
+                newest - ((newest - b as u64) % 4096)
+            } else {
+                0
+            };
+            let want_bytes = if want == 0 {
+                u64::from_le_bytes(img_orig(b))
+            } else {
+                want
+            };
+            assert_eq!(
+                v, want_bytes,
+                "{name}: block {b} is not from one point in time"
+            );
+        }
+    }
+}
+
+/// The first 8 bytes of block b of the test origin.
+fn img_orig(b: usize) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = ((b * 4096 + k) * 13 % 251) as u8;
+    }
+    out
+}
+
+#[test]
+fn tcp_only_when_asked_and_on_loopback_by_default() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let mut s = Served::start();
+    s.kill9();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log = std::fs::File::create(s.p("serve2.log")).unwrap();
+    let child = Command::new(bin())
+        .args(["serve", "--socket"])
+        .arg(s.sock())
+        .args(["--listen", &port.to_string()])
+        .env("SNAPCTL_STORE", s.p("store.img"))
+        .env("SNAPCTL_RUN_DIR", s.p("run"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    s.child = Some(child);
+    assert!(snapctl::serve::wait_for_socket(
+        &s.sock(),
+        Duration::from_secs(10)
+    ));
+    let o = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{port}/origin"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ss = Command::new("ss").args(["-ltn"]).output();
+    if let Ok(ss) = ss {
+        let out = String::from_utf8_lossy(&ss.stdout);
+        let line = out.lines().find(|l| l.contains(&format!(":{port} ")));
+        if let Some(l) = line {
+            assert!(l.contains("127.0.0.1"), "not on loopback: {l}");
+        }
+    }
+}
