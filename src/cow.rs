@@ -307,8 +307,10 @@ impl Store {
         for (start, n) in &extents {
             locs.extend(*start..*start + *n);
         }
-        // Copy: read each run of adjacent origin chunks, write it to its store chunks.
+        // Copy: runs of adjacent origin chunks going to adjacent store chunks, all read in one
+        // batch and all written in one batch, so the engine keeps them in flight together.
         let cs = self.sb.chunk_size as usize;
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first index into need, count)
         let mut i = 0;
         while i < need.len() {
             let mut j = i + 1;
@@ -319,20 +321,37 @@ impl Store {
             {
                 j += 1;
             }
-            let n = j - i;
-            let mut buf = AlignedBuf::new(n * cs);
-            let ooff = need[i] * cs as u64;
-            let olen = (n * cs).min((self.sb.origin_size - ooff) as usize);
-            self.origin
-                .read_at(&mut buf.as_mut_slice()[..olen], ooff)
-                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
-            let soff = self.sb.data_offset + locs[i] * cs as u64;
-            self.dev
-                .write_at(buf.as_slice(), soff)
-                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            runs.push((i, j - i));
             i = j;
         }
-        // The copies must be durable before the commit that points at them.
+        let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, n)| AlignedBuf::new(n * cs)).collect();
+        {
+            let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
+            for ((first, n), buf) in runs.iter().zip(bufs.iter_mut()) {
+                let ooff = need[*first] * cs as u64;
+                let olen = (n * cs).min((self.sb.origin_size - ooff) as usize);
+                reads.push((ooff, &mut buf.as_mut_slice()[..olen]));
+            }
+            self.origin
+                .read_many(&mut reads)
+                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
+        }
+        let writes: Vec<(u64, &[u8])> = runs
+            .iter()
+            .zip(&bufs)
+            .map(|((first, _), buf)| {
+                (
+                    self.sb.data_offset + locs[*first] * cs as u64,
+                    buf.as_slice(),
+                )
+            })
+            .collect();
+        self.dev
+            .write_many(&writes)
+            .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+        // The copies must be durable before the commit that points at them. This flush is ours,
+        // not left to the metadata engine's commit protocol: the crash tests show a recovery can
+        // adopt a commit whose own pages all landed while a copy written just before did not.
         self.dev
             .flush()
             .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;

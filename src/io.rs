@@ -431,38 +431,80 @@ impl BlockIo for UringIo {
         }
     }
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
-        let aligned = reqs
-            .iter()
-            .all(|(o, b)| is_aligned(*o, b, self.align.max(1)));
-        if !aligned {
-            for (off, buf) in reqs.iter_mut() {
+        let align = self.align.max(1) as u64;
+        // Requests whose offset and length are aligned go in flight together; those misaligned
+        // only in memory read into an aligned bounce buffer first. Anything else (a partial
+        // block) takes the read-modify-write path on its own.
+        let mut bounce: Vec<(usize, AlignedBuf)> = Vec::new();
+        let mut direct: Vec<usize> = Vec::new();
+        for (i, (off, buf)) in reqs.iter().enumerate() {
+            check_range(self.size, *off, buf.len())?;
+            if off % align != 0 || buf.len() as u64 % align != 0 {
+                continue;
+            }
+            if (buf.as_ptr() as u64) % align == 0 {
+                direct.push(i);
+            } else {
+                bounce.push((i, AlignedBuf::new(buf.len())));
+            }
+        }
+        {
+            let mut ops: Vec<(u64, Op<'_>)> = Vec::with_capacity(direct.len() + bounce.len());
+            let mut bi = bounce.iter_mut().peekable();
+            for (i, (off, buf)) in reqs.iter_mut().enumerate() {
+                if direct.contains(&i) {
+                    ops.push((*off, Op::Read(&mut buf[..])));
+                } else if bi.peek().is_some_and(|(j, _)| *j == i) {
+                    if let Some((_, b)) = bi.next() {
+                        ops.push((*off, Op::Read(b.as_mut_slice())));
+                    }
+                }
+            }
+            self.run(&mut ops)?;
+        }
+        for (i, b) in &bounce {
+            reqs[*i].1.copy_from_slice(b.as_slice());
+        }
+        for (off, buf) in reqs.iter_mut() {
+            if *off % align != 0 || buf.len() as u64 % align != 0 {
                 self.read_at(buf, *off)?;
             }
-            return Ok(());
         }
-        let mut ops = Vec::with_capacity(reqs.len());
-        for (off, buf) in reqs.iter_mut() {
-            check_range(self.size, *off, buf.len())?;
-            ops.push((*off, Op::Read(&mut buf[..])));
-        }
-        self.run(&mut ops)
+        Ok(())
     }
     fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
-        let aligned = reqs
-            .iter()
-            .all(|(o, b)| is_aligned(*o, b, self.align.max(1)));
-        if !aligned {
-            for (off, buf) in reqs {
-                self.write_at(buf, *off)?;
-            }
-            return Ok(());
-        }
-        let mut ops = Vec::with_capacity(reqs.len());
+        let align = self.align.max(1) as u64;
+        let mut bounce: Vec<AlignedBuf> = Vec::new();
+        let mut ops: Vec<(u64, Op<'_>)> = Vec::with_capacity(reqs.len());
         for (off, buf) in reqs {
             check_range(self.size, *off, buf.len())?;
-            ops.push((*off, Op::Write(buf)));
+            if off % align != 0 || buf.len() as u64 % align != 0 {
+                continue;
+            }
+            if (buf.as_ptr() as u64) % align != 0 {
+                let mut b = AlignedBuf::new(buf.len());
+                b.as_mut_slice().copy_from_slice(buf);
+                bounce.push(b);
+            }
         }
-        self.run(&mut ops)
+        let mut bi = bounce.iter();
+        for (off, buf) in reqs {
+            if off % align != 0 || buf.len() as u64 % align != 0 {
+                continue;
+            }
+            if (buf.as_ptr() as u64) % align == 0 {
+                ops.push((*off, Op::Write(buf)));
+            } else if let Some(b) = bi.next() {
+                ops.push((*off, Op::Write(b.as_slice())));
+            }
+        }
+        self.run(&mut ops)?;
+        for (off, buf) in reqs {
+            if off % align != 0 || buf.len() as u64 % align != 0 {
+                self.write_at(buf, *off)?;
+            }
+        }
+        Ok(())
     }
 }
 

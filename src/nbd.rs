@@ -398,14 +398,15 @@ fn wait_readable(fd: i32, shared: &Shared) -> io::Result<bool> {
     }
 }
 
-fn readable_now(fd: i32) -> bool {
+/// Whether the socket has data within `ms` milliseconds.
+fn readable_now(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, zero timeout.
-    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
 fn read_request<R: Read>(rd: &mut R) -> io::Result<Request> {
@@ -456,6 +457,7 @@ fn transmission<R: Read, W: Write>(
     fd: i32,
 ) -> io::Result<()> {
     let size = export.size;
+    let mut last_batch = 0usize;
     loop {
         if rd.buffer().is_empty() && !wait_readable(fd, shared)? {
             return Ok(()); // shutting down: everything answered so far is done
@@ -464,16 +466,22 @@ fn transmission<R: Read, W: Write>(
         let mut batch = vec![read_request(rd)?];
         let mut bytes = batch[0].length as usize;
         let mut disc = batch[0].kind == CMD_DISC;
+        // A client keeping a deep queue sends its next requests as replies reach it: wait a
+        // moment for them, so they share this batch's commit (never at queue depth 1).
+        let linger = last_batch > 1;
         while !disc
             && batch.len() < BATCH_REQUESTS
             && bytes < BATCH_BYTES
-            && (rd.buffer().len() >= 28 || readable_now(fd))
+            && (rd.buffer().len() >= 28
+                || readable_now(fd, 0)
+                || (linger && batch.len() < last_batch && readable_now(fd, 1)))
         {
             let r = read_request(rd)?;
             bytes += r.length as usize;
             disc = r.kind == CMD_DISC;
             batch.push(r);
         }
+        last_batch = batch.len();
         let mut errors = vec![0u32; batch.len()];
         let mut read_bufs: Vec<Option<Vec<u8>>> = (0..batch.len()).map(|_| None).collect();
         {
