@@ -52,6 +52,9 @@ _snapctl() {
             snapctl,rm)
                 cmd="snapctl__subcmd__delete"
                 ;;
+            snapctl,serve)
+                cmd="snapctl__subcmd__serve"
+                ;;
             snapctl,show)
                 cmd="snapctl__subcmd__show"
                 ;;
@@ -88,6 +91,9 @@ _snapctl() {
             snapctl__subcmd__help,rename)
                 cmd="snapctl__subcmd__help__subcmd__rename"
                 ;;
+            snapctl__subcmd__help,serve)
+                cmd="snapctl__subcmd__help__subcmd__serve"
+                ;;
             snapctl__subcmd__help,show)
                 cmd="snapctl__subcmd__help__subcmd__show"
                 ;;
@@ -101,7 +107,7 @@ _snapctl() {
 
     case "${cmd}" in
         snapctl)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create list ls show rename delete rm export write check generate-docs help"
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create list ls show rename delete rm export write check serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -175,7 +181,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__delete)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --force --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -253,7 +259,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help)
-            opts="init info create list show rename delete export write check generate-docs help"
+            opts="init info create list show rename delete export write check serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -406,6 +412,20 @@ _snapctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        snapctl__subcmd__help__subcmd__serve)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         snapctl__subcmd__help__subcmd__show)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -523,6 +543,36 @@ _snapctl() {
                 return 0
             fi
             case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__serve)
+            opts="-s -q -v -h -V --socket --listen --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --store)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
