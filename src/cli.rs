@@ -320,6 +320,19 @@ pub fn snapshot_json(s: &Snapshot, chunk_size: u64) -> Value {
     })
 }
 
+/// The reply of a command that returns one snapshot: its JSON object, nothing with -q, or `text`.
+fn snapshot_output(g: &Global, s: &Snapshot, cs: u64, text: String) -> Result<Output> {
+    if g.json {
+        return ok(doc(
+            json!({"schema_version": 1, "snapshot": snapshot_json(s, cs)}),
+        ));
+    }
+    if g.quiet {
+        return ok(String::new());
+    }
+    ok(text)
+}
+
 fn snapshot_text(s: &Snapshot, cs: u64) -> String {
     let labels = if s.labels.is_empty() {
         "-".to_string()
@@ -638,20 +651,12 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 .transpose()?;
             let mut store = open(g, Use::Change, ctx)?;
             let s = store.create(name, expires, labels, None)?;
-            let cs = store.sb.chunk_size;
-            if g.json {
-                return ok(doc(
-                    json!({"schema_version": 1, "snapshot": snapshot_json(&s, cs)}),
-                ));
-            }
-            if g.quiet {
-                return ok(String::new());
-            }
-            ok(format!(
+            let text = format!(
                 "created snapshot '{}' of origin at {}\n",
                 s.name,
                 rfc3339(s.created)
-            ))
+            );
+            snapshot_output(g, &s, store.sb.chunk_size, text)
         }
         Cmd::List => {
             let store = open(g, Use::Read, ctx)?;
@@ -726,16 +731,12 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             crate::names::validate(new)?;
             let mut store = open(g, Use::Change, ctx)?;
             let s = store.rename(old, new)?;
-            let cs = store.sb.chunk_size;
-            if g.json {
-                return ok(doc(
-                    json!({"schema_version": 1, "snapshot": snapshot_json(&s, cs)}),
-                ));
-            }
-            if g.quiet {
-                return ok(String::new());
-            }
-            ok(format!("renamed '{old}' to '{new}'\n"))
+            snapshot_output(
+                g,
+                &s,
+                store.sb.chunk_size,
+                format!("renamed '{old}' to '{new}'\n"),
+            )
         }
         Cmd::Delete { names, force } => {
             if let (Some(sh), false) = (&ctx.shared, force) {

@@ -272,6 +272,26 @@ pub fn engine_for(dev: Device, choice: EngineChoice) -> io::Result<Arc<dyn Block
     }))
 }
 
+/// What both file engines do the same way: size, range checks, the bounce path, fdatasync.
+macro_rules! file_engine_common {
+    () => {
+        fn len(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            check_range(self.size, off, buf.len())?;
+            bounced_read(self, self.align, buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            check_range(self.size, off, buf.len())?;
+            bounced_write(self, self.align, buf, off)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+    };
+}
+
 /// pread/pwrite engine.
 pub struct SyncIo {
     file: File,
@@ -289,20 +309,7 @@ impl RawIo for SyncIo {
 }
 
 impl BlockIo for SyncIo {
-    fn len(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        check_range(self.size, off, buf.len())?;
-        bounced_read(self, self.align, buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        check_range(self.size, off, buf.len())?;
-        bounced_write(self, self.align, buf, off)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
+    file_engine_common!();
     fn engine(&self) -> &'static str {
         if self.align > 1 {
             "sync (pread/pwrite, O_DIRECT)"
@@ -409,20 +416,7 @@ impl RawIo for UringIo {
 }
 
 impl BlockIo for UringIo {
-    fn len(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        check_range(self.size, off, buf.len())?;
-        bounced_read(self, self.align, buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        check_range(self.size, off, buf.len())?;
-        bounced_write(self, self.align, buf, off)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
+    file_engine_common!();
     fn engine(&self) -> &'static str {
         if self.align > 1 {
             "io_uring (O_DIRECT)"

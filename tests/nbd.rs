@@ -813,3 +813,70 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
         }
     }
 }
+
+/// The other handshake options, byte by byte: LIST names every export, INFO describes one
+/// without entering transmission, EXPORT_NAME enters it the old way, ABORT ends politely.
+#[test]
+fn list_info_export_name_and_abort_follow_the_protocol() {
+    let s = Served::start();
+    s.ok(&["create", "one"]);
+    // LIST
+    let mut h = Raw::hello(&s.sock());
+    Raw::option(&mut h, 3, &[]);
+    let mut names = Vec::new();
+    loop {
+        let (kind, d) = Raw::opt_reply(&mut h);
+        if kind == 1 {
+            break;
+        }
+        assert_eq!(kind, 2);
+        let n = be32(&d) as usize;
+        names.push(String::from_utf8(d[4..4 + n].to_vec()).unwrap());
+    }
+    assert_eq!(names, ["origin", "one"]);
+    // INFO on a snapshot: read-only flag, size, block sizes; then ABORT.
+    let mut d = 3u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"one");
+    d.extend_from_slice(&1u16.to_be_bytes());
+    d.extend_from_slice(&3u16.to_be_bytes()); // NBD_INFO_BLOCK_SIZE
+    Raw::option(&mut h, 6, &d);
+    let (mut size, mut flags, mut block) = (0u64, 0u16, None);
+    loop {
+        let (kind, d) = Raw::opt_reply(&mut h);
+        if kind == 1 {
+            break;
+        }
+        assert_eq!(kind, 3);
+        match u16::from_be_bytes([d[0], d[1]]) {
+            0 => {
+                size = u64::from_be_bytes(d[2..10].try_into().unwrap());
+                flags = u16::from_be_bytes([d[10], d[11]]);
+            }
+            3 => block = Some((be32(&d[2..]), be32(&d[6..]), be32(&d[10..]))),
+            _ => {}
+        }
+    }
+    assert_eq!(size, 32 << 20);
+    assert_ne!(flags & 2, 0, "snapshot must be read-only");
+    assert_eq!(block, Some((1, 4096, 32 << 20)));
+    Raw::option(&mut h, 2, &[]);
+    assert_eq!(Raw::opt_reply(&mut h).0, 1);
+    let mut b = [0u8; 1];
+    assert!(matches!(h.read(&mut b), Ok(0) | Err(_)));
+    // EXPORT_NAME: size and flags, no zero padding (NO_ZEROES was negotiated), then requests.
+    let mut h = Raw::hello(&s.sock());
+    Raw::option(&mut h, 1, b"origin");
+    let mut r = [0u8; 10];
+    h.read_exact(&mut r).unwrap();
+    assert_eq!(u64::from_be_bytes(r[..8].try_into().unwrap()), 32 << 20);
+    let mut c = Raw {
+        s: h,
+        size: 32 << 20,
+        flags: 0,
+    };
+    assert_eq!(c.read(0, 8).unwrap().len(), 8);
+    // EXPORT_NAME of an unknown export: the connection is closed.
+    let mut h = Raw::hello(&s.sock());
+    Raw::option(&mut h, 1, b"nope");
+    assert!(matches!(h.read(&mut b), Ok(0) | Err(_)));
+}
