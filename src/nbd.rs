@@ -192,7 +192,7 @@ fn protocol(msg: &str) -> io::Error {
 }
 
 /// Serves one client connection to its end. Protocol violations close the connection.
-pub fn serve_connection<S: AsRawFd>(shared: &Shared, stream: S) -> io::Result<()>
+pub fn serve_connection<S: AsRawFd + Sync>(shared: &Shared, stream: S) -> io::Result<()>
 where
     for<'b> &'b S: Read + Write,
 {
@@ -323,7 +323,7 @@ where
         *m.entry(export.name.clone()).or_insert(0) += 1;
     }
     shared.log(&format!("client attached to export '{}'", export.name));
-    let r = transmission(shared, &export, &mut rd, &mut wr, fd);
+    let r = transmission(shared, &export, rd, &stream, fd);
     if let Ok(mut m) = shared.open_exports.lock() {
         if let Some(n) = m.get_mut(&export.name) {
             *n = n.saturating_sub(1);
@@ -372,43 +372,6 @@ struct Request {
     data: Vec<u8>,
 }
 
-/// Waits until the socket has data, or the server shuts down (then false).
-fn wait_readable(fd: i32, shared: &Shared) -> io::Result<bool> {
-    loop {
-        if shared.shutdown.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, 200) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r > 0 {
-            return Ok(true);
-        }
-    }
-}
-
-/// Whether the socket has data within `ms` milliseconds.
-fn readable_now(fd: i32, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
 fn read_request<R: Read>(rd: &mut R) -> io::Result<Request> {
     let mut h = [0u8; 28];
     rd.read_exact(&mut h)?;
@@ -449,146 +412,219 @@ fn errno_of(e: &Error) -> u32 {
     }
 }
 
-fn transmission<R: Read, W: Write>(
+/// Transmission, pipelined: a reader thread parses requests into a bounded queue, this thread
+/// serves them in batches, a writer thread sends the replies. While one batch is being served,
+/// the next one gathers and the previous replies go out.
+fn transmission<S: AsRawFd + Sync, R: Read + Send>(
     shared: &Shared,
     export: &Export,
-    rd: &mut BufReader<R>,
-    wr: &mut W,
+    mut rd: BufReader<R>,
+    stream: &S,
     fd: i32,
-) -> io::Result<()> {
-    let size = export.size;
-    let mut last_batch = 0usize;
-    loop {
-        if rd.buffer().is_empty() && !wait_readable(fd, shared)? {
-            return Ok(()); // shutting down: everything answered so far is done
-        }
-        // Gather what the client has already sent.
-        let mut batch = vec![read_request(rd)?];
-        let mut bytes = batch[0].length as usize;
-        let mut disc = batch[0].kind == CMD_DISC;
-        // A client keeping a deep queue sends its next requests as replies reach it: wait a
-        // moment for them, so they share this batch's commit (never at queue depth 1).
-        let linger = last_batch > 1;
-        while !disc
-            && batch.len() < BATCH_REQUESTS
-            && bytes < BATCH_BYTES
-            && (rd.buffer().len() >= 28
-                || readable_now(fd, 0)
-                || (linger && batch.len() < last_batch && readable_now(fd, 1)))
-        {
-            let r = read_request(rd)?;
-            bytes += r.length as usize;
-            disc = r.kind == CMD_DISC;
-            batch.push(r);
-        }
-        last_batch = batch.len();
-        let mut errors = vec![0u32; batch.len()];
-        let mut read_bufs: Vec<Option<Vec<u8>>> = (0..batch.len()).map(|_| None).collect();
-        {
-            let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
-            // Validate, and collect the writes (up to each flush) and the reads.
-            let mut writes: Vec<usize> = Vec::new();
-            let mut reads: Vec<usize> = Vec::new();
-            let in_range = |r: &Request| {
-                r.offset
-                    .checked_add(r.length as u64)
-                    .is_some_and(|e| e <= size)
-            };
-            for (i, r) in batch.iter().enumerate() {
-                let known_flags = CMD_FLAG_FUA
-                    | if r.kind == CMD_WRITE_ZEROES {
-                        CMD_FLAG_NO_HOLE
-                    } else {
-                        0
-                    };
-                if r.flags & !known_flags != 0 {
-                    errors[i] = EINVAL;
+) -> io::Result<()>
+where
+    for<'b> &'b S: Read + Write,
+{
+    use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError};
+    use std::time::Duration;
+    std::thread::scope(|sc| {
+        let (req_tx, req_rx) = sync_channel::<io::Result<Request>>(BATCH_REQUESTS / 2);
+        let (rep_tx, rep_rx) = channel::<Vec<u8>>();
+        sc.spawn(move || loop {
+            match read_request(&mut rd) {
+                Ok(r) => {
+                    let disc = r.kind == CMD_DISC;
+                    if req_tx.send(Ok(r)).is_err() || disc {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = req_tx.send(Err(e));
+                    return;
+                }
+            }
+        });
+        sc.spawn(move || {
+            let mut w = Stream(stream);
+            for buf in rep_rx {
+                if w.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut last_batch = 0usize;
+        let result = loop {
+            let first = match req_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    if shared.shutdown.load(Ordering::SeqCst) {
+                        break Ok(()); // shutting down: everything answered so far is done
+                    }
                     continue;
                 }
-                match r.kind {
-                    CMD_READ => {
-                        if r.length > MAX_REQUEST || !in_range(r) {
-                            errors[i] = EINVAL;
-                        } else {
-                            reads.push(i);
-                        }
-                    }
-                    CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
-                        if !export.writable {
-                            errors[i] = EPERM;
-                        } else if !in_range(r) {
-                            errors[i] = ENOSPC;
-                        } else if r.kind == CMD_TRIM {
-                            // A hint: discarding nothing is allowed, and keeps every snapshot exact.
-                        } else if r.kind == CMD_WRITE_ZEROES && r.length > MAX_REQUEST {
-                            errors[i] = EINVAL;
-                        } else {
-                            writes.push(i);
-                        }
-                    }
-                    CMD_FLUSH => {
-                        // Everything before the flush first, then make it durable.
-                        flush_writes(&mut store, &batch, &writes, &mut errors);
-                        writes.clear();
-                        if let Err(e) = store.flush() {
-                            errors[i] = errno_of(&e);
-                        }
-                    }
-                    CMD_DISC => {}
-                    _ => errors[i] = EINVAL,
-                }
-            }
-            flush_writes(&mut store, &batch, &writes, &mut errors);
-            // Reads.
-            let mut bufs: Vec<Vec<u8>> = reads
-                .iter()
-                .map(|&i| vec![0u8; batch[i].length as usize])
-                .collect();
-            let ok = {
-                let mut reqs: Vec<ReadReq> = reads
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(&i, b)| ReadReq {
-                        view: &export.name,
-                        off: batch[i].offset,
-                        buf: b,
-                    })
-                    .collect();
-                store.read_batch(&mut reqs)
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
             };
-            if let Err(e) = ok {
-                // Find out which read failed.
-                for (&i, b) in reads.iter().zip(bufs.iter_mut()) {
-                    if let Err(e2) = store.read_view(&export.name, batch[i].offset, b) {
-                        errors[i] = errno_of(&e2);
+            let mut batch = match first {
+                Ok(r) => vec![r],
+                Err(e) => break Err(e),
+            };
+            let mut bytes = batch[0].length as usize;
+            let mut disc = batch[0].kind == CMD_DISC;
+            let mut failed = None;
+            // A client keeping a deep queue sends its next requests as replies reach it: wait a
+            // moment for them, so they share this batch's commit (never at queue depth 1).
+            let linger = last_batch > 1;
+            while !disc && batch.len() < BATCH_REQUESTS && bytes < BATCH_BYTES {
+                let next = match req_rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) if linger && batch.len() < last_batch => {
+                        match req_rx.recv_timeout(Duration::from_micros(300)) {
+                            Ok(m) => m,
+                            Err(_) => break,
+                        }
+                    }
+                    Err(_) => break,
+                };
+                match next {
+                    Ok(r) => {
+                        bytes += r.length as usize;
+                        disc = r.kind == CMD_DISC;
+                        batch.push(r);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
                     }
                 }
-                shared.log(&format!("read error on '{}': {e}", export.name));
             }
-            for (&i, b) in reads.iter().zip(bufs) {
-                if errors[i] == 0 {
-                    read_bufs[i] = Some(b);
-                }
+            last_batch = batch.len();
+            let out = match serve_batch(shared, export, &batch) {
+                Ok(out) => out,
+                Err(e) => break Err(e),
+            };
+            if rep_tx.send(out).is_err() {
+                break Ok(());
             }
-        }
-        // Replies, in one write.
-        let mut out = Vec::with_capacity(batch.len() * 16);
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            if disc {
+                break Ok(());
+            }
+        };
+        drop(rep_tx); // the writer sends what is queued, then ends
+        drop(req_rx);
+        // Unblock the reader if it is waiting for a request that will not come.
+        // SAFETY: shutdown(2) on the connection's fd, which stays open until we return.
+        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        result
+    })
+}
+
+/// Serves one batch under the store lock; returns the replies, in one buffer.
+fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Result<Vec<u8>> {
+    let size = export.size;
+    let mut errors = vec![0u32; batch.len()];
+    let mut read_bufs: Vec<Option<Vec<u8>>> = (0..batch.len()).map(|_| None).collect();
+    {
+        let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
+        // Validate, and collect the writes (up to each flush) and the reads.
+        let mut writes: Vec<usize> = Vec::new();
+        let mut reads: Vec<usize> = Vec::new();
+        let in_range = |r: &Request| {
+            r.offset
+                .checked_add(r.length as u64)
+                .is_some_and(|e| e <= size)
+        };
         for (i, r) in batch.iter().enumerate() {
-            if r.kind == CMD_DISC {
+            let known_flags = CMD_FLAG_FUA
+                | if r.kind == CMD_WRITE_ZEROES {
+                    CMD_FLAG_NO_HOLE
+                } else {
+                    0
+                };
+            if r.flags & !known_flags != 0 {
+                errors[i] = EINVAL;
                 continue;
             }
-            out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            out.extend_from_slice(&errors[i].to_be_bytes());
-            out.extend_from_slice(&r.cookie.to_be_bytes());
-            if let Some(b) = &read_bufs[i] {
-                out.extend_from_slice(b);
+            match r.kind {
+                CMD_READ => {
+                    if r.length > MAX_REQUEST || !in_range(r) {
+                        errors[i] = EINVAL;
+                    } else {
+                        reads.push(i);
+                    }
+                }
+                CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+                    if !export.writable {
+                        errors[i] = EPERM;
+                    } else if !in_range(r) {
+                        errors[i] = ENOSPC;
+                    } else if r.kind == CMD_TRIM {
+                        // A hint: discarding nothing is allowed, and keeps every snapshot exact.
+                    } else if r.kind == CMD_WRITE_ZEROES && r.length > MAX_REQUEST {
+                        errors[i] = EINVAL;
+                    } else {
+                        writes.push(i);
+                    }
+                }
+                CMD_FLUSH => {
+                    // Everything before the flush first, then make it durable.
+                    flush_writes(&mut store, batch, &writes, &mut errors);
+                    writes.clear();
+                    if let Err(e) = store.flush() {
+                        errors[i] = errno_of(&e);
+                    }
+                }
+                CMD_DISC => {}
+                _ => errors[i] = EINVAL,
             }
         }
-        wr.write_all(&out)?;
-        if disc {
-            return Ok(());
+        flush_writes(&mut store, batch, &writes, &mut errors);
+        let mut bufs: Vec<Vec<u8>> = reads
+            .iter()
+            .map(|&i| vec![0u8; batch[i].length as usize])
+            .collect();
+        let ok = {
+            let mut reqs: Vec<ReadReq> = reads
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&i, b)| ReadReq {
+                    view: &export.name,
+                    off: batch[i].offset,
+                    buf: b,
+                })
+                .collect();
+            store.read_batch(&mut reqs)
+        };
+        if let Err(e) = ok {
+            // Find out which read failed.
+            for (&i, b) in reads.iter().zip(bufs.iter_mut()) {
+                if let Err(e2) = store.read_view(&export.name, batch[i].offset, b) {
+                    errors[i] = errno_of(&e2);
+                }
+            }
+            shared.log(&format!("read error on '{}': {e}", export.name));
+        }
+        for (&i, b) in reads.iter().zip(bufs) {
+            if errors[i] == 0 {
+                read_bufs[i] = Some(b);
+            }
         }
     }
+    let mut out = Vec::with_capacity(batch.len() * 16);
+    for (i, r) in batch.iter().enumerate() {
+        if r.kind == CMD_DISC {
+            continue;
+        }
+        out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&errors[i].to_be_bytes());
+        out.extend_from_slice(&r.cookie.to_be_bytes());
+        if let Some(b) = &read_bufs[i] {
+            out.extend_from_slice(b);
+        }
+    }
+    Ok(out)
 }
 
 /// Applies the collected writes of a batch (one preservation commit), attributing errors.
