@@ -25,6 +25,9 @@ _snapctl() {
             snapctl,delete)
                 cmd="snapctl__subcmd__delete"
                 ;;
+            snapctl,diff)
+                cmd="snapctl__subcmd__diff"
+                ;;
             snapctl,export)
                 cmd="snapctl__subcmd__export"
                 ;;
@@ -49,6 +52,9 @@ _snapctl() {
             snapctl,rename)
                 cmd="snapctl__subcmd__rename"
                 ;;
+            snapctl,restore)
+                cmd="snapctl__subcmd__restore"
+                ;;
             snapctl,rm)
                 cmd="snapctl__subcmd__delete"
                 ;;
@@ -69,6 +75,9 @@ _snapctl() {
                 ;;
             snapctl__subcmd__help,delete)
                 cmd="snapctl__subcmd__help__subcmd__delete"
+                ;;
+            snapctl__subcmd__help,diff)
+                cmd="snapctl__subcmd__help__subcmd__diff"
                 ;;
             snapctl__subcmd__help,export)
                 cmd="snapctl__subcmd__help__subcmd__export"
@@ -91,6 +100,9 @@ _snapctl() {
             snapctl__subcmd__help,rename)
                 cmd="snapctl__subcmd__help__subcmd__rename"
                 ;;
+            snapctl__subcmd__help,restore)
+                cmd="snapctl__subcmd__help__subcmd__restore"
+                ;;
             snapctl__subcmd__help,serve)
                 cmd="snapctl__subcmd__help__subcmd__serve"
                 ;;
@@ -107,7 +119,7 @@ _snapctl() {
 
     case "${cmd}" in
         snapctl)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create list ls show rename delete rm export write check serve generate-docs help"
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create list ls show rename delete rm export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -151,7 +163,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__create)
-            opts="-s -q -v -h -V --expires --label --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --expires --label --from --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -162,6 +174,10 @@ _snapctl() {
                     return 0
                     ;;
                 --label)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --from)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -182,6 +198,28 @@ _snapctl() {
             ;;
         snapctl__subcmd__delete)
             opts="-s -q -v -h -V --force --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__diff)
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -259,7 +297,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help)
-            opts="init info create list show rename delete export write check serve generate-docs help"
+            opts="init info create list show rename delete export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -301,6 +339,20 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help__subcmd__delete)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__diff)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -399,6 +451,20 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help__subcmd__rename)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__restore)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -543,6 +609,32 @@ _snapctl() {
                 return 0
             fi
             case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__restore)
+            opts="-s -q -v -h -V --no-backup --force --to --resume --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --to)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --store)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -42,6 +42,8 @@ complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "rm" -d 'Delete snap
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -66,6 +68,7 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s h -l help -d 'P
 complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l expires -d 'When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l label -d 'A KEY=VALUE label (repeatable)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l from -d 'Snapshot this read-only snapshot instead of the origin (the same point in time)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s q -l quiet -d 'Print nothing but errors'
@@ -131,6 +134,22 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s q -l quiet -d 
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -l to -d 'Write the snapshot\'s full image to DEVICE (a device or file at least the origin\'s size) instead, leaving the origin alone' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -l no-backup -d 'Do not take a safety snapshot first'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -l force -d 'Restore even while an NBD client has the origin open'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -l resume -d 'Finish a restore that a crash interrupted (any command on the store does)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l socket -d 'Unix socket for NBD clients' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l listen -d 'Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -s s -l store -d 'The exception store (a block device or a file)' -r -F
@@ -146,16 +165,18 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s q -l q
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s V -l version -d 'Print version'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "show" -d 'Show one snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "show" -d 'Show one snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -41,6 +41,10 @@ JSON OUTPUT (--json), schema_version 1:
             origin_size, chunk_size, capacity_bytes, used_bytes, free_bytes,
             snapshot_count, on_full, io_engine, events}}
   delete -> {\"schema_version\":1,\"deleted\":[NAME...],\"freed_bytes\":N}
+  diff   -> {\"schema_version\":1,\"from\":NAME,\"to\":NAME,\"chunk_size\":N,
+            \"ranges\":[{\"offset\":N,\"length\":N}...],\"changed_bytes\":N}
+  restore -> {\"schema_version\":1,\"restored\":NAME,\"backup\":NAME or null,
+            \"written_bytes\":N} (with --to, also \"to\":DEVICE)
   export -> {\"schema_version\":1,\"exported\":NAME,\"bytes\":N,\"output\":PATH or null}
   write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N}
   check  -> {\"schema_version\":1,\"check\":{clean, snapshots, records, used_chunks,
@@ -136,6 +140,9 @@ pub enum Cmd {
         /// A KEY=VALUE label (repeatable)
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Snapshot this read-only snapshot instead of the origin (the same point in time)
+        #[arg(long, value_name = "SNAP")]
+        from: Option<String>,
     },
     /// List snapshots, oldest first
     #[command(visible_alias = "ls")]
@@ -172,6 +179,42 @@ pub enum Cmd {
     },
     /// Verify the store: checksums, single ownership of every chunk, space accounting
     Check,
+    /// The byte ranges where two views differ, from metadata (TO defaults to origin)
+    ///
+    /// Exact at chunk granularity and never missing a difference. A chunk written again with
+    /// the bytes it already held counts as changed (after a restore, for instance).
+    Diff {
+        /// A snapshot name, or origin
+        from: String,
+        /// A snapshot name, or origin
+        #[arg(default_value = "origin")]
+        to: String,
+    },
+    /// Make the origin identical to a snapshot, writing only the chunks that differ
+    ///
+    /// Every other snapshot stays exact: the writes go through copy-on-write. First a safety
+    /// snapshot of the current origin is taken (pre-restore-TIME), so a restore can be undone;
+    /// --no-backup skips it. A restore is recorded before it starts: after a crash, the next
+    /// command on the store finishes it. Refused while an NBD client has the origin open (a
+    /// mounted filesystem would be corrupted under it) unless --force.
+    Restore {
+        /// The snapshot to restore
+        #[arg(required_unless_present = "resume")]
+        name: Option<String>,
+        /// Do not take a safety snapshot first
+        #[arg(long)]
+        no_backup: bool,
+        /// Restore even while an NBD client has the origin open
+        #[arg(long)]
+        force: bool,
+        /// Write the snapshot's full image to DEVICE (a device or file at least the origin's
+        /// size) instead, leaving the origin alone
+        #[arg(long, value_name = "DEVICE", conflicts_with_all = ["no_backup", "resume"])]
+        to: Option<PathBuf>,
+        /// Finish a restore that a crash interrupted (any command on the store does)
+        #[arg(long, conflicts_with = "no_backup")]
+        resume: bool,
+    },
     /// Serve the origin and every snapshot over NBD, in the foreground
     ///
     /// Exports: `origin` (also the default export "") is the live origin, read-write, with
@@ -641,6 +684,7 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             name,
             expires,
             labels,
+            from,
         } => {
             crate::names::validate(name)?;
             let labels = parse_labels(labels)?;
@@ -650,10 +694,14 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 .map(|e| parse_expiry(e, now))
                 .transpose()?;
             let mut store = open(g, Use::Change, ctx)?;
-            let s = store.create(name, expires, labels, None)?;
+            let s = match from {
+                Some(f) => store.create_from(name, f, expires, labels)?,
+                None => store.create(name, expires, labels, None)?,
+            };
             let text = format!(
-                "created snapshot '{}' of origin at {}\n",
+                "created snapshot '{}' of {} at {}\n",
                 s.name,
+                s.parent,
                 rfc3339(s.created)
             );
             snapshot_output(g, &s, store.sb.chunk_size, text)
@@ -770,21 +818,6 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             ))
         }
         Cmd::Export { name, output } => {
-            // Through a server, lock per step, so that NBD clients are not stalled for the
-            // length of the export.
-            let mut held = Some(open(g, Use::Read, ctx)?);
-            let (total, chunk) = match &held {
-                Some(s) => {
-                    if name != "origin" {
-                        s.snapshot(name)?;
-                    }
-                    (s.sb.origin_size, s.sb.chunk_size)
-                }
-                None => (0, 4096),
-            };
-            if ctx.shared.is_some() {
-                held = None;
-            }
             let output = output.as_ref().map(|p| ctx.path(p));
             let mut sink: Box<dyn Write> = match (&output, &ctx.stdout) {
                 (Some(p), _) => Box::new(
@@ -808,27 +841,11 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     Box::new(std::io::stdout().lock())
                 }
             };
-            let pb = progress(g, ctx, total, &format!("export {name}"));
-            let step = (4u64 << 20).max(chunk);
-            let mut buf = crate::io::AlignedBuf::new(step as usize);
-            let mut off = 0;
-            while off < total {
-                let n = step.min(total - off) as usize;
-                match &held {
-                    Some(s) => s.read_view(name, off, &mut buf.as_mut_slice()[..n])?,
-                    None => open(g, Use::Read, ctx)?.read_view(
-                        name,
-                        off,
-                        &mut buf.as_mut_slice()[..n],
-                    )?,
-                }
-                sink.write_all(&buf.as_slice()[..n])
-                    .map_err(|e| Error::io("export output", e))?;
-                off += n as u64;
-                pb.set_position(off);
-            }
+            let total = stream_view(g, ctx, name, "export", &mut |_, data| {
+                sink.write_all(data)
+                    .map_err(|e| Error::io("export output", e))
+            })?;
             sink.flush().map_err(|e| Error::io("export output", e))?;
-            pb.finish_and_clear();
             if output.is_none() {
                 return ok(String::new()); // stdout holds the image
             }
@@ -848,6 +865,127 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default()
+            ))
+        }
+        Cmd::Diff { from, to } => {
+            let store = open(g, Use::Read, ctx)?;
+            let cs = store.sb.chunk_size;
+            let size = store.sb.origin_size;
+            let chunks = store.diff_chunks(from, to)?;
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for c in chunks {
+                let (off, len) = (c * cs, cs.min(size - c * cs));
+                match ranges.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += len,
+                    _ => ranges.push((off, len)),
+                }
+            }
+            let changed: u64 = ranges.iter().map(|r| r.1).sum();
+            if g.json {
+                let r: Vec<Value> = ranges
+                    .iter()
+                    .map(|(o, l)| json!({"offset": o, "length": l}))
+                    .collect();
+                return ok(doc(
+                    json!({"schema_version": 1, "from": from, "to": to, "chunk_size": cs,
+                    "ranges": r, "changed_bytes": changed}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            let mut t = String::new();
+            if !ranges.is_empty() {
+                t.push_str(&format!("{:<16}{:<16}{}\n", "OFFSET", "LENGTH", "SIZE"));
+                for (o, l) in &ranges {
+                    t.push_str(&format!("{o:<16}{l:<16}{}\n", human_bytes(*l)));
+                }
+            }
+            t.push_str(&format!(
+                "{} changed in {} range{} between '{from}' and '{to}' (at {} granularity)\n",
+                human_bytes(changed),
+                ranges.len(),
+                if ranges.len() == 1 { "" } else { "s" },
+                human_bytes(cs)
+            ));
+            ok(t)
+        }
+        Cmd::Restore {
+            name,
+            no_backup,
+            force,
+            to,
+            resume,
+        } => {
+            if let (Some(sh), false) = (&ctx.shared, force) {
+                let open = sh.open_count("origin");
+                if open > 0 && to.is_none() && !resume {
+                    return Err(Error::Busy(format!(
+                        "the origin is open by {open} NBD client(s): a mounted filesystem would be corrupted under a restore; disconnect them, or use --force"
+                    )));
+                }
+            }
+            if *resume {
+                let store = open(g, Use::Write, ctx)?;
+                let msg = match &store.resumed_restore {
+                    Some(t) => format!("finished the interrupted restore of '{t}'\n"),
+                    None => "no restore was interrupted; nothing to do\n".to_string(),
+                };
+                if g.json {
+                    return ok(doc(
+                        json!({"schema_version": 1, "resumed": store.resumed_restore}),
+                    ));
+                }
+                return ok(if g.quiet { String::new() } else { msg });
+            }
+            let Some(name) = name else {
+                return Err(Error::Invalid("restore needs a snapshot name".into()));
+            };
+            if let Some(dev) = to {
+                return restore_to(g, ctx, name, &ctx.path(dev));
+            }
+            let mut store = open(g, Use::Write, ctx)?;
+            store.snapshot(name)?;
+            let backup = if *no_backup {
+                None
+            } else {
+                let base = format!(
+                    "pre-restore-{}",
+                    chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+                );
+                let mut b = base.clone();
+                let mut k = 1;
+                while store.snapshot(&b).is_ok() {
+                    k += 1;
+                    b = format!("{base}-{k}");
+                }
+                Some(b)
+            };
+            let pb = progress(g, ctx, 0, &format!("restore {name}"));
+            let written = store.restore(name, backup.as_deref(), &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            log_events(&mut store, g);
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "restored": name, "backup": backup,
+                    "written_bytes": written}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            let undo = match &backup {
+                Some(b) => format!(
+                    "; the previous state is snapshot '{b}' (undo with `snapctl restore {b}`)"
+                ),
+                None => String::new(),
+            };
+            ok(format!(
+                "restored the origin to '{name}': wrote {} ({written} bytes){undo}\n",
+                human_bytes(written)
             ))
         }
         Cmd::Write { offset, input } => {
@@ -973,6 +1111,112 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             ok(String::new())
         }
     }
+}
+
+/// Reads a whole view in 4 MiB steps and hands each step to `write`, with a progress bar on a
+/// terminal. Through a server, the store is locked per step, so NBD clients are not stalled for
+/// the length of the copy. Returns the bytes copied.
+fn stream_view(
+    g: &Global,
+    ctx: &Ctx,
+    name: &str,
+    what: &str,
+    write: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
+    let mut held = Some(open(g, Use::Read, ctx)?);
+    let (total, chunk) = match &held {
+        Some(s) => {
+            if name != "origin" {
+                s.snapshot(name)?;
+            }
+            (s.sb.origin_size, s.sb.chunk_size)
+        }
+        None => (0, 4096),
+    };
+    if ctx.shared.is_some() {
+        held = None;
+    }
+    let pb = progress(g, ctx, total, &format!("{what} {name}"));
+    let step = (4u64 << 20).max(chunk);
+    let mut buf = crate::io::AlignedBuf::new(step as usize);
+    let mut off = 0;
+    while off < total {
+        let n = step.min(total - off) as usize;
+        match &held {
+            Some(s) => s.read_view(name, off, &mut buf.as_mut_slice()[..n])?,
+            None => open(g, Use::Read, ctx)?.read_view(name, off, &mut buf.as_mut_slice()[..n])?,
+        }
+        write(off, &buf.as_slice()[..n])?;
+        off += n as u64;
+        pb.set_position(off);
+    }
+    pb.finish_and_clear();
+    Ok(total)
+}
+
+/// `restore NAME --to DEVICE`: the snapshot's full image onto another device or file.
+fn restore_to(g: &Global, ctx: &Ctx, name: &str, dev: &Path) -> Result<Output> {
+    let (origin_path, store_size) = {
+        let s = open(g, Use::Read, ctx)?;
+        s.snapshot(name)?;
+        (PathBuf::from(&s.sb.origin_path), s.sb.origin_size)
+    };
+    let store = store_path(g).map(|p| ctx.path(p)).ok();
+    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            use std::os::unix::fs::MetadataExt;
+            (x.dev() == y.dev() && x.ino() == y.ino()) || (x.rdev() != 0 && x.rdev() == y.rdev())
+        }
+        _ => false,
+    };
+    if same(dev, &origin_path) || store.as_deref().is_some_and(|s| same(dev, s)) {
+        return Err(Error::Invalid(format!(
+            "--to {} is the origin or the store; give another device or file (or restore without --to)",
+            dev.display()
+        )));
+    }
+    let d = crate::io::open_device(
+        dev,
+        crate::io::OpenMode {
+            write: true,
+            exclusive: true,
+        },
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            Error::NotFound(format!("--to {}: no such file or device", dev.display()))
+        }
+        Some(libc::EBUSY) => Error::Busy(format!("--to {} is in use (mounted?)", dev.display())),
+        _ => Error::io(format!("--to {}", dev.display()), e),
+    })?;
+    if d.size < store_size {
+        return Err(Error::Invalid(format!(
+            "--to {} holds {} bytes, less than the origin's {store_size}",
+            dev.display(),
+            d.size
+        )));
+    }
+    let io = crate::io::engine_for(d, crate::io::EngineChoice::from_env())
+        .map_err(|e| Error::io(format!("--to {}", dev.display()), e))?;
+    let werr = |e| Error::io(format!("--to {}: write", dev.display()), e);
+    let total = stream_view(g, ctx, name, "restore", &mut |off, data| {
+        io.write_at(data, off).map_err(werr)
+    })?;
+    io.flush().map_err(werr)?;
+    if g.json {
+        return ok(doc(
+            json!({"schema_version": 1, "restored": name, "to": dev.display().to_string(),
+            "backup": null, "written_bytes": total}),
+        ));
+    }
+    if g.quiet {
+        return ok(String::new());
+    }
+    ok(format!(
+        "wrote '{name}' ({}) to {}; the origin is unchanged\n",
+        human_bytes(total),
+        dev.display()
+    ))
 }
 
 /// Runs a command forwarded by another snapctl through the control socket, on the server's store.

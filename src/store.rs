@@ -39,6 +39,9 @@ pub(crate) const K_NEXT_ID: &str = "next_id";
 pub(crate) const K_HIGH_WATER: &str = "alloc_high_water";
 pub(crate) const K_USED: &str = "used_chunks";
 pub(crate) const K_NEXT_EVENT: &str = "next_event";
+/// Present while a restore is under way: the target snapshot's id (and its backup's, or 0).
+pub(crate) const K_RESTORE_TARGET: &str = "restore_target";
+pub(crate) const K_RESTORE_BACKUP: &str = "restore_backup";
 
 /// The redb cache: bounded, whatever the number of exceptions.
 const META_CACHE_BYTES: usize = 32 << 20;
@@ -231,6 +234,8 @@ pub struct Store {
     pub(crate) preserved: Vec<u64>,
     /// What the on-full policy did during this process, for the caller to log.
     pub events: Vec<Event>,
+    /// A restore interrupted by a crash that opening the store finished: its target's name.
+    pub resumed_restore: Option<String>,
     _lock: Option<File>,
 }
 
@@ -547,7 +552,27 @@ impl Store {
         }
         let origin = engine_for(odev, opts.engine)
             .map_err(|e| Error::io(format!("origin {}: I/O engine", sb.origin_path), e))?;
-        Self::open_on(io, origin, sb, name, Some(lock_file))
+        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file))?;
+        if store.restore_pending()? {
+            // A restore was cut short: finish it before anything reads the origin, with the
+            // origin opened for writing (and exclusively) for that.
+            if !opts.write_origin {
+                let odev = open_retrying(
+                    "origin",
+                    &opath,
+                    OpenMode {
+                        write: true,
+                        exclusive: true,
+                    },
+                    opts.lock_timeout,
+                )?;
+                store.origin = engine_for(odev, opts.engine).map_err(|e| {
+                    Error::io(format!("origin {}: I/O engine", store.sb.origin_path), e)
+                })?;
+            }
+            store.resume_restore()?;
+        }
+        Ok(store)
     }
 
     /// Opens a store on already-opened devices (tests use the in-memory and crash engines).
@@ -556,7 +581,11 @@ impl Store {
         if origin.len() != sb.origin_size {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
-        Self::open_on(dev, origin, sb, name.to_string(), None)
+        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None)?;
+        if store.restore_pending()? {
+            store.resume_restore()?;
+        }
+        Ok(store)
     }
 
     /// Formats a store on already-opened devices (tests).
@@ -642,6 +671,7 @@ impl Store {
             snaps: BTreeMap::new(),
             epoch: 0,
             events: Vec::new(),
+            resumed_restore: None,
             _lock: lock_file,
         };
         let n = store.name.clone();
@@ -800,6 +830,61 @@ impl Store {
         // A new interval: every chunk must be checked against the new snapshot.
         self.preserved.fill(0);
         Ok(snap)
+    }
+
+    fn create_from_inner(
+        &mut self,
+        name: &str,
+        from: &str,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        crate::names::validate(name)?;
+        let src = self.snapshot(from)?.clone();
+        if src.state == SnapState::Invalid {
+            return Err(Error::InvalidSnapshot(format!(
+                "snapshot '{from}' is invalid; it cannot be snapshotted"
+            )));
+        }
+        if self.snaps.values().any(|s| s.name == name) {
+            return Err(Error::Exists(format!(
+                "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
+                self.name
+            )));
+        }
+        let tx = self.wtx()?;
+        let sn = self.name.clone();
+        let snap;
+        {
+            let mut config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
+            let id = get_u64(&config, K_NEXT_ID, &sn)?;
+            config
+                .insert(K_NEXT_ID, id + 1)
+                .map_err(|e| meta_err(&sn, e))?;
+            snap = Snapshot {
+                id,
+                name: name.to_string(),
+                parent: src.name.clone(),
+                branch: src.branch,
+                epoch: src.epoch,
+                created: now(),
+                writable: false,
+                expires,
+                labels,
+                state: SnapState::Valid,
+                invalid_reason: None,
+                exclusive_chunks: 0,
+            };
+            put_snap(&tx, &snap, &sn)?;
+            let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+            names.insert(name, id).map_err(|e| meta_err(&sn, e))?;
+        }
+        self.snaps.insert(snap.id, snap.clone());
+        // Two snapshots at one point share everything: neither holds anything alone.
+        self.set_exclusive(&tx, snap.epoch, 0)?;
+        tx.commit().map_err(|e| meta_err(&sn, e))?;
+        self.load_catalog()?;
+        self.snapshot(name).cloned()
     }
 
     fn rename_inner(&mut self, old: &str, new: &str) -> Result<Snapshot> {
@@ -1030,6 +1115,34 @@ impl Store {
     ) -> Result<Snapshot> {
         let n = self.name.clone();
         guard_panic(&n, || self.create_inner(name, expires, labels, created))
+    }
+
+    /// A read-only snapshot of a read-only snapshot: the same point in time, under a new name.
+    pub fn create_from(
+        &mut self,
+        name: &str,
+        from: &str,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.create_from_inner(name, from, expires, labels))
+    }
+
+    /// Byte ranges where two views differ (see `cow.rs`), as sorted chunk numbers.
+    pub fn diff_chunks(&self, from: &str, to: &str) -> Result<Vec<u64>> {
+        guard_panic(&self.name, || self.diff_chunks_inner(from, to))
+    }
+
+    /// Makes the origin identical to snapshot `target` (see `cow.rs`).
+    pub fn restore(
+        &mut self,
+        target: &str,
+        backup: Option<&str>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.restore_inner(target, backup, progress))
     }
 
     pub fn rename(&mut self, old: &str, new: &str) -> Result<Snapshot> {

@@ -740,3 +740,92 @@ fn io_uring_refused_by_seccomp_falls_back_to_pread_pwrite() {
             .unwrap()
     );
 }
+
+#[test]
+fn diff_reports_exactly_the_chunks_written_between_two_views() {
+    let e = Env::new();
+    e.init();
+    e.ok(&["create", "a"]);
+    e.ok_write(&[1u8; 10_000], 8192); // chunks 2, 3, 4
+    e.ok(&["create", "b"]);
+    e.ok_write(&[2u8; 1], (5 << 20) + 7); // chunk 1280
+    let ranges = |v: &Value| -> Vec<(u64, u64)> {
+        v["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+            .collect()
+    };
+    let ab = e.json(&["diff", "a", "b"]);
+    assert_eq!(ranges(&ab), [(8192, 12288)]);
+    assert_eq!(ab["changed_bytes"], 12288);
+    assert_eq!(ab["chunk_size"], 4096);
+    let bo = e.json(&["diff", "b"]);
+    assert_eq!(bo["to"], "origin");
+    assert_eq!(ranges(&bo), [(5 << 20, 4096)]);
+    let ao = e.json(&["diff", "origin", "a"]);
+    assert_eq!(ranges(&ao), [(8192, 12288), (5 << 20, 4096)]);
+    assert_eq!(ranges(&e.json(&["diff", "a", "a"])), []);
+    let t = e.ok(&["diff", "a", "b"]);
+    assert!(
+        t.contains("12.0 KiB changed in 1 range between 'a' and 'b'"),
+        "{t}"
+    );
+    e.fails(&["diff", "a", "nope"], 3, "nope");
+}
+
+#[test]
+fn restore_brings_the_origin_back_keeps_every_snapshot_and_can_be_undone() {
+    let e = Env::new();
+    e.init();
+    let v0 = std::fs::read(e.p("origin.img")).unwrap();
+    e.ok(&["create", "v0"]);
+    e.ok_write(&vec![7u8; 3 << 20], 1 << 20);
+    let v1 = std::fs::read(e.p("origin.img")).unwrap();
+    e.ok(&["create", "v1"]);
+    e.ok(&["create", "v1-copy", "--from", "v1"]);
+    e.ok_write(&vec![9u8; 1 << 20], 0);
+    let v2 = std::fs::read(e.p("origin.img")).unwrap();
+    let r = e.json(&["restore", "v0"]);
+    assert_eq!(r["restored"], "v0");
+    let backup = r["backup"].as_str().unwrap().to_string();
+    assert!(backup.starts_with("pre-restore-"));
+    // only the chunks that differ were written: the 3 MiB + 1 MiB written since v0 (they overlap)
+    assert_eq!(r["written_bytes"], 4 << 20);
+    assert!(std::fs::read(e.p("origin.img")).unwrap() == v0);
+    e.ok(&["export", "v1", "-o", "v1.img"]);
+    assert!(std::fs::read(e.p("v1.img")).unwrap() == v1);
+    e.ok(&["export", "v1-copy", "-o", "v1c.img"]);
+    assert!(std::fs::read(e.p("v1c.img")).unwrap() == v1);
+    e.ok(&["export", &backup, "-o", "b.img"]);
+    assert!(std::fs::read(e.p("b.img")).unwrap() == v2);
+    // undo
+    let r = e.json(&["restore", &backup, "--no-backup"]);
+    assert_eq!(r["backup"], Value::Null);
+    assert!(std::fs::read(e.p("origin.img")).unwrap() == v2);
+    assert_eq!(e.run(&["check"]).code, 0);
+    // --to writes the image elsewhere and leaves the origin alone
+    std::fs::write(e.p("dest.img"), vec![0u8; 8 << 20]).unwrap();
+    let r = e.json(&["restore", "v1", "--to", "dest.img"]);
+    assert_eq!(r["to"], "dest.img");
+    assert!(std::fs::read(e.p("dest.img")).unwrap() == v1);
+    assert!(std::fs::read(e.p("origin.img")).unwrap() == v2);
+    std::fs::write(e.p("small.img"), vec![0u8; 1 << 20]).unwrap();
+    e.fails(
+        &["restore", "v1", "--to", "small.img"],
+        2,
+        "less than the origin",
+    );
+    e.fails(
+        &["restore", "v1", "--to", "origin.img"],
+        2,
+        "is the origin or the store",
+    );
+    e.fails(&["restore", "nope"], 3, "nope");
+    e.fails(&["create", "c", "--from", "nope"], 3, "nope");
+    let o = e.ok(&["restore", "--resume"]);
+    assert!(o.contains("no restore was interrupted"), "{o}");
+    let l = e.json(&["show", "v1-copy"]);
+    assert_eq!(l["snapshot"]["parent"], "v1");
+}

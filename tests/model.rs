@@ -47,11 +47,39 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
             let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
             s.write_origin(off, &data, rng.gen_bool(0.1)).unwrap();
             model[off as usize..off as usize + len].copy_from_slice(&data);
-        } else if op < 80 {
+        } else if op < 72 {
             let name = format!("s{next}");
             next += 1;
             s.create(&name, None, BTreeMap::new(), None).unwrap();
             snaps.insert(name, model.clone());
+        } else if op < 76 && !snaps.is_empty() {
+            // a snapshot of a snapshot: the same point in time
+            let from = snaps
+                .keys()
+                .nth(rng.gen_range(0..snaps.len()))
+                .unwrap()
+                .clone();
+            let name = format!("s{next}");
+            next += 1;
+            s.create_from(&name, &from, None, BTreeMap::new()).unwrap();
+            snaps.insert(name, snaps[&from].clone());
+        } else if op < 80 && !snaps.is_empty() {
+            // restore the origin to a snapshot, with or without a backup
+            let target = snaps
+                .keys()
+                .nth(rng.gen_range(0..snaps.len()))
+                .unwrap()
+                .clone();
+            let backup = rng.gen_bool(0.5).then(|| {
+                next += 1;
+                format!("bk{next}")
+            });
+            s.restore(&target, backup.as_deref(), &mut |_, _| {})
+                .unwrap();
+            if let Some(b) = backup {
+                snaps.insert(b, model.clone());
+            }
+            model = snaps[&target].clone();
         } else if !snaps.is_empty() {
             let k = rng.gen_range(0..snaps.len());
             let name = snaps.keys().nth(k).unwrap().clone();
@@ -104,6 +132,25 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
                     b[..] == img[*off as usize..*off as usize + b.len()],
                     "seed {seed} step {step}: batched read of {v}"
                 );
+            }
+        }
+        // diff never misses a chunk where two views differ
+        if step % 5 == 0 && !snaps.is_empty() {
+            let mut views: Vec<&String> = snaps.keys().collect();
+            let origin = "origin".to_string();
+            views.push(&origin);
+            let a = views[rng.gen_range(0..views.len())];
+            let b = views[rng.gen_range(0..views.len())];
+            let img = |v: &String| if *v == origin { &model } else { &snaps[v] };
+            let d = s.diff_chunks(a, b).unwrap();
+            for c in 0..size.div_ceil(chunk) {
+                let r = (c * chunk) as usize..((c + 1) * chunk).min(size) as usize;
+                if img(a)[r.clone()] != img(b)[r] {
+                    assert!(
+                        d.binary_search(&c).is_ok(),
+                        "seed {seed} step {step}: diff {a} {b} misses chunk {c}"
+                    );
+                }
             }
         }
         if step % 10 == 0 || step + 1 == steps {

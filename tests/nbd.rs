@@ -880,3 +880,36 @@ fn list_info_export_name_and_abort_follow_the_protocol() {
     Raw::option(&mut h, 1, b"nope");
     assert!(matches!(h.read(&mut b), Ok(0) | Err(_)));
 }
+
+#[test]
+fn restore_through_the_server_waits_for_an_idle_origin() {
+    let s = Served::start();
+    let before = std::fs::read(s.p("origin.img")).unwrap();
+    s.ok(&["create", "base"]);
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    assert_eq!(c.write(0, &[5u8; 65536]), 0);
+    let o = s.cli(&["restore", "base"]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("open by 1 NBD client"));
+    drop(c);
+    let mut done = false;
+    for _ in 0..50 {
+        if s.cli(&["restore", "base", "--no-backup"]).status.success() {
+            done = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(done, "restore never went through");
+    assert!(s.export("origin") == before);
+    // --force while attached
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    assert_eq!(c.write(0, &[6u8; 4096]), 0);
+    s.ok(&["restore", "base", "--force", "--no-backup"]);
+    assert_eq!(c.read(0, 4096).unwrap(), before[..4096]);
+}
