@@ -61,6 +61,9 @@ _snapctl() {
             snapctl,serve)
                 cmd="snapctl__subcmd__serve"
                 ;;
+            snapctl,set-writable)
+                cmd="snapctl__subcmd__set__subcmd__writable"
+                ;;
             snapctl,show)
                 cmd="snapctl__subcmd__show"
                 ;;
@@ -106,6 +109,9 @@ _snapctl() {
             snapctl__subcmd__help,serve)
                 cmd="snapctl__subcmd__help__subcmd__serve"
                 ;;
+            snapctl__subcmd__help,set-writable)
+                cmd="snapctl__subcmd__help__subcmd__set__subcmd__writable"
+                ;;
             snapctl__subcmd__help,show)
                 cmd="snapctl__subcmd__help__subcmd__show"
                 ;;
@@ -119,7 +125,7 @@ _snapctl() {
 
     case "${cmd}" in
         snapctl)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create list ls show rename delete rm export write check diff restore serve generate-docs help"
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create set-writable list ls show rename delete rm export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -163,7 +169,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__create)
-            opts="-s -q -v -h -V --expires --label --from --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --expires --label --from --writable --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -297,7 +303,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help)
-            opts="init info create list show rename delete export write check diff restore serve generate-docs help"
+            opts="init info create set-writable list show rename delete export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -492,6 +498,20 @@ _snapctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        snapctl__subcmd__help__subcmd__set__subcmd__writable)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         snapctl__subcmd__help__subcmd__show)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -581,7 +601,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__list)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --tree --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -680,6 +700,28 @@ _snapctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        snapctl__subcmd__set__subcmd__writable)
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         snapctl__subcmd__show)
             opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -703,7 +745,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__write)
-            opts="-i -s -q -v -h -V --offset --input --store --json --quiet --verbose --help --version"
+            opts="-i -s -q -v -h -V --offset --input --snapshot --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -718,6 +760,10 @@ _snapctl() {
                     return 0
                     ;;
                 -i)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshot)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

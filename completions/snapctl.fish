@@ -33,6 +33,7 @@ complete -c snapctl -n "__fish_snapctl_needs_command" -s V -l version -d 'Print 
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "set-writable" -d 'Make a read-only snapshot writable; one-way: there is no way back to read-only'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "list" -d 'List snapshots, oldest first'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "ls" -d 'List snapshots, oldest first'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "show" -d 'Show one snapshot'
@@ -68,20 +69,29 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s h -l help -d 'P
 complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l expires -d 'When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l label -d 'A KEY=VALUE label (repeatable)' -r
-complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l from -d 'Snapshot this read-only snapshot instead of the origin (the same point in time)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l from -d 'Snapshot this snapshot instead of the origin (its point in time, and what it holds if it is writable)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l writable -d 'Make the new snapshot writable (a clone); see set-writable'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand list" -l tree -d 'Show the genealogy: what each snapshot was taken from'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand list" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -l tree -d 'Show the genealogy: what each snapshot was taken from'
 complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand ls" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
@@ -122,6 +132,7 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s h -l help -d 
 complete -c snapctl -n "__fish_snapctl_using_subcommand export" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -l offset -d 'Byte offset in the origin' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s i -l input -d 'Input file (default: stdin)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand write" -l snapshot -d 'Write into this writable snapshot instead of the origin' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s q -l quiet -d 'Print nothing but errors'
@@ -165,18 +176,19 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s q -l q
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s V -l version -d 'Print version'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "show" -d 'Show one snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create list show rename delete export write check diff restore serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "set-writable" -d 'Make a read-only snapshot writable; one-way: there is no way back to read-only'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "show" -d 'Show one snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

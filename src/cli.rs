@@ -140,13 +140,26 @@ pub enum Cmd {
         /// A KEY=VALUE label (repeatable)
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
-        /// Snapshot this read-only snapshot instead of the origin (the same point in time)
+        /// Snapshot this snapshot instead of the origin (its point in time, and what it holds
+        /// if it is writable)
         #[arg(long, value_name = "SNAP")]
         from: Option<String>,
+        /// Make the new snapshot writable (a clone); see set-writable
+        #[arg(long)]
+        writable: bool,
     },
+    /// Make a read-only snapshot writable; one-way: there is no way back to read-only
+    ///
+    /// Snapshots taken of it while it was read-only keep their bytes. Writable snapshots are
+    /// exported read-write by `snapctl serve`; writes to one change nothing else.
+    SetWritable { name: String },
     /// List snapshots, oldest first
     #[command(visible_alias = "ls")]
-    List,
+    List {
+        /// Show the genealogy: what each snapshot was taken from
+        #[arg(long)]
+        tree: bool,
+    },
     /// Show one snapshot
     Show { name: String },
     /// Rename a snapshot
@@ -176,6 +189,9 @@ pub enum Cmd {
         /// Input file (default: stdin)
         #[arg(short, long, value_name = "FILE")]
         input: Option<PathBuf>,
+        /// Write into this writable snapshot instead of the origin
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
     },
     /// Verify the store: checksums, single ownership of every chunk, space accounting
     Check,
@@ -357,10 +373,61 @@ pub fn snapshot_json(s: &Snapshot, chunk_size: u64) -> Value {
         "writable": s.writable,
         "expires": s.expires.map(rfc3339),
         "labels": s.labels,
-        "exclusive_bytes": s.exclusive_chunks * chunk_size,
+        "exclusive_bytes": s.owned_chunks() * chunk_size,
         "state": match s.state { SnapState::Valid => "valid", SnapState::Invalid => "invalid" },
         "invalid_reason": s.invalid_reason,
     })
+}
+
+/// `list --tree`: each snapshot under the view it was taken from.
+fn snapshot_tree(snaps: Vec<&Snapshot>) -> String {
+    let names: std::collections::HashSet<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    // parent name -> children, in creation order; a deleted parent's children hang off origin
+    let mut kids: BTreeMap<&str, Vec<&Snapshot>> = BTreeMap::new();
+    for s in &snaps {
+        let p = if names.contains(s.parent.as_str()) {
+            s.parent.as_str()
+        } else {
+            "origin"
+        };
+        kids.entry(p).or_default().push(s);
+    }
+    fn walk(
+        out: &mut String,
+        node: &str,
+        prefix: &str,
+        kids: &BTreeMap<&str, Vec<&Snapshot>>,
+        depth: usize,
+    ) {
+        let Some(list) = kids.get(node) else { return };
+        for (i, s) in list.iter().enumerate() {
+            let last = i + 1 == list.len();
+            let mode = if s.writable { "rw" } else { "ro" };
+            let state = if s.state == SnapState::Invalid {
+                ", INVALID"
+            } else {
+                ""
+            };
+            let orphan = if node == "origin" && s.parent != "origin" {
+                format!(", from deleted '{}'", s.parent)
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "{prefix}{}{} ({mode}, {}{state}{orphan})\n",
+                if last { "└── " } else { "├── " },
+                s.name,
+                rfc3339(s.created)
+            ));
+            if depth < 64 && s.name != node {
+                let p = format!("{prefix}{}", if last { "    " } else { "│   " });
+                walk(out, &s.name, &p, kids, depth + 1);
+            }
+        }
+    }
+    let mut out = String::from("origin\n");
+    walk(&mut out, "origin", "", &kids, 0);
+    out
 }
 
 /// The reply of a command that returns one snapshot: its JSON object, nothing with -q, or `text`.
@@ -685,6 +752,7 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             expires,
             labels,
             from,
+            writable,
         } => {
             crate::names::validate(name)?;
             let labels = parse_labels(labels)?;
@@ -695,7 +763,8 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 .transpose()?;
             let mut store = open(g, Use::Change, ctx)?;
             let s = match from {
-                Some(f) => store.create_from(name, f, expires, labels)?,
+                Some(f) => store.create_from(name, f, expires, labels, *writable)?,
+                None if *writable => store.create_writable(name, expires, labels)?,
                 None => store.create(name, expires, labels, None)?,
             };
             let text = format!(
@@ -706,7 +775,7 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             );
             snapshot_output(g, &s, store.sb.chunk_size, text)
         }
-        Cmd::List => {
+        Cmd::List { tree } => {
             let store = open(g, Use::Read, ctx)?;
             let cs = store.sb.chunk_size;
             if g.json {
@@ -721,6 +790,9 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     "no snapshots in {} (take one with `snapctl create NAME`)\n",
                     store.name
                 ));
+            }
+            if *tree {
+                return ok(snapshot_tree(store.snapshots().collect()));
             }
             let mut table = comfy_table::Table::new();
             table.load_preset(comfy_table::presets::NOTHING);
@@ -748,7 +820,7 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     } else {
                         "ro".to_string()
                     },
-                    human_bytes(s.exclusive_chunks * cs),
+                    human_bytes(s.owned_chunks() * cs),
                     s.expires.map(rfc3339).unwrap_or_else(|| "-".into()),
                     if labels.is_empty() {
                         "-".into()
@@ -774,6 +846,14 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 ));
             }
             ok(snapshot_text(s, cs))
+        }
+        Cmd::SetWritable { name } => {
+            let mut store = open(g, Use::Change, ctx)?;
+            let s = store.set_writable(name)?;
+            let text = format!(
+                "snapshot '{name}' is writable (one-way: it cannot become read-only again)\n"
+            );
+            snapshot_output(g, &s, store.sb.chunk_size, text)
         }
         Cmd::Rename { old, new } => {
             crate::names::validate(new)?;
@@ -988,7 +1068,11 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 human_bytes(written)
             ))
         }
-        Cmd::Write { offset, input } => {
+        Cmd::Write {
+            offset,
+            input,
+            snapshot,
+        } => {
             let offset = parse_size(offset)
                 .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
             let input = input.as_ref().map(|p| ctx.path(p));
@@ -1002,7 +1086,23 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 })?),
                 (None, None) => Box::new(std::io::stdin().lock()),
             };
-            let mut store = open(g, Use::Write, ctx)?;
+            let mut store = open(
+                g,
+                if snapshot.is_some() {
+                    Use::Change
+                } else {
+                    Use::Write
+                },
+                ctx,
+            )?;
+            if let Some(sn) = snapshot {
+                let s = store.snapshot(sn)?;
+                if !s.writable {
+                    return Err(Error::Invalid(format!(
+                        "snapshot '{sn}' is read-only; `snapctl set-writable {sn}` makes it writable"
+                    )));
+                }
+            }
             if offset > store.sb.origin_size {
                 return Err(Error::Invalid(format!(
                     "--offset {offset} is beyond the end of the origin ({} bytes)",
@@ -1031,7 +1131,10 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                             store.sb.origin_size, pos - offset
                         )));
                     }
-                    store.write_origin(pos, &buf[..n], false)?;
+                    match snapshot {
+                        Some(sn) => store.write_snapshot(sn, &[(pos, &buf[..n])], false)?,
+                        None => store.write_origin(pos, &buf[..n], false)?,
+                    }
                     pos += n as u64;
                 }
             })();

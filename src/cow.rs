@@ -17,7 +17,7 @@ use crate::format::{OnFull, GROUP_CHUNKS};
 use crate::io::AlignedBuf;
 use crate::store::{
     put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, K_EPOCH, K_HIGH_WATER,
-    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, RECORDS, SNAPS,
+    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, RECORDS, SNAPS,
 };
 
 /// A run inside one group: chunks `group*G + off .. + len` live at store chunks `loc ..`.
@@ -262,10 +262,18 @@ impl Store {
     }
 
     /// Makes every completed origin write durable (metadata commits already are).
+    /// Makes every completed write durable: the origin's, and those into writable snapshots'
+    /// overlays (metadata commits already are).
     pub fn flush(&self) -> Result<()> {
         self.origin
             .flush()
-            .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))
+            .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
+        if self.snaps.values().any(|s| s.writable) {
+            self.dev
+                .flush()
+                .map_err(|e| Error::io(format!("store {}: flush", self.name), e))?;
+        }
+        Ok(())
     }
 
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
@@ -507,6 +515,16 @@ impl Store {
         if !was_valid {
             return Ok(0); // an invalid snapshot holds nothing
         }
+        let overlay_freed = if snap.overlay != 0 {
+            self.drop_overlay(tx, snap.overlay)?
+        } else {
+            0
+        };
+        if let (Some(_), Some(s)) = (&invalid, self.snaps.get_mut(&id)) {
+            s.overlay_chunks = 0;
+            let s = s.clone();
+            put_snap(tx, &s, &sn)?;
+        }
         let e = snap.epoch;
         let live = self.live_epochs();
         if live.contains(&e) {
@@ -517,7 +535,7 @@ impl Store {
             let next = live.get(k + 1).copied().unwrap_or(self.epoch);
             let n = self.window(tx, prev, e, next, false)?;
             self.set_exclusive(tx, e, n)?;
-            return Ok(0);
+            return Ok(overlay_freed);
         }
         let k = live.partition_point(|&x| x < e);
         let e_prev = k.checked_sub(1).map(|i| live[i]);
@@ -535,7 +553,7 @@ impl Store {
             let n = self.window(tx, e_prev, nx, nn, false)?;
             self.set_exclusive(tx, nx, n)?;
         }
-        Ok(freed)
+        Ok(freed + overlay_freed)
     }
 
     pub(crate) fn set_exclusive(
@@ -678,11 +696,14 @@ impl Store {
                 )));
             }
             let e = snap.epoch;
+            let overlay = snap.overlay;
             if tx.is_none() {
                 tx = Some(self.rtx()?);
             }
             let Some(t) = tx.as_ref() else { continue };
             let recs = t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+            let ovl = t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
+            let mut ovl_groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
             let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
             let mut segs: Vec<(bool, u64, usize)> = Vec::new();
             let mut pos = 0usize;
@@ -698,7 +719,30 @@ impl Store {
                         v.insert(resolve_group(&recs, sn, 0, g, e)?)
                     }
                 };
-                let (from_store, dev_off) = match resolved[(c % GROUP_CHUNKS) as usize] {
+                // The snapshot's own overlay first, then its point in time.
+                let own = if overlay == 0 {
+                    None
+                } else {
+                    let slots = match ovl_groups.entry(g) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            let mut slots = [None; GROUP_CHUNKS as usize];
+                            if let Some(val) = ovl.get((overlay, g)).map_err(|e| meta_err(sn, e))? {
+                                let runs = decode_runs(val.value()).ok_or_else(|| {
+                                    Error::Corrupt(format!("{sn}: overlay record is damaged"))
+                                })?;
+                                for r in runs {
+                                    for i in 0..r.len as usize {
+                                        slots[r.off as usize + i] = Some(r.loc + i as u64);
+                                    }
+                                }
+                            }
+                            v.insert(slots)
+                        }
+                    };
+                    slots[(c % GROUP_CHUNKS) as usize]
+                };
+                let (from_store, dev_off) = match own.or(resolved[(c % GROUP_CHUNKS) as usize]) {
                     Some(p) if p >= self.sb.data_chunks => {
                         return Err(Error::Corrupt(format!(
                             "{sn}: a record points outside the store; run `snapctl check`"
@@ -741,6 +785,277 @@ impl Store {
             .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))
     }
 
+    /// Every (chunk, store chunk) an overlay holds.
+    fn overlay_chunks<T: ReadableTable<(u32, u64), &'static [u8]>>(
+        &self,
+        t: &T,
+        id: u32,
+    ) -> Result<Vec<(u64, u64)>> {
+        let sn = &self.name;
+        let mut out = Vec::new();
+        for row in t
+            .range((id, 0u64)..=(id, u64::MAX))
+            .map_err(|e| meta_err(sn, e))?
+        {
+            let (k, v) = row.map_err(|e| meta_err(sn, e))?;
+            let (_, g) = k.value();
+            let runs = decode_runs(v.value()).ok_or_else(|| {
+                Error::Corrupt(format!("{sn}: overlay record {:?} is damaged", k.value()))
+            })?;
+            for r in runs {
+                out.extend(
+                    (0..r.len as u64).map(|i| (g * GROUP_CHUNKS + r.off as u64 + i, r.loc + i)),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds (chunk, store chunk) pairs to an overlay.
+    fn overlay_insert(
+        &self,
+        tx: &redb::WriteTransaction,
+        id: u32,
+        items: &[(u64, u64)],
+    ) -> Result<()> {
+        let sn = &self.name;
+        let mut t = tx.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
+        let mut groups: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        for &(c, p) in items {
+            groups.entry(c / GROUP_CHUNKS).or_default().push((c, p));
+        }
+        for (g, list) in groups {
+            let mut runs = match t.get((id, g)).map_err(|e| meta_err(sn, e))? {
+                Some(v) => decode_runs(v.value())
+                    .ok_or_else(|| Error::Corrupt(format!("{sn}: overlay record is damaged")))?,
+                None => Vec::new(),
+            };
+            for (c, p) in list {
+                add_to_runs(&mut runs, c % GROUP_CHUNKS, p);
+            }
+            t.insert((id, g), encode_runs(&runs).as_slice())
+                .map_err(|e| meta_err(sn, e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies overlay `src` into the new overlay `dst` (data and map); returns the chunk count.
+    /// The copies are durable before the transaction that names them commits.
+    pub(crate) fn copy_overlay(
+        &self,
+        tx: &redb::WriteTransaction,
+        src: u32,
+        dst: u32,
+    ) -> Result<u64> {
+        let sn = self.name.clone();
+        let items = {
+            let t = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
+            self.overlay_chunks(&t, src)?
+        };
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let Some(extents) = self.alloc(tx, items.len() as u64)? else {
+            return Err(Error::NoSpace(format!(
+                "store {sn} has no room to copy the {} chunks the snapshot's overlay holds",
+                items.len()
+            )));
+        };
+        let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
+        let cs = self.sb.chunk_size as usize;
+        for (part, lparts) in items.chunks(256).zip(locs.chunks(256)) {
+            let mut bufs: Vec<AlignedBuf> = part.iter().map(|_| AlignedBuf::new(cs)).collect();
+            {
+                let mut reads: Vec<(u64, &mut [u8])> = part
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|((_, p), b)| (self.sb.data_offset + p * cs as u64, b.as_mut_slice()))
+                    .collect();
+                self.dev
+                    .read_many(&mut reads)
+                    .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
+            }
+            let writes: Vec<(u64, &[u8])> = lparts
+                .iter()
+                .zip(&bufs)
+                .map(|(p, b)| (self.sb.data_offset + p * cs as u64, b.as_slice()))
+                .collect();
+            self.dev
+                .write_many(&writes)
+                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+        }
+        self.dev
+            .flush()
+            .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+        let pairs: Vec<(u64, u64)> = items.iter().map(|(c, _)| *c).zip(locs).collect();
+        self.overlay_insert(tx, dst, &pairs)?;
+        Ok(items.len() as u64)
+    }
+
+    /// Frees an overlay's chunks and entries; returns the count.
+    fn drop_overlay(&self, tx: &redb::WriteTransaction, id: u32) -> Result<u64> {
+        let sn = &self.name;
+        let items = {
+            let t = tx.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
+            self.overlay_chunks(&t, id)?
+        };
+        {
+            let mut t = tx.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
+            let groups: Vec<u64> = {
+                let mut g: Vec<u64> = items.iter().map(|(c, _)| c / GROUP_CHUNKS).collect();
+                g.dedup();
+                g
+            };
+            for g in groups {
+                t.remove((id, g)).map_err(|e| meta_err(sn, e))?;
+            }
+        }
+        let mut locs: Vec<u64> = items.iter().map(|(_, p)| *p).collect();
+        locs.sort_unstable();
+        let mut i = 0;
+        while i < locs.len() {
+            let mut j = i + 1;
+            while j < locs.len() && locs[j] == locs[j - 1] + 1 {
+                j += 1;
+            }
+            self.free_chunks(tx, locs[i], (j - i) as u64)?;
+            i = j;
+        }
+        Ok(items.len() as u64)
+    }
+
+    /// Writes into a writable snapshot. A chunk it never wrote is first filled, in a fresh
+    /// store chunk, with what the snapshot reads there (its point in time), and that chunk
+    /// joins its overlay (durable before the commit naming it); writes then land in place.
+    pub(crate) fn write_overlay_inner(
+        &mut self,
+        name: &str,
+        writes: &[(u64, &[u8])],
+        fua: bool,
+    ) -> Result<()> {
+        let snap = self.snapshot(name)?.clone();
+        if !snap.writable || snap.overlay == 0 {
+            return Err(Error::Invalid(format!(
+                "snapshot '{name}' is read-only; `snapctl set-writable {name}` makes it writable"
+            )));
+        }
+        if snap.state == SnapState::Invalid {
+            return Err(Error::InvalidSnapshot(format!(
+                "snapshot '{name}' is invalid"
+            )));
+        }
+        let cs = self.sb.chunk_size;
+        let sn = self.name.clone();
+        let mut chunks = Vec::new();
+        for (off, data) in writes {
+            self.check_origin_range(*off, data.len())?;
+            if !data.is_empty() {
+                chunks.extend(off / cs..=(off + data.len() as u64 - 1) / cs);
+            }
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        // Where each touched chunk lives now in the overlay.
+        let mut have: HashMap<u64, u64> = HashMap::new();
+        {
+            let tx = self.rtx()?;
+            let t = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
+            let mut seen = std::collections::HashSet::new();
+            for &c in &chunks {
+                let g = c / GROUP_CHUNKS;
+                if seen.insert(g) {
+                    if let Some(v) = t.get((snap.overlay, g)).map_err(|e| meta_err(&sn, e))? {
+                        let runs = decode_runs(v.value()).ok_or_else(|| {
+                            Error::Corrupt(format!("{sn}: overlay record is damaged"))
+                        })?;
+                        for r in runs {
+                            for i in 0..r.len as u64 {
+                                have.insert(g * GROUP_CHUNKS + r.off as u64 + i, r.loc + i);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let missing: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|c| !have.contains_key(c))
+            .collect();
+        if !missing.is_empty() {
+            // Fill: what the snapshot reads there now.
+            let mut bufs: Vec<AlignedBuf> = missing
+                .iter()
+                .map(|_| AlignedBuf::new(cs as usize))
+                .collect();
+            {
+                let mut reqs: Vec<ReadReq> = missing
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(c, b)| {
+                        let len = cs.min(self.sb.origin_size - c * cs) as usize;
+                        ReadReq {
+                            view: name,
+                            off: c * cs,
+                            buf: &mut b.as_mut_slice()[..len],
+                        }
+                    })
+                    .collect();
+                self.read_batch_inner(&mut reqs)?;
+            }
+            let tx = self.wtx()?;
+            let Some(extents) = self.alloc(&tx, missing.len() as u64)? else {
+                return Err(Error::NoSpace(format!(
+                    "store {sn} is full: no room for what writable snapshot '{name}' writes"
+                )));
+            };
+            let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
+            let fills: Vec<(u64, &[u8])> = locs
+                .iter()
+                .zip(&bufs)
+                .map(|(p, b)| (self.sb.data_offset + p * cs, b.as_slice()))
+                .collect();
+            self.dev
+                .write_many(&fills)
+                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            self.dev
+                .flush()
+                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+            let pairs: Vec<(u64, u64)> =
+                missing.iter().copied().zip(locs.iter().copied()).collect();
+            self.overlay_insert(&tx, snap.overlay, &pairs)?;
+            let mut s2 = snap.clone();
+            s2.overlay_chunks += missing.len() as u64;
+            put_snap(&tx, &s2, &sn)?;
+            tx.commit().map_err(|e| meta_err(&sn, e))?;
+            self.snaps.insert(s2.id, s2);
+            have.extend(pairs);
+        }
+        // In place, chunk by chunk.
+        for (off, data) in writes {
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let abs = off + pos as u64;
+                let (c, within) = (abs / cs, abs % cs);
+                let n = ((cs - within) as usize).min(data.len() - pos);
+                let p = have
+                    .get(&c)
+                    .copied()
+                    .ok_or_else(|| Error::Corrupt(format!("{sn}: overlay lost chunk {c}")))?;
+                self.dev
+                    .write_at(&data[pos..pos + n], self.sb.data_offset + p * cs + within)
+                    .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+                pos += n;
+            }
+        }
+        if fua {
+            self.dev
+                .flush()
+                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+        }
+        Ok(())
+    }
+
     /// The epoch a view reads at: a valid snapshot's, or None for the live origin.
     fn view_epoch(&self, name: &str) -> Result<Option<u64>> {
         if name == "origin" {
@@ -761,19 +1076,35 @@ impl Store {
     /// A chunk rewritten with the same bytes counts as changed. Cost: the records in that window.
     pub(crate) fn diff_chunks_inner(&self, from: &str, to: &str) -> Result<Vec<u64>> {
         let (a, b) = (self.view_epoch(from)?, self.view_epoch(to)?);
+        // Chunks a snapshot's overlay holds may differ from anything: count them changed.
+        let mut out = Vec::new();
+        {
+            let tx = self.rtx()?;
+            let t = tx
+                .open_table(OVERLAYS)
+                .map_err(|e| meta_err(&self.name, e))?;
+            for v in [from, to] {
+                if v != "origin" {
+                    let o = self.snapshot(v)?.overlay;
+                    if o != 0 {
+                        out.extend(self.overlay_chunks(&t, o)?.into_iter().map(|(c, _)| c));
+                    }
+                }
+            }
+        }
         let (lo, hi) = match (a, b) {
             (None, None) => return Ok(Vec::new()),
             (Some(x), None) | (None, Some(x)) => (x, u64::MAX),
             (Some(x), Some(y)) => (x.min(y), x.max(y)),
         };
-        if lo == hi {
+        if lo == hi && out.is_empty() {
             return Ok(Vec::new());
         }
         let sn = &self.name;
         let tx = self.rtx()?;
         let by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(sn, e))?;
         let recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
-        let mut out = Vec::new();
+        let hi = if lo == hi { lo } else { hi };
         for row in by_time
             .range((0u32, lo + 1, 0u64)..=(0u32, hi, u64::MAX))
             .map_err(|e| meta_err(sn, e))?
@@ -1063,6 +1394,51 @@ impl Store {
                 claim(p, "the free list", &mut rep);
             }
         }
+        // Overlays: each chunk owned once, each overlay owned by one snapshot with the right count.
+        let ovl = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
+        let mut owners: HashMap<u32, (&str, u64)> = HashMap::new();
+        for s in self.snaps.values().filter(|s| s.overlay != 0) {
+            if owners
+                .insert(s.overlay, (s.name.as_str(), s.overlay_chunks))
+                .is_some()
+            {
+                rep.corruption
+                    .push(format!("overlay {} is claimed by two snapshots", s.overlay));
+            }
+        }
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        for row in ovl.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            let (id, _) = k.value();
+            let Some(runs) = decode_runs(v.value()) else {
+                rep.corruption
+                    .push(format!("overlay record {:?} cannot be decoded", k.value()));
+                continue;
+            };
+            for r in runs {
+                for i in 0..r.len as u64 {
+                    record_chunks += 1;
+                    *counts.entry(id).or_insert(0) += 1;
+                    if owners.contains_key(&id) {
+                        claim(r.loc + i, &format!("overlay {id}"), &mut rep);
+                    } else {
+                        claim(r.loc + i, &format!("overlay {id}"), &mut rep);
+                        rep.leaks.push(format!(
+                            "store chunk {} is held by overlay {id}, which no snapshot owns",
+                            r.loc + i
+                        ));
+                    }
+                }
+            }
+        }
+        for (id, (name, n)) in &owners {
+            let have = counts.get(id).copied().unwrap_or(0);
+            if have != *n {
+                rep.corruption.push(format!(
+                    "snapshot '{name}' says its overlay holds {n} chunks, it holds {have}"
+                ));
+            }
+        }
         rep.used_chunks = record_chunks;
         if used != record_chunks {
             rep.corruption.push(format!(
@@ -1094,7 +1470,7 @@ impl Store {
             rep.corruption
                 .push(format!("{} names for {} snapshots", nnames, rep.snapshots));
         }
-        drop((recs, by_time, free, names, config, tx));
+        drop((recs, by_time, free, names, config, ovl, tx));
         // Space accounting: recompute what each snapshot holds alone.
         let wtx = self.wtx()?;
         for (k, &e) in live.iter().enumerate() {

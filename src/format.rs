@@ -4,7 +4,8 @@
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: snapshot overlays (writable snapshots and snapshots of them); see docs/FORMAT.md.
+pub const FORMAT_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
 
 /// Where the metadata region starts: 1 MiB, so the data area can be aligned to any chunk size.

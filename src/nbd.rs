@@ -134,10 +134,10 @@ fn lookup(shared: &Shared, name: &str) -> Result<Export, String> {
     }
     match store.snapshot(name) {
         Ok(s) if s.state == SnapState::Invalid => Err(format!("snapshot '{name}' is invalid")),
-        Ok(_) => Ok(Export {
+        Ok(s) => Ok(Export {
             name: name.to_string(),
             size,
-            writable: false,
+            writable: s.writable,
         }),
         Err(e) => Err(e.to_string()),
     }
@@ -570,7 +570,7 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
                 }
                 CMD_FLUSH => {
                     // Everything before the flush first, then make it durable.
-                    flush_writes(&mut store, batch, &writes, &mut errors);
+                    flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
                     writes.clear();
                     if let Err(e) = store.flush() {
                         errors[i] = errno_of(&e);
@@ -580,7 +580,7 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
                 _ => errors[i] = EINVAL,
             }
         }
-        flush_writes(&mut store, batch, &writes, &mut errors);
+        flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
         let mut bufs: Vec<Vec<u8>> = reads
             .iter()
             .map(|&i| vec![0u8; batch[i].length as usize])
@@ -628,7 +628,13 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
 }
 
 /// Applies the collected writes of a batch (one preservation commit), attributing errors.
-fn flush_writes(store: &mut Store, batch: &[Request], writes: &[usize], errors: &mut [u32]) {
+fn flush_writes(
+    store: &mut Store,
+    view: &str,
+    batch: &[Request],
+    writes: &[usize],
+    errors: &mut [u32],
+) {
     if writes.is_empty() {
         return;
     }
@@ -658,10 +664,21 @@ fn flush_writes(store: &mut Store, batch: &[Request], writes: &[usize], errors: 
         })
         .collect();
     let fua = writes.iter().any(|&i| batch[i].flags & CMD_FLAG_FUA != 0);
-    if store.write_batch(&list, fua).is_err() {
+    let write = |store: &mut Store, list: &[(u64, &[u8])], fua: bool| {
+        if view == "origin" {
+            store.write_batch(list, fua)
+        } else {
+            store.write_snapshot(view, list, fua)
+        }
+    };
+    if write(store, &list, fua).is_err() {
         // Redo one by one to tell which failed (rewriting the same bytes is harmless).
-        for (&i, (off, data)) in writes.iter().zip(&list) {
-            if let Err(e) = store.write_origin(*off, data, batch[i].flags & CMD_FLAG_FUA != 0) {
+        for (&i, w) in writes.iter().zip(&list) {
+            if let Err(e) = write(
+                store,
+                std::slice::from_ref(w),
+                batch[i].flags & CMD_FLAG_FUA != 0,
+            ) {
                 errors[i] = errno_of(&e);
             }
         }

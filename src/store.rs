@@ -33,12 +33,16 @@ pub(crate) const BY_TIME: TableDefinition<(u32, u64, u64), ()> =
 /// first free data chunk -> length of the free extent.
 pub(crate) const FREE: TableDefinition<u64, u64> = TableDefinition::new("free");
 pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (overlay id, group) -> runs: the chunks a snapshot's overlay owns (writable snapshots write
+/// there; a snapshot of one gets a copy). See cow.rs.
+pub(crate) const OVERLAYS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("overlays");
 
 pub(crate) const K_EPOCH: &str = "epoch";
 pub(crate) const K_NEXT_ID: &str = "next_id";
 pub(crate) const K_HIGH_WATER: &str = "alloc_high_water";
 pub(crate) const K_USED: &str = "used_chunks";
 pub(crate) const K_NEXT_EVENT: &str = "next_event";
+pub(crate) const K_NEXT_OVERLAY: &str = "next_overlay";
 /// Present while a restore is under way: the target snapshot's id (and its backup's, or 0).
 pub(crate) const K_RESTORE_TARGET: &str = "restore_target";
 pub(crate) const K_RESTORE_BACKUP: &str = "restore_backup";
@@ -156,8 +160,21 @@ pub struct Snapshot {
     pub state: SnapState,
     #[serde(default)]
     pub invalid_reason: Option<String>,
-    /// Store chunks that deleting this snapshot alone would free.
+    /// Store chunks that deleting this snapshot alone would free, besides its overlay.
     pub exclusive_chunks: u64,
+    /// The overlay holding the chunks this snapshot owns outright (0: none).
+    #[serde(default)]
+    pub overlay: u32,
+    /// How many chunks the overlay holds.
+    #[serde(default)]
+    pub overlay_chunks: u64,
+}
+
+impl Snapshot {
+    /// Chunks deleting this snapshot alone would free.
+    pub fn owned_chunks(&self) -> u64 {
+        self.exclusive_chunks + self.overlay_chunks
+    }
 }
 
 /// Something the store did on its own (the on-full policy); kept in the `events` table.
@@ -819,6 +836,8 @@ impl Store {
                 state: SnapState::Valid,
                 invalid_reason: None,
                 exclusive_chunks: 0,
+                overlay: 0,
+                overlay_chunks: 0,
             };
             put_snap(&tx, &snap, sn)?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(sn, e))?;
@@ -838,6 +857,7 @@ impl Store {
         from: &str,
         expires: Option<i64>,
         labels: BTreeMap<String, String>,
+        writable: bool,
     ) -> Result<Snapshot> {
         crate::names::validate(name)?;
         let src = self.snapshot(from)?.clone();
@@ -874,6 +894,8 @@ impl Store {
                 state: SnapState::Valid,
                 invalid_reason: None,
                 exclusive_chunks: 0,
+                overlay: 0,
+                overlay_chunks: 0,
             };
             put_snap(&tx, &snap, &sn)?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
@@ -882,9 +904,56 @@ impl Store {
         self.snaps.insert(snap.id, snap.clone());
         // Two snapshots at one point share everything: neither holds anything alone.
         self.set_exclusive(&tx, snap.epoch, 0)?;
+        // A snapshot of a snapshot with an overlay freezes the overlay too: by copying it (its
+        // source may be writable and change in place). Then writable if asked.
+        if src.overlay != 0 || writable {
+            let mut s2 = snap.clone();
+            s2.overlay = self.new_overlay(&tx)?;
+            s2.writable = writable;
+            if src.overlay != 0 {
+                s2.overlay_chunks = self.copy_overlay(&tx, src.overlay, s2.overlay)?;
+            }
+            put_snap(&tx, &s2, &sn)?;
+            self.snaps.insert(s2.id, s2);
+        }
         tx.commit().map_err(|e| meta_err(&sn, e))?;
         self.load_catalog()?;
         self.snapshot(name).cloned()
+    }
+
+    /// A new, empty overlay id.
+    pub(crate) fn new_overlay(&self, tx: &redb::WriteTransaction) -> Result<u32> {
+        let sn = &self.name;
+        let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(sn, e))?;
+        let id = c
+            .get(K_NEXT_OVERLAY)
+            .map_err(|e| meta_err(sn, e))?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        c.insert(K_NEXT_OVERLAY, id + 1)
+            .map_err(|e| meta_err(sn, e))?;
+        u32::try_from(id).map_err(|_| Error::NoSpace(format!("{sn}: out of overlay ids")))
+    }
+
+    fn set_writable_inner(&mut self, name: &str) -> Result<Snapshot> {
+        let mut snap = self.snapshot(name)?.clone();
+        if snap.state == SnapState::Invalid {
+            return Err(Error::InvalidSnapshot(format!(
+                "snapshot '{name}' is invalid; it cannot be made writable"
+            )));
+        }
+        if snap.writable {
+            return Ok(snap); // one-way, and already there
+        }
+        let tx = self.wtx()?;
+        snap.writable = true;
+        if snap.overlay == 0 {
+            snap.overlay = self.new_overlay(&tx)?;
+        }
+        put_snap(&tx, &snap, &self.name)?;
+        tx.commit().map_err(|e| meta_err(&self.name, e))?;
+        self.snaps.insert(snap.id, snap.clone());
+        Ok(snap)
     }
 
     fn rename_inner(&mut self, old: &str, new: &str) -> Result<Snapshot> {
@@ -1087,9 +1156,11 @@ fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) -> Result<(
             (K_HIGH_WATER, 0),
             (K_USED, 0),
             (K_NEXT_EVENT, 1),
+            (K_NEXT_OVERLAY, 1),
         ] {
             c.insert(k, v).map_err(|e| me(e.into()))?;
         }
+        tx.open_table(OVERLAYS).map_err(|e| me(e.into()))?;
         tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
         tx.open_table(EVENTS).map_err(|e| me(e.into()))?;
         tx.open_table(NAMES).map_err(|e| me(e.into()))?;
@@ -1117,16 +1188,46 @@ impl Store {
         guard_panic(&n, || self.create_inner(name, expires, labels, created))
     }
 
-    /// A read-only snapshot of a read-only snapshot: the same point in time, under a new name.
+    /// A snapshot of a snapshot: its point in time, and a frozen copy of its overlay (what a
+    /// writable snapshot wrote); writable if asked.
     pub fn create_from(
         &mut self,
         name: &str,
         from: &str,
         expires: Option<i64>,
         labels: BTreeMap<String, String>,
+        writable: bool,
     ) -> Result<Snapshot> {
         let n = self.name.clone();
-        guard_panic(&n, || self.create_from_inner(name, from, expires, labels))
+        guard_panic(&n, || {
+            self.create_from_inner(name, from, expires, labels, writable)
+        })
+    }
+
+    /// A writable snapshot of the origin: a snapshot, then writable.
+    pub fn create_writable(
+        &mut self,
+        name: &str,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let n = self.name.clone();
+        guard_panic(&n, || {
+            self.create_inner(name, expires, labels, None)?;
+            self.set_writable_inner(name)
+        })
+    }
+
+    /// Makes a read-only snapshot writable. One-way: nothing makes it read-only again.
+    pub fn set_writable(&mut self, name: &str) -> Result<Snapshot> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.set_writable_inner(name))
+    }
+
+    /// Writes into a writable snapshot (see `cow.rs`).
+    pub fn write_snapshot(&mut self, name: &str, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.write_overlay_inner(name, writes, fua))
     }
 
     /// Byte ranges where two views differ (see `cow.rs`), as sorted chunk numbers.

@@ -829,3 +829,103 @@ fn restore_brings_the_origin_back_keeps_every_snapshot_and_can_be_undone() {
     let l = e.json(&["show", "v1-copy"]);
     assert_eq!(l["snapshot"]["parent"], "v1");
 }
+
+#[test]
+fn writable_snapshots_are_clones_and_read_only_to_writable_is_one_way() {
+    let e = Env::new();
+    e.init();
+    let v0 = std::fs::read(e.p("origin.img")).unwrap();
+    let w = e.json(&["create", "clone", "--writable"]);
+    assert_eq!(w["snapshot"]["writable"], true);
+    let o = e.run_in(
+        &["write", "--snapshot", "clone", "--offset", "5000"],
+        Some(&[0x5a; 9000]),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mut want = v0.clone();
+    want[5000..14000].fill(0x5a);
+    e.ok(&["export", "clone", "-o", "c.img"]);
+    assert!(std::fs::read(e.p("c.img")).unwrap() == want);
+    assert!(
+        std::fs::read(e.p("origin.img")).unwrap() == v0,
+        "a clone's write reached the origin"
+    );
+    // a snapshot of the clone freezes it
+    let f = e.json(&["create", "frozen", "--from", "clone"]);
+    assert_eq!(f["snapshot"]["parent"], "clone");
+    assert_eq!(f["snapshot"]["writable"], false);
+    e.run_in(
+        &["write", "--snapshot", "clone", "--offset", "0"],
+        Some(&[1u8; 4096]),
+    );
+    e.ok(&["export", "frozen", "-o", "f.img"]);
+    assert!(std::fs::read(e.p("f.img")).unwrap() == want);
+    // read-only snapshots refuse writes until set-writable; then writable for good
+    e.ok(&["create", "ro"]);
+    e.fails(
+        &["write", "--snapshot", "ro", "-i", "/dev/null"],
+        2,
+        "set-writable",
+    );
+    let s = e.json(&["set-writable", "ro"]);
+    assert_eq!(s["snapshot"]["writable"], true);
+    assert_eq!(
+        e.json(&["set-writable", "ro"])["snapshot"]["writable"],
+        true
+    );
+    let t = e.ok(&["list", "--tree"]);
+    assert!(t.starts_with("origin\n"), "{t}");
+    assert!(
+        t.contains("├── clone (rw") && t.contains("│   └── frozen (ro") && t.contains("└── ro (rw"),
+        "{t}"
+    );
+    // deleting the parent leaves the child working
+    e.ok(&["delete", "clone"]);
+    e.ok(&["export", "frozen", "-o", "f2.img"]);
+    assert!(std::fs::read(e.p("f2.img")).unwrap() == want);
+    assert!(e.ok(&["list", "--tree"]).contains("from deleted 'clone'"));
+    assert_eq!(e.run(&["check"]).code, 0);
+}
+
+#[test]
+fn a_restore_killed_midway_is_finished_by_the_next_command() {
+    let e = Env::new();
+    // room for every round's copies: nothing may be dropped by the on-full policy here
+    std::fs::write(e.p("store.img"), vec![0u8; 160 << 20]).unwrap();
+    e.init();
+    let v0 = std::fs::read(e.p("origin.img")).unwrap();
+    e.ok(&["create", "v0"]);
+    for delay_ms in [5u64, 20, 60, 150] {
+        // rewrite the whole origin, so that the restore has 8 MiB to do
+        let fresh: Vec<u8> = (0..8usize << 20)
+            .map(|i| (i as u64 * 7 + delay_ms) as u8)
+            .collect();
+        e.ok_write(&fresh, 0);
+        let other = format!("keep{delay_ms}");
+        e.ok(&["create", &other]);
+        let mut child = Command::new(bin())
+            .args(["restore", "v0", "--no-backup"])
+            .env("SNAPCTL_STORE", e.p("store.img"))
+            .env("SNAPCTL_IO_ENGINE", "sync")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let o = e.run(&["restore", "--resume"]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let now = std::fs::read(e.p("origin.img")).unwrap();
+        assert!(
+            now == v0 || now == fresh,
+            "after kill -9 at {delay_ms} ms the origin is half-restored"
+        );
+        e.ok(&["export", &other, "-o", "k.img"]);
+        assert!(
+            std::fs::read(e.p("k.img")).unwrap() == fresh,
+            "snapshot {other} changed"
+        );
+        e.ok(&["export", "v0", "-o", "v.img"]);
+        assert!(std::fs::read(e.p("v.img")).unwrap() == v0);
+        assert_eq!(e.run(&["check"]).code, 0);
+    }
+}

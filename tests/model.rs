@@ -17,6 +17,7 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let mut model = read_all(&s, "origin");
     let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut writable: std::collections::BTreeSet<String> = Default::default();
     let mut next = 0;
     for step in 0..steps {
         let op = rng.gen_range(0..100);
@@ -35,7 +36,7 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
             for (off, data) in &writes {
                 model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
             }
-        } else if op < 60 {
+        } else if op < 48 {
             let len = match rng.gen_range(0..4) {
                 0 => rng.gen_range(1..64),
                 1 => rng.gen_range(1..chunk as usize * 3),
@@ -47,6 +48,33 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
             let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
             s.write_origin(off, &data, rng.gen_bool(0.1)).unwrap();
             model[off as usize..off as usize + len].copy_from_slice(&data);
+        } else if op < 56 && !writable.is_empty() && rng.gen_bool(0.6) {
+            // a write into a writable snapshot
+            let w = writable
+                .iter()
+                .nth(rng.gen_range(0..writable.len()))
+                .unwrap()
+                .clone();
+            let len = rng.gen_range(1..chunk as usize * 3).min(size as usize);
+            let off = rng.gen_range(0..=size - len as u64);
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            s.write_snapshot(&w, &[(off, &data)], rng.gen_bool(0.1))
+                .unwrap();
+            snaps.get_mut(&w).unwrap()[off as usize..off as usize + len].copy_from_slice(&data);
+        } else if op < 60 {
+            let name = format!("w{next}");
+            next += 1;
+            s.create_writable(&name, None, BTreeMap::new()).unwrap();
+            snaps.insert(name.clone(), model.clone());
+            writable.insert(name);
+        } else if op < 63 && !snaps.is_empty() {
+            let name = snaps
+                .keys()
+                .nth(rng.gen_range(0..snaps.len()))
+                .unwrap()
+                .clone();
+            s.set_writable(&name).unwrap();
+            writable.insert(name);
         } else if op < 72 {
             let name = format!("s{next}");
             next += 1;
@@ -61,8 +89,13 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
                 .clone();
             let name = format!("s{next}");
             next += 1;
-            s.create_from(&name, &from, None, BTreeMap::new()).unwrap();
-            snaps.insert(name, snaps[&from].clone());
+            let w = rng.gen_bool(0.4);
+            s.create_from(&name, &from, None, BTreeMap::new(), w)
+                .unwrap();
+            snaps.insert(name.clone(), snaps[&from].clone());
+            if w {
+                writable.insert(name);
+            }
         } else if op < 80 && !snaps.is_empty() {
             // restore the origin to a snapshot, with or without a backup
             let target = snaps
@@ -83,13 +116,14 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
         } else if !snaps.is_empty() {
             let k = rng.gen_range(0..snaps.len());
             let name = snaps.keys().nth(k).unwrap().clone();
-            let excl = s.snapshot(&name).unwrap().exclusive_chunks * chunk;
+            let excl = s.snapshot(&name).unwrap().owned_chunks() * chunk;
             let freed = s.delete(std::slice::from_ref(&name)).unwrap();
             assert_eq!(
                 freed, excl,
                 "seed {seed} step {step}: delete of {name} freed {freed}, exclusive said {excl}"
             );
             snaps.remove(&name);
+            writable.remove(&name);
         }
         assert_eq!(
             read_all(&s, "origin"),

@@ -913,3 +913,22 @@ fn restore_through_the_server_waits_for_an_idle_origin() {
     s.ok(&["restore", "base", "--force", "--no-backup"]);
     assert_eq!(c.read(0, 4096).unwrap(), before[..4096]);
 }
+
+#[test]
+fn writable_snapshots_are_exported_read_write_and_change_nothing_else() {
+    let s = Served::start();
+    let before = std::fs::read(s.p("origin.img")).unwrap();
+    s.ok(&["create", "ro"]);
+    s.ok(&["create", "rw", "--writable"]);
+    let mut c = Raw::go(&s.sock(), "rw").unwrap();
+    assert_eq!(c.flags & 2, 0, "writable snapshot exported read-only");
+    assert_eq!(c.write(100, &[0xee; 5000]), 0);
+    assert_eq!(c.flush(), 0);
+    assert_eq!(c.read(100, 5000).unwrap(), vec![0xee; 5000]);
+    let mut want = before.clone();
+    want[100..5100].fill(0xee);
+    assert!(s.export("rw") == want);
+    assert!(s.export("ro") == before);
+    assert!(s.export("origin") == before);
+    s.ok(&["check"]);
+}
