@@ -49,6 +49,9 @@ _snapctl() {
             snapctl,ls)
                 cmd="snapctl__subcmd__list"
                 ;;
+            snapctl,prune)
+                cmd="snapctl__subcmd__prune"
+                ;;
             snapctl,rename)
                 cmd="snapctl__subcmd__rename"
                 ;;
@@ -57,6 +60,9 @@ _snapctl() {
                 ;;
             snapctl,rm)
                 cmd="snapctl__subcmd__delete"
+                ;;
+            snapctl,schedule)
+                cmd="snapctl__subcmd__schedule"
                 ;;
             snapctl,serve)
                 cmd="snapctl__subcmd__serve"
@@ -100,11 +106,17 @@ _snapctl() {
             snapctl__subcmd__help,list)
                 cmd="snapctl__subcmd__help__subcmd__list"
                 ;;
+            snapctl__subcmd__help,prune)
+                cmd="snapctl__subcmd__help__subcmd__prune"
+                ;;
             snapctl__subcmd__help,rename)
                 cmd="snapctl__subcmd__help__subcmd__rename"
                 ;;
             snapctl__subcmd__help,restore)
                 cmd="snapctl__subcmd__help__subcmd__restore"
+                ;;
+            snapctl__subcmd__help,schedule)
+                cmd="snapctl__subcmd__help__subcmd__schedule"
                 ;;
             snapctl__subcmd__help,serve)
                 cmd="snapctl__subcmd__help__subcmd__serve"
@@ -118,6 +130,30 @@ _snapctl() {
             snapctl__subcmd__help,write)
                 cmd="snapctl__subcmd__help__subcmd__write"
                 ;;
+            snapctl__subcmd__help__subcmd__schedule,run)
+                cmd="snapctl__subcmd__help__subcmd__schedule__subcmd__run"
+                ;;
+            snapctl__subcmd__help__subcmd__schedule,status)
+                cmd="snapctl__subcmd__help__subcmd__schedule__subcmd__status"
+                ;;
+            snapctl__subcmd__schedule,help)
+                cmd="snapctl__subcmd__schedule__subcmd__help"
+                ;;
+            snapctl__subcmd__schedule,run)
+                cmd="snapctl__subcmd__schedule__subcmd__run"
+                ;;
+            snapctl__subcmd__schedule,status)
+                cmd="snapctl__subcmd__schedule__subcmd__status"
+                ;;
+            snapctl__subcmd__schedule__subcmd__help,help)
+                cmd="snapctl__subcmd__schedule__subcmd__help__subcmd__help"
+                ;;
+            snapctl__subcmd__schedule__subcmd__help,run)
+                cmd="snapctl__subcmd__schedule__subcmd__help__subcmd__run"
+                ;;
+            snapctl__subcmd__schedule__subcmd__help,status)
+                cmd="snapctl__subcmd__schedule__subcmd__help__subcmd__status"
+                ;;
             *)
                 ;;
         esac
@@ -125,7 +161,7 @@ _snapctl() {
 
     case "${cmd}" in
         snapctl)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create set-writable list ls show rename delete rm export write check diff restore serve generate-docs help"
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create prune schedule set-writable list ls show rename delete rm export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -169,7 +205,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__create)
-            opts="-s -q -v -h -V --expires --label --from --writable --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --expires --label --from --writable --freeze --freeze-timeout --pre-hook --post-hook --created-at --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -184,6 +220,26 @@ _snapctl() {
                     return 0
                     ;;
                 --from)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --freeze)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --freeze-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pre-hook)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --post-hook)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --created-at)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -303,7 +359,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help)
-            opts="init info create set-writable list show rename delete export write check diff restore serve generate-docs help"
+            opts="init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -456,6 +512,20 @@ _snapctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        snapctl__subcmd__help__subcmd__prune)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         snapctl__subcmd__help__subcmd__rename)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -473,6 +543,48 @@ _snapctl() {
         snapctl__subcmd__help__subcmd__restore)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__schedule)
+            opts="run status"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__schedule__subcmd__run)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__schedule__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -622,6 +734,36 @@ _snapctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        snapctl__subcmd__prune)
+            opts="-s -q -v -h -V --dry-run --now --config --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --now)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         snapctl__subcmd__rename)
             opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -652,6 +794,144 @@ _snapctl() {
             fi
             case "${prev}" in
                 --to)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule)
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version run status help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__help)
+            opts="run status help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__help__subcmd__run)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__run)
+            opts="-s -q -v -h -V --dry-run --now --config --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --now)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__schedule__subcmd__status)
+            opts="-s -q -v -h -V --now --config --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --now)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

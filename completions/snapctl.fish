@@ -33,6 +33,8 @@ complete -c snapctl -n "__fish_snapctl_needs_command" -s V -l version -d 'Print 
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "prune" -d 'Delete the snapshots past their expiry time'
+complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "schedule" -d 'Scheduled snapshots with retention (for cron or a systemd timer)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "set-writable" -d 'Make a read-only snapshot writable; one-way: there is no way back to read-only'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "list" -d 'List snapshots, oldest first'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "ls" -d 'List snapshots, oldest first'
@@ -70,6 +72,11 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand info" -s V -l version -d
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l expires -d 'When it may be pruned: an RFC 3339 time or a duration (90m, 12h, 7d, 2w)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l label -d 'A KEY=VALUE label (repeatable)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l from -d 'Snapshot this snapshot instead of the origin (its point in time, and what it holds if it is writable)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l freeze -d 'Freeze this mounted file system while the snapshot is taken (repeatable)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l freeze-timeout -d 'Thaw after this long whatever happens (a duration: 30s, 2m)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l pre-hook -d 'Run this first (with /bin/sh -c); if it fails, no snapshot is taken' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l post-hook -d 'Run this after, whatever happened, once the pre-hook succeeded' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l created-at -d 'Stamp the snapshot with this creation time (RFC 3339) instead of now' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l writable -d 'Make the new snapshot writable (a clone); see set-writable'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
@@ -77,6 +84,44 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s q -l quiet -d
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -l now -d 'Decide as if it were TIME (RFC 3339)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -l config -d 'Configuration file naming stores (used when no store is given)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -l dry-run -d 'Say what would be deleted, delete nothing'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand prune" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -f -a "run" -d 'Take each period\'s snapshot when due, then apply retention and expiry'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -f -a "status" -d 'Each period\'s newest snapshot and next due time; exits 10 when one is overdue'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and not __fish_seen_subcommand_from run status help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -l now -d 'Evaluate the schedule as if it were TIME (RFC 3339); snapshots are stamped with it' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -l config -d 'Configuration file' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -l dry-run -d 'Say what would be done, do nothing'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -l now -d 'Evaluate as if it were TIME (RFC 3339)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -l config -d 'Configuration file' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -s q -l quiet -d 'Print nothing but errors'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from status" -s V -l version -d 'Print version'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from help" -f -a "run" -d 'Take each period\'s snapshot when due, then apply retention and expiry'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from help" -f -a "status" -d 'Each period\'s newest snapshot and next due time; exits 10 when one is overdue'
+complete -c snapctl -n "__fish_snapctl_using_subcommand schedule; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand set-writable" -s q -l quiet -d 'Print nothing but errors'
@@ -176,19 +221,23 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s q -l q
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand generate-docs" -s V -l version -d 'Print version'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "set-writable" -d 'Make a read-only snapshot writable; one-way: there is no way back to read-only'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "show" -d 'Show one snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "init" -d 'Format STORE as the exception store of ORIGIN (never writes to ORIGIN)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "info" -d 'Show the store: format, sizes, space, policy, I/O engine'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "create" -d 'Take a read-only snapshot of the origin (instant: copies nothing)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "prune" -d 'Delete the snapshots past their expiry time'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "schedule" -d 'Scheduled snapshots with retention (for cron or a systemd timer)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "set-writable" -d 'Make a read-only snapshot writable; one-way: there is no way back to read-only'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "list" -d 'List snapshots, oldest first'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "show" -d 'Show one snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "rename" -d 'Rename a snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "delete" -d 'Delete snapshots and free what only they held'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "export" -d 'Write the full image of a snapshot (or of `origin`) to FILE or stdout'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "write" -d 'Write data into the origin through copy-on-write (from FILE or stdin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "check" -d 'Verify the store: checksums, single ownership of every chunk, space accounting'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "diff" -d 'The byte ranges where two views differ, from metadata (TO defaults to origin)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "restore" -d 'Make the origin identical to a snapshot, writing only the chunks that differ'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "serve" -d 'Serve the origin and every snapshot over NBD, in the foreground'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and not __fish_seen_subcommand_from init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and __fish_seen_subcommand_from schedule" -f -a "run" -d 'Take each period\'s snapshot when due, then apply retention and expiry'
+complete -c snapctl -n "__fish_snapctl_using_subcommand help; and __fish_seen_subcommand_from schedule" -f -a "status" -d 'Each period\'s newest snapshot and next due time; exits 10 when one is overdue'

@@ -147,7 +147,37 @@ pub enum Cmd {
         /// Make the new snapshot writable (a clone); see set-writable
         #[arg(long)]
         writable: bool,
+        /// Freeze this mounted file system while the snapshot is taken (repeatable)
+        #[arg(long, value_name = "MOUNTPOINT")]
+        freeze: Vec<PathBuf>,
+        /// Thaw after this long whatever happens (a duration: 30s, 2m)
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        freeze_timeout: String,
+        /// Run this first (with /bin/sh -c); if it fails, no snapshot is taken
+        #[arg(long, value_name = "CMD")]
+        pre_hook: Option<String>,
+        /// Run this after, whatever happened, once the pre-hook succeeded
+        #[arg(long, value_name = "CMD")]
+        post_hook: Option<String>,
+        /// Stamp the snapshot with this creation time (RFC 3339) instead of now
+        #[arg(long, value_name = "TIME", hide = true)]
+        created_at: Option<String>,
     },
+    /// Delete the snapshots past their expiry time
+    Prune {
+        /// Say what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Decide as if it were TIME (RFC 3339)
+        #[arg(long, value_name = "TIME")]
+        now: Option<String>,
+        /// Configuration file naming stores (used when no store is given)
+        #[arg(long, env = "SNAPCTL_CONFIG", default_value = crate::schedule::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Scheduled snapshots with retention (for cron or a systemd timer)
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
     /// Make a read-only snapshot writable; one-way: there is no way back to read-only
     ///
     /// Snapshots taken of it while it was read-only keep their bytes. Writable snapshots are
@@ -253,6 +283,39 @@ pub enum Cmd {
     GenerateDocs {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCmd {
+    /// Take each period's snapshot when due, then apply retention and expiry
+    ///
+    /// For every store in the configuration (or only --store's). A period is due on its
+    /// boundaries in UTC (every = 1h: on the hour; 1d: at midnight; 1w: Monday midnight); after
+    /// downtime one catch-up snapshot is taken, never a burst. Snapshots are named
+    /// PERIOD-YYYYMMDDTHHMMSSZ after their boundary and labelled period=PERIOD; a second run in
+    /// the same period does nothing. Retention deletes a period's snapshots beyond its keep
+    /// and retain; snapshots without its label are never touched by it. Every snapshot past its
+    /// expiry is deleted.
+    Run {
+        /// Say what would be done, do nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Evaluate the schedule as if it were TIME (RFC 3339); snapshots are stamped with it
+        #[arg(long, value_name = "TIME")]
+        now: Option<String>,
+        /// Configuration file
+        #[arg(long, env = "SNAPCTL_CONFIG", default_value = crate::schedule::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Each period's newest snapshot and next due time; exits 10 when one is overdue
+    Status {
+        /// Evaluate as if it were TIME (RFC 3339)
+        #[arg(long, value_name = "TIME")]
+        now: Option<String>,
+        /// Configuration file
+        #[arg(long, env = "SNAPCTL_CONFIG", default_value = crate::schedule::DEFAULT_CONFIG)]
+        config: PathBuf,
     },
 }
 
@@ -753,6 +816,116 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             labels,
             from,
             writable,
+            freeze,
+            freeze_timeout,
+            pre_hook,
+            post_hook,
+            created_at,
+        } if !freeze.is_empty() || pre_hook.is_some() || post_hook.is_some() => {
+            let timeout = crate::names::parse_duration(freeze_timeout).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "--freeze-timeout '{freeze_timeout}' is not a duration (30s, 2m)"
+                ))
+            })?;
+            let mut args = vec!["create".to_string(), name.clone()];
+            if let Some(e) = expires {
+                args.extend(["--expires".into(), e.clone()]);
+            }
+            for l in labels {
+                args.extend(["--label".into(), l.clone()]);
+            }
+            if let Some(f) = from {
+                args.extend(["--from".into(), f.clone()]);
+            }
+            if *writable {
+                args.push("--writable".into());
+            }
+            if let Some(c) = created_at {
+                args.extend(["--created-at".into(), c.clone()]);
+            }
+            let store = store_path(g)?.to_path_buf();
+            let v = consistent_create(
+                &store,
+                &args,
+                freeze,
+                timeout,
+                pre_hook.as_deref(),
+                post_hook.as_deref(),
+                g.quiet,
+            )?;
+            let snap = &v["snapshot"];
+            if g.json {
+                return ok(doc(v.clone()));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            ok(format!(
+                "created snapshot '{}' of {} at {}\n",
+                snap["name"].as_str().unwrap_or(name),
+                snap["parent"].as_str().unwrap_or("origin"),
+                snap["created"].as_str().unwrap_or("")
+            ))
+        }
+        Cmd::Prune {
+            dry_run,
+            now,
+            config,
+        } => {
+            let now = parse_now(now.as_deref())?;
+            let stores: Vec<PathBuf> = match &g.store {
+                Some(s) => vec![s.clone()],
+                None => load_config(config)?.into_iter().map(|s| s.path).collect(),
+            };
+            let mut out = Vec::new();
+            let mut text = String::new();
+            for st in stores {
+                let snaps = list_infos(&st)?;
+                let verdicts = crate::schedule::expiry(&snaps, now);
+                let mut deleted = Vec::new();
+                for v in verdicts.iter().filter(|v| v.delete) {
+                    if !*dry_run && delete_quietly(&st, &v.name)? {
+                        deleted.push(v.name.clone());
+                    }
+                    text.push_str(&format!(
+                        "{}: {} '{}' ({})\n",
+                        st.display(),
+                        if *dry_run { "would delete" } else { "deleted" },
+                        v.name,
+                        v.rule
+                    ));
+                }
+                out.push(json!({"store": st.display().to_string(), "considered": verdicts, "deleted": deleted}));
+            }
+            if g.json {
+                return ok(doc(
+                    json!({"schema_version": 1, "dry_run": dry_run, "stores": out}),
+                ));
+            }
+            if g.quiet {
+                return ok(String::new());
+            }
+            if text.is_empty() {
+                text = "nothing has expired\n".into();
+            }
+            ok(text)
+        }
+        Cmd::Schedule(ScheduleCmd::Run {
+            dry_run,
+            now,
+            config,
+        }) => schedule_run(g, config, *dry_run, now.as_deref()),
+        Cmd::Schedule(ScheduleCmd::Status { now, config }) => {
+            schedule_status(g, config, now.as_deref())
+        }
+        Cmd::Create {
+            name,
+            expires,
+            labels,
+            from,
+            writable,
+            created_at,
+            ..
         } => {
             crate::names::validate(name)?;
             let labels = parse_labels(labels)?;
@@ -765,7 +938,15 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
             let s = match from {
                 Some(f) => store.create_from(name, f, expires, labels, *writable)?,
                 None if *writable => store.create_writable(name, expires, labels)?,
-                None => store.create(name, expires, labels, None)?,
+                None => store.create(
+                    name,
+                    expires,
+                    labels,
+                    created_at
+                        .as_deref()
+                        .map(|t| parse_now(Some(t)))
+                        .transpose()?,
+                )?,
             };
             let text = format!(
                 "created snapshot '{}' of {} at {}\n",
@@ -1320,6 +1501,439 @@ fn restore_to(g: &Global, ctx: &Ctx, name: &str, dev: &Path) -> Result<Output> {
         human_bytes(total),
         dev.display()
     ))
+}
+
+fn parse_now(now: Option<&str>) -> Result<i64> {
+    match now {
+        None => Ok(chrono::Utc::now().timestamp()),
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map(|d| d.timestamp())
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "'{t}' is not an RFC 3339 time (2026-11-22T10:00:00Z)"
+                ))
+            }),
+    }
+}
+
+fn load_config(path: &Path) -> Result<Vec<crate::schedule::StoreConfig>> {
+    crate::schedule::load(path, &|p: &Path| {
+        crate::serve::peek_superblock(p)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotAStore(p.display().to_string()))
+    })
+}
+
+fn error_of(kind: &str, msg: String) -> Error {
+    match kind {
+        "not-found" | "not-a-store" => Error::NotFound(msg),
+        "already-exists" => Error::Exists(msg),
+        "busy" => Error::Busy(msg),
+        "invalid-argument" => Error::Invalid(msg),
+        "no-space" => Error::NoSpace(msg),
+        "corrupt" | "origin-mismatch" => Error::Corrupt(msg),
+        _ => Error::io(msg, std::io::Error::other(kind.to_string())),
+    }
+}
+
+/// Runs `snapctl --json -s STORE ARGS...` as a person would (through a running server, or on
+/// the store directly) and returns its JSON document.
+fn exec_json(store: &Path, args: &[String]) -> Result<Value> {
+    let mut argv: Vec<String> = vec![
+        "snapctl".into(),
+        "--json".into(),
+        "-s".into(),
+        store.display().to_string(),
+    ];
+    argv.extend(args.iter().cloned());
+    let text = match crate::serve::forward(store, &argv) {
+        Some(r) => {
+            let r = r?;
+            if let Some((kind, msg)) = r.error {
+                return Err(error_of(&kind, msg));
+            }
+            r.stdout
+        }
+        None => {
+            let cli = Cli::try_parse_from(&argv).map_err(|e| Error::Invalid(e.to_string()))?;
+            run(cli)?.text
+        }
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Corrupt(format!("unexpected output from {args:?}: {e}")))
+}
+
+fn list_infos(store: &Path) -> Result<Vec<crate::schedule::SnapInfo>> {
+    let v = exec_json(store, &["list".into()])?;
+    serde_json::from_value(v["snapshots"].clone()).map_err(|e| Error::Corrupt(format!("list: {e}")))
+}
+
+/// Deletes one snapshot; false when it was already gone (another run got there first).
+fn delete_quietly(store: &Path, name: &str) -> Result<bool> {
+    match exec_json(store, &["delete".into(), name.into()]) {
+        Ok(_) => Ok(true),
+        Err(Error::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn run_hook(what: &str, cmd: &str) -> Result<()> {
+    let st = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map_err(|e| Error::io(format!("{what} '{cmd}'"), e))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} '{cmd}' failed ({st}){}",
+            if what == "pre-hook" {
+                "; no snapshot was taken"
+            } else {
+                ""
+            }
+        )))
+    }
+}
+
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// Frozen file systems, thawed on drop, on SIGINT/SIGTERM, or when the timeout passes.
+struct Frozen {
+    mounts: Arc<std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+fn thaw_all(mounts: &std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>, why: &str) {
+    use std::os::unix::io::AsRawFd;
+    if let Ok(mut m) = mounts.lock() {
+        for (p, f) in m.drain(..) {
+            // SAFETY: FITHAW on a directory fd we opened.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), FITHAW as _, 0) };
+            if r != 0 {
+                eprintln!(
+                    "snapctl: could not thaw {}: {}",
+                    p.display(),
+                    std::io::Error::last_os_error()
+                );
+            } else if !why.is_empty() {
+                eprintln!("snapctl: thawed {} {why}", p.display());
+            }
+        }
+    }
+}
+
+impl Frozen {
+    fn freeze(paths: &[PathBuf], timeout: i64) -> Result<Frozen> {
+        use std::os::unix::io::AsRawFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        crate::serve::install_signals()?;
+        let mounts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for p in paths {
+            let f = std::fs::File::open(p)
+                .map_err(|e| Error::io(format!("--freeze {}", p.display()), e))?;
+            // SAFETY: FIFREEZE on a directory fd we opened.
+            if unsafe { libc::ioctl(f.as_raw_fd(), FIFREEZE as _, 0) } != 0 {
+                let e = std::io::Error::last_os_error();
+                thaw_all(&mounts, "");
+                return Err(match e.raw_os_error() {
+                    Some(libc::EBUSY) => {
+                        Error::Busy(format!("--freeze {}: already frozen", p.display()))
+                    }
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
+                        Error::Invalid(format!(
+                            "--freeze {}: not the mount point of a file system that can be frozen",
+                            p.display()
+                        ))
+                    }
+                    _ => Error::io(format!("--freeze {}", p.display()), e),
+                });
+            }
+            if let Ok(mut m) = mounts.lock() {
+                m.push((p.clone(), f));
+            }
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let (m2, d2, t2) = (mounts.clone(), done.clone(), timed_out.clone());
+        let start = std::time::Instant::now();
+        let watchdog = std::thread::spawn(move || {
+            while !d2.load(Ordering::SeqCst) {
+                if crate::serve::stop_requested() {
+                    thaw_all(&m2, "on a signal; no snapshot was taken");
+                    std::process::exit(130);
+                }
+                if start.elapsed().as_secs_f64() >= timeout as f64 {
+                    t2.store(true, Ordering::SeqCst);
+                    thaw_all(&m2, &format!("after the {timeout} s freeze timeout"));
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        Ok(Frozen {
+            mounts,
+            done,
+            timed_out,
+            watchdog: Some(watchdog),
+        })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        thaw_all(&self.mounts, "");
+    }
+}
+
+/// pre-hook, freeze, create, thaw, post-hook: the thaw and the post-hook happen whatever the
+/// outcome once the pre-hook succeeded.
+fn consistent_create(
+    store: &Path,
+    create_args: &[String],
+    freeze: &[PathBuf],
+    timeout: i64,
+    pre: Option<&str>,
+    post: Option<&str>,
+    quiet: bool,
+) -> Result<Value> {
+    if let Some(cmd) = pre {
+        run_hook("pre-hook", cmd)?;
+    }
+    let result = (|| {
+        let frozen = if freeze.is_empty() {
+            None
+        } else {
+            Some(Frozen::freeze(freeze, timeout)?)
+        };
+        let r = exec_json(store, create_args);
+        if let Some(f) = frozen {
+            let late = f.timed_out.load(std::sync::atomic::Ordering::SeqCst);
+            drop(f);
+            if late {
+                let name = r
+                    .as_ref()
+                    .ok()
+                    .and_then(|v| v["snapshot"]["name"].as_str().map(String::from));
+                return Err(Error::io(
+                    format!(
+                        "the freeze timed out ({timeout} s) before the snapshot was taken{}",
+                        name.map(|n| format!("; snapshot '{n}' may not be consistent"))
+                            .unwrap_or_default()
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
+            }
+        }
+        r
+    })();
+    if let Some(cmd) = post {
+        if let Err(e) = run_hook("post-hook", cmd) {
+            return match result {
+                Ok(v) => Err(Error::Invalid(format!(
+                    "{e}; snapshot '{}' was taken",
+                    v["snapshot"]["name"].as_str().unwrap_or("?")
+                ))),
+                Err(orig) => {
+                    if !quiet {
+                        eprintln!("snapctl: {e}");
+                    }
+                    Err(orig)
+                }
+            };
+        }
+    }
+    result
+}
+
+fn schedule_run(g: &Global, config: &Path, dry_run: bool, now: Option<&str>) -> Result<Output> {
+    let at = parse_now(now)?;
+    let stores = load_config(config)?;
+    let only = g.store.as_deref();
+    let mut reports = Vec::new();
+    let mut text = String::new();
+    let mut failed = false;
+    for st in stores.iter().filter(|s| only.is_none_or(|o| o == s.path)) {
+        let mut created = Vec::new();
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        let mut snaps = list_infos(&st.path)?;
+        for p in &st.periods {
+            let Some(name) = crate::schedule::due(p, &snaps, at) else {
+                continue;
+            };
+            if dry_run {
+                text.push_str(&format!(
+                    "{}: would take '{name}' (period {})\n",
+                    st.name, p.name
+                ));
+                created.push(json!({"name": name, "period": p.name}));
+                // retention below sees it as taken
+                snaps.push(crate::schedule::SnapInfo {
+                    name,
+                    created: crate::names::rfc3339(at),
+                    expires: None,
+                    labels: [("period".to_string(), p.name.clone())]
+                        .into_iter()
+                        .collect(),
+                });
+                continue;
+            }
+            let mut args = vec![
+                "create".to_string(),
+                name.clone(),
+                "--label".into(),
+                format!("period={}", p.name),
+            ];
+            if now.is_some() {
+                args.extend(["--created-at".into(), crate::names::rfc3339(at)]);
+            }
+            match consistent_create(
+                &st.path,
+                &args,
+                &p.freeze,
+                30,
+                p.pre_hook.as_deref(),
+                p.post_hook.as_deref(),
+                g.quiet,
+            ) {
+                Ok(_) => {
+                    text.push_str(&format!("{}: took '{name}' (period {})\n", st.name, p.name));
+                    created.push(json!({"name": name, "period": p.name}));
+                }
+                // Another run took it a moment ago: nothing to do.
+                Err(Error::Exists(_)) => {}
+                Err(e) => {
+                    failed = true;
+                    text.push_str(&format!("{}: period {}: {e}\n", st.name, p.name));
+                    errors.push(json!({"period": p.name, "error": e.to_string()}));
+                }
+            }
+        }
+        if !dry_run {
+            snaps = list_infos(&st.path)?;
+        }
+        let mut verdicts: Vec<crate::schedule::Verdict> = Vec::new();
+        for p in &st.periods {
+            verdicts.extend(crate::schedule::retention(p, &snaps, at));
+        }
+        verdicts.extend(
+            crate::schedule::expiry(&snaps, at)
+                .into_iter()
+                .filter(|v| v.delete),
+        );
+        let mut seen = std::collections::HashSet::new();
+        for v in verdicts.into_iter().filter(|v| v.delete) {
+            if !seen.insert(v.name.clone()) {
+                continue;
+            }
+            if dry_run || delete_quietly(&st.path, &v.name)? {
+                text.push_str(&format!(
+                    "{}: {} '{}' ({})\n",
+                    st.name,
+                    if dry_run { "would delete" } else { "deleted" },
+                    v.name,
+                    v.rule
+                ));
+                deleted.push(json!({"name": v.name, "reason": v.rule}));
+            }
+        }
+        reports.push(
+            json!({"store": st.name, "path": st.path.display().to_string(),
+            "created": created, "deleted": deleted, "errors": errors}),
+        );
+    }
+    if only.is_some() && reports.is_empty() {
+        return Err(Error::NotFound(format!(
+            "store {} is not in {}",
+            only.map(|p| p.display().to_string()).unwrap_or_default(),
+            config.display()
+        )));
+    }
+    let code = if failed { 1 } else { 0 };
+    if g.json {
+        return Ok(Output {
+            text: doc(
+                json!({"schema_version": 1, "dry_run": dry_run, "now": crate::names::rfc3339(at), "stores": reports}),
+            ),
+            code,
+        });
+    }
+    if text.is_empty() && !g.quiet {
+        text = "nothing due, nothing to delete\n".into();
+    }
+    Ok(Output {
+        text: if g.quiet { String::new() } else { text },
+        code,
+    })
+}
+
+fn schedule_status(g: &Global, config: &Path, now: Option<&str>) -> Result<Output> {
+    let at = parse_now(now)?;
+    let stores = load_config(config)?;
+    let only = g.store.as_deref();
+    let mut rows = Vec::new();
+    let mut overdue_any = false;
+    for st in stores.iter().filter(|s| only.is_none_or(|o| o == s.path)) {
+        let snaps = list_infos(&st.path)?;
+        for p in &st.periods {
+            let newest = snaps
+                .iter()
+                .filter(|s| s.period() == Some(p.name.as_str()))
+                .max_by_key(|s| s.created_ts());
+            let b = crate::schedule::boundary(p.every, at);
+            let taken = newest.is_some_and(|s| s.created_ts() >= b);
+            let next_due = if taken { b + p.every } else { b };
+            let overdue = !taken && at > b + crate::schedule::grace(p.every);
+            overdue_any |= overdue;
+            rows.push(json!({"store": st.name, "period": p.name,
+                "newest": newest.map(|s| s.name.clone()),
+                "newest_created": newest.map(|s| s.created.clone()),
+                "next_due": crate::names::rfc3339(next_due), "overdue": overdue}));
+        }
+    }
+    let code = if overdue_any { 10 } else { 0 };
+    if g.json {
+        return Ok(Output {
+            text: doc(
+                json!({"schema_version": 1, "now": crate::names::rfc3339(at), "periods": rows}),
+            ),
+            code,
+        });
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(vec!["STORE", "PERIOD", "NEWEST", "NEXT DUE", "STATE"]);
+    for r in &rows {
+        table.add_row(vec![
+            r["store"].as_str().unwrap_or("").to_string(),
+            r["period"].as_str().unwrap_or("").to_string(),
+            r["newest"].as_str().unwrap_or("-").to_string(),
+            r["next_due"].as_str().unwrap_or("").to_string(),
+            if r["overdue"] == true {
+                "OVERDUE".to_string()
+            } else {
+                "ok".to_string()
+            },
+        ]);
+    }
+    let mut t = String::new();
+    for l in table.to_string().lines() {
+        t.push_str(l.strip_prefix(' ').unwrap_or(l).trim_end());
+        t.push('\n');
+    }
+    Ok(Output {
+        text: if g.quiet { String::new() } else { t },
+        code,
+    })
 }
 
 /// Runs a command forwarded by another snapctl through the control socket, on the server's store.

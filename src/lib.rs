@@ -11,6 +11,7 @@ pub mod format;
 pub mod io;
 pub mod names;
 pub mod nbd;
+pub mod schedule;
 pub mod serve;
 pub mod store;
 

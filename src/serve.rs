@@ -52,7 +52,13 @@ extern "C" fn on_signal(_: libc::c_int) {
     SIGNALED.store(true, Ordering::SeqCst);
 }
 
-fn install_signals() -> Result<()> {
+/// Whether SIGTERM or SIGINT arrived since `install_signals`.
+pub fn stop_requested() -> bool {
+    SIGNALED.load(Ordering::SeqCst)
+}
+
+/// SIGTERM and SIGINT set a flag instead of killing the process; SIGPIPE is ignored.
+pub fn install_signals() -> Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let sa = SigAction::new(
         SigHandler::Handler(on_signal),

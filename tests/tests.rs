@@ -6,3 +6,4 @@ mod crash;
 mod docs;
 mod model;
 mod nbd;
+mod schedule;
