@@ -650,17 +650,7 @@ impl Store {
                 }
             }
         }
-        // Free in coalesced extents.
-        to_free.sort_unstable();
-        let mut i = 0;
-        while i < to_free.len() {
-            let mut j = i + 1;
-            while j < to_free.len() && to_free[j] == to_free[j - 1] + 1 {
-                j += 1;
-            }
-            self.free_chunks(tx, to_free[i], (j - i) as u64)?;
-            i = j;
-        }
+        self.free_chunk_list(tx, to_free)?;
         Ok(count)
     }
 
@@ -910,17 +900,7 @@ impl Store {
                 t.remove((id, g)).map_err(|e| meta_err(sn, e))?;
             }
         }
-        let mut locs: Vec<u64> = items.iter().map(|(_, p)| *p).collect();
-        locs.sort_unstable();
-        let mut i = 0;
-        while i < locs.len() {
-            let mut j = i + 1;
-            while j < locs.len() && locs[j] == locs[j - 1] + 1 {
-                j += 1;
-            }
-            self.free_chunks(tx, locs[i], (j - i) as u64)?;
-            i = j;
-        }
+        self.free_chunk_list(tx, items.iter().map(|(_, p)| *p).collect())?;
         Ok(items.len() as u64)
     }
 

@@ -171,6 +171,36 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A new, valid, read-only snapshot at a point in time, holding nothing yet.
+    #[allow(clippy::too_many_arguments)]
+    fn point(
+        id: u64,
+        name: &str,
+        parent: &str,
+        branch: u32,
+        epoch: u64,
+        created: i64,
+        expires: Option<i64>,
+        labels: BTreeMap<String, String>,
+    ) -> Snapshot {
+        Snapshot {
+            id,
+            name: name.to_string(),
+            parent: parent.to_string(),
+            branch,
+            epoch,
+            created,
+            writable: false,
+            expires,
+            labels,
+            state: SnapState::Valid,
+            invalid_reason: None,
+            exclusive_chunks: 0,
+            overlay: 0,
+            overlay_chunks: 0,
+        }
+    }
+
     /// Chunks deleting this snapshot alone would free.
     pub fn owned_chunks(&self) -> u64 {
         self.exclusive_chunks + self.overlay_chunks
@@ -823,22 +853,16 @@ impl Store {
             config
                 .insert(K_EPOCH, epoch + 1)
                 .map_err(|e| meta_err(sn, e))?;
-            snap = Snapshot {
+            snap = Snapshot::point(
                 id,
-                name: name.to_string(),
-                parent: "origin".into(),
-                branch: 0,
+                name,
+                "origin",
+                0,
                 epoch,
-                created: created.unwrap_or_else(now),
-                writable: false,
+                created.unwrap_or_else(now),
                 expires,
                 labels,
-                state: SnapState::Valid,
-                invalid_reason: None,
-                exclusive_chunks: 0,
-                overlay: 0,
-                overlay_chunks: 0,
-            };
+            );
             put_snap(&tx, &snap, sn)?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(sn, e))?;
             names.insert(name, id).map_err(|e| meta_err(sn, e))?;
@@ -881,22 +905,16 @@ impl Store {
             config
                 .insert(K_NEXT_ID, id + 1)
                 .map_err(|e| meta_err(&sn, e))?;
-            snap = Snapshot {
+            snap = Snapshot::point(
                 id,
-                name: name.to_string(),
-                parent: src.name.clone(),
-                branch: src.branch,
-                epoch: src.epoch,
-                created: now(),
-                writable: false,
+                name,
+                &src.name,
+                src.branch,
+                src.epoch,
+                now(),
                 expires,
                 labels,
-                state: SnapState::Valid,
-                invalid_reason: None,
-                exclusive_chunks: 0,
-                overlay: 0,
-                overlay_chunks: 0,
-            };
+            );
             put_snap(&tx, &snap, &sn)?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
             names.insert(name, id).map_err(|e| meta_err(&sn, e))?;
@@ -1083,6 +1101,25 @@ impl Store {
             .insert(K_USED, used + n)
             .map_err(|e| meta_err(sn, e))?;
         Ok(Some(out))
+    }
+
+    /// Frees any set of chunks, in coalesced extents.
+    pub(crate) fn free_chunk_list(
+        &self,
+        tx: &redb::WriteTransaction,
+        mut locs: Vec<u64>,
+    ) -> Result<()> {
+        locs.sort_unstable();
+        let mut i = 0;
+        while i < locs.len() {
+            let mut j = i + 1;
+            while j < locs.len() && locs[j] == locs[j - 1] + 1 {
+                j += 1;
+            }
+            self.free_chunks(tx, locs[i], (j - i) as u64)?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// Returns `n` chunks from `start` to the free list, merging with free neighbours.
