@@ -276,6 +276,20 @@ impl Store {
         Ok(())
     }
 
+    /// Writes store data at device offsets and makes it durable. Everything a commit is about to
+    /// point at goes through here first. The flush is ours, not left to the metadata engine's
+    /// commit protocol: the crash tests show a recovery can adopt a commit whose own pages all
+    /// landed while data written just before it did not.
+    fn write_durable(&self, writes: &[(u64, &[u8])]) -> Result<()> {
+        let sn = &self.name;
+        self.dev
+            .write_many(writes)
+            .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+        self.dev
+            .flush()
+            .map_err(|e| Error::io(format!("store {sn}: flush"), e))
+    }
+
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
     fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
         let live = self.live_epochs();
@@ -354,15 +368,7 @@ impl Store {
                 )
             })
             .collect();
-        self.dev
-            .write_many(&writes)
-            .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
-        // The copies must be durable before the commit that points at them. This flush is ours,
-        // not left to the metadata engine's commit protocol: the crash tests show a recovery can
-        // adopt a commit whose own pages all landed while a copy written just before did not.
-        self.dev
-            .flush()
-            .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+        self.write_durable(&writes)?;
         let mut exclusive = 0u64;
         {
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
@@ -870,13 +876,8 @@ impl Store {
                 .zip(&bufs)
                 .map(|(p, b)| (self.sb.data_offset + p * cs as u64, b.as_slice()))
                 .collect();
-            self.dev
-                .write_many(&writes)
-                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            self.write_durable(&writes)?;
         }
-        self.dev
-            .flush()
-            .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
         let pairs: Vec<(u64, u64)> = items.iter().map(|(c, _)| *c).zip(locs).collect();
         self.overlay_insert(tx, dst, &pairs)?;
         Ok(items.len() as u64)
@@ -995,12 +996,7 @@ impl Store {
                 .zip(&bufs)
                 .map(|(p, b)| (self.sb.data_offset + p * cs, b.as_slice()))
                 .collect();
-            self.dev
-                .write_many(&fills)
-                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
-            self.dev
-                .flush()
-                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+            self.write_durable(&fills)?;
             let pairs: Vec<(u64, u64)> =
                 missing.iter().copied().zip(locs.iter().copied()).collect();
             self.overlay_insert(&tx, snap.overlay, &pairs)?;
