@@ -292,13 +292,15 @@ impl Store {
 
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
     fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
+        // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
+        // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
+        if chunks.iter().all(|&c| self.bit(c)) {
+            return Ok(Preserve::Done);
+        }
         let live = self.live_epochs();
         let Some(&e_max) = live.last() else {
             return Ok(Preserve::Done);
         };
-        if chunks.iter().all(|&c| self.bit(c)) {
-            return Ok(Preserve::Done);
-        }
         let e_prev = live.len().checked_sub(2).map(|i| live[i]);
         let epoch = self.epoch;
         let sn = self.name.clone();

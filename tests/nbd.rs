@@ -294,37 +294,21 @@ fn qemu_writes_go_through_copy_on_write_and_snapshots_compare_exact() {
     qio("origin", "write -P 0xcd 20M 64k");
     let out = qio("origin", "read -P 0xab 1000 3M");
     assert!(out.contains("read 3145728/3145728"), "{out}");
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &s.uri("s1"),
-            &s.p("before.img").display().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let compare = |export: &str| {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &s.uri(export)])
+            .arg(s.p("before.img"))
+            .output()
+            .unwrap()
+    };
+    let cmp = compare("s1");
     assert!(
         cmp.status.success(),
         "snapshot differs: {}",
         String::from_utf8_lossy(&cmp.stdout)
     );
     // and the origin does not match the old image any more
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &s.uri("origin"),
-            &s.p("before.img").display().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(cmp.status.code(), Some(1));
+    assert_eq!(compare("origin").status.code(), Some(1));
     // read-only: qemu-io opened read-only can read the snapshot
     let o = Command::new("qemu-io")
         .args([
