@@ -162,6 +162,10 @@ pub struct OpenMode {
 /// An opened device or file, before an engine is put on it.
 pub struct Device {
     pub file: File,
+    /// The same file without O_DIRECT, for the bytes past the last whole aligned block (a file
+    /// of any size, or a device whose size is not a multiple of [`DIRECT_ALIGN`]): O_DIRECT
+    /// cannot transfer a partial block at the end without reading or writing past it.
+    pub tail: Option<File>,
     pub size: u64,
     pub is_block: bool,
     pub direct: bool,
@@ -203,6 +207,18 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
         Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
         Err(e) => return Err(e),
     };
+    // Opened without O_EXCL: the first descriptor already holds the exclusive claim.
+    let tail = if direct {
+        Some(
+            OpenOptions::new()
+                .read(true)
+                .write(mode.write)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)?,
+        )
+    } else {
+        None
+    };
     let (size, block_size) = if is_block {
         let mut size = 0u64;
         let mut ssz: libc::c_int = 0;
@@ -217,6 +233,7 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
     };
     Ok(Device {
         file,
+        tail,
         size,
         is_block,
         direct,
@@ -256,6 +273,7 @@ pub fn engine_for(dev: Device, choice: EngineChoice) -> io::Result<Arc<dyn Block
             Ok(ring) => {
                 return Ok(Arc::new(UringIo {
                     file: dev.file,
+                    tail: Tail::new(dev.tail, dev.size, align),
                     size: dev.size,
                     align,
                     ring: Mutex::new(ring),
@@ -267,9 +285,50 @@ pub fn engine_for(dev: Device, choice: EngineChoice) -> io::Result<Arc<dyn Block
     }
     Ok(Arc::new(SyncIo {
         file: dev.file,
+        tail: Tail::new(dev.tail, dev.size, align),
         size: dev.size,
         align,
     }))
+}
+
+/// The bytes of a file or device past its last whole aligned block, served by buffered
+/// pread/pwrite so that nothing is ever read or written past the end (and a file's size never
+/// changes). `start` is the first byte of that partial block; requests are split there.
+struct Tail {
+    file: Option<File>,
+    start: u64,
+}
+
+impl Tail {
+    fn new(file: Option<File>, size: u64, align: usize) -> Tail {
+        if align <= 1 || size % align as u64 == 0 {
+            return Tail {
+                file: None,
+                start: size,
+            };
+        }
+        Tail {
+            file,
+            start: size - size % align as u64,
+        }
+    }
+    /// Whether `off..off+n` reaches into the partial last block.
+    fn touches(&self, off: u64, n: usize) -> bool {
+        self.file.is_some() && off + n as u64 > self.start
+    }
+    /// Splits a request at `start`: the aligned head (may be empty) and the tail's part.
+    fn split(&self, off: u64, n: usize) -> usize {
+        if off >= self.start {
+            0
+        } else {
+            ((self.start - off) as usize).min(n)
+        }
+    }
+    fn file(&self) -> io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no descriptor for the device's tail"))
+    }
 }
 
 /// What both file engines do the same way: size, range checks, the bounce path, fdatasync.
@@ -280,13 +339,34 @@ macro_rules! file_engine_common {
         }
         fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
             check_range(self.size, off, buf.len())?;
+            if self.tail.touches(off, buf.len()) {
+                let (head, rest) = buf.split_at_mut(self.tail.split(off, buf.len()));
+                if !head.is_empty() {
+                    bounced_read(self, self.align, head, off)?;
+                }
+                return self
+                    .tail
+                    .file()?
+                    .read_exact_at(rest, off + head.len() as u64);
+            }
             bounced_read(self, self.align, buf, off)
         }
         fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
             check_range(self.size, off, buf.len())?;
+            if self.tail.touches(off, buf.len()) {
+                let (head, rest) = buf.split_at(self.tail.split(off, buf.len()));
+                if !head.is_empty() {
+                    bounced_write(self, self.align, head, off)?;
+                }
+                return self
+                    .tail
+                    .file()?
+                    .write_all_at(rest, off + head.len() as u64);
+            }
             bounced_write(self, self.align, buf, off)
         }
         fn flush(&self) -> io::Result<()> {
+            // One inode: fdatasync through either descriptor covers both paths' writes.
             self.file.sync_data()
         }
     };
@@ -295,6 +375,7 @@ macro_rules! file_engine_common {
 /// pread/pwrite engine.
 pub struct SyncIo {
     file: File,
+    tail: Tail,
     size: u64,
     align: usize,
 }
@@ -322,6 +403,7 @@ impl BlockIo for SyncIo {
 /// io_uring engine: one ring per engine; batches go in flight together.
 pub struct UringIo {
     file: File,
+    tail: Tail,
     size: u64,
     align: usize,
     ring: Mutex<io_uring::IoUring>,
@@ -431,9 +513,12 @@ impl BlockIo for UringIo {
         // block) takes the read-modify-write path on its own.
         let mut bounce: Vec<(usize, AlignedBuf)> = Vec::new();
         let mut direct: Vec<usize> = Vec::new();
+        let partial = |off: u64, n: usize| {
+            off % align != 0 || n as u64 % align != 0 || self.tail.touches(off, n)
+        };
         for (i, (off, buf)) in reqs.iter().enumerate() {
             check_range(self.size, *off, buf.len())?;
-            if off % align != 0 || buf.len() as u64 % align != 0 {
+            if partial(*off, buf.len()) {
                 continue;
             }
             if (buf.as_ptr() as u64) % align == 0 {
@@ -460,7 +545,7 @@ impl BlockIo for UringIo {
             reqs[*i].1.copy_from_slice(b.as_slice());
         }
         for (off, buf) in reqs.iter_mut() {
-            if *off % align != 0 || buf.len() as u64 % align != 0 {
+            if partial(*off, buf.len()) {
                 self.read_at(buf, *off)?;
             }
         }
@@ -470,9 +555,12 @@ impl BlockIo for UringIo {
         let align = self.align.max(1) as u64;
         let mut bounce: Vec<AlignedBuf> = Vec::new();
         let mut ops: Vec<(u64, Op<'_>)> = Vec::with_capacity(reqs.len());
+        let partial = |off: u64, n: usize| {
+            off % align != 0 || n as u64 % align != 0 || self.tail.touches(off, n)
+        };
         for (off, buf) in reqs {
             check_range(self.size, *off, buf.len())?;
-            if off % align != 0 || buf.len() as u64 % align != 0 {
+            if partial(*off, buf.len()) {
                 continue;
             }
             if (buf.as_ptr() as u64) % align != 0 {
@@ -483,7 +571,7 @@ impl BlockIo for UringIo {
         }
         let mut bi = bounce.iter();
         for (off, buf) in reqs {
-            if off % align != 0 || buf.len() as u64 % align != 0 {
+            if partial(*off, buf.len()) {
                 continue;
             }
             if (buf.as_ptr() as u64) % align == 0 {
@@ -494,7 +582,7 @@ impl BlockIo for UringIo {
         }
         self.run(&mut ops)?;
         for (off, buf) in reqs {
-            if off % align != 0 || buf.len() as u64 % align != 0 {
+            if partial(*off, buf.len()) {
                 self.write_at(buf, *off)?;
             }
         }
