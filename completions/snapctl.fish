@@ -185,10 +185,11 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s v -l verbose -
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s h -l help -d 'Print help'
 complete -c snapctl -n "__fish_snapctl_using_subcommand write" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s s -l store -d 'The exception store (a block device or a file)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l data -d 'Also read and verify every saved chunk (time proportional to the space in use)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'
-complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s h -l help -d 'Print help'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand diff" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'

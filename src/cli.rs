@@ -47,8 +47,9 @@ JSON OUTPUT (--json), schema_version 1:
             \"written_bytes\":N} (with --to, also \"to\":DEVICE)
   export -> {\"schema_version\":1,\"exported\":NAME,\"bytes\":N,\"output\":PATH or null}
   write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N}
-  check  -> {\"schema_version\":1,\"check\":{clean, snapshots, records, used_chunks,
-            free_chunks, corruption:[...], leaks:[...]}}
+  check  -> {\"schema_version\":1,\"check\":{clean, data_checked, chunks_verified,
+            damaged:[{snapshots:[NAME...], offset, length, store_chunk}...], snapshots,
+            records, used_chunks, free_chunks, corruption:[...], leaks:[...]}}
   Errors -> {\"schema_version\":1,\"error\":{\"kind\":KIND,\"message\":TEXT}} on stderr, with
   KIND one of invalid-argument, not-found, already-exists, not-a-store, busy, corrupt,
   origin-mismatch, no-space, snapshot-invalid, io, internal.
@@ -224,7 +225,14 @@ pub enum Cmd {
         snapshot: Option<String>,
     },
     /// Verify the store: checksums, single ownership of every chunk, space accounting
-    Check,
+    ///
+    /// Plain `check` reads the metadata only. `--data` also reads every saved chunk and
+    /// verifies it against its checksum, naming each damaged snapshot and byte range.
+    Check {
+        /// Also read and verify every saved chunk (time proportional to the space in use)
+        #[arg(long)]
+        data: bool,
+    },
     /// The byte ranges where two views differ, from metadata (TO defaults to origin)
     ///
     /// Exact at chunk granularity and never missing a difference. A chunk written again with
@@ -1080,11 +1088,19 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
         }
         Cmd::Export { name, output } => {
             let output = output.as_ref().map(|p| ctx.path(p));
+            // A file is written whole or not at all: into a temporary file beside it, renamed
+            // over it on success, removed on failure. Devices are written in place.
+            let mut pending: Option<AtomicOutput> = None;
             let mut sink: Box<dyn Write> = match (&output, &ctx.stdout) {
-                (Some(p), _) => Box::new(
-                    std::fs::File::create(p)
-                        .map_err(|e| Error::io(format!("output {}", p.display()), e))?,
-                ),
+                (Some(p), _) => {
+                    let out = AtomicOutput::create(p)?;
+                    let f = out
+                        .file
+                        .try_clone()
+                        .map_err(|e| Error::io(format!("output {}", p.display()), e))?;
+                    pending = Some(out);
+                    Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+                }
                 (None, Some(f)) => {
                     if f.is_terminal() && !g.json {
                         return Err(Error::Invalid(
@@ -1107,6 +1123,10 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     .map_err(|e| Error::io("export output", e))
             })?;
             sink.flush().map_err(|e| Error::io("export output", e))?;
+            drop(sink);
+            if let Some(out) = pending.take() {
+                out.commit()?;
+            }
             if output.is_none() {
                 return ok(String::new()); // stdout holds the image
             }
@@ -1336,9 +1356,19 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                 human_bytes(written)
             ))
         }
-        Cmd::Check => {
+        Cmd::Check { data } => {
             let mut store = open(g, Use::Read, ctx)?;
-            let rep = store.check()?;
+            let rep = if *data {
+                let pb = progress(g, ctx, 0, "verifying saved chunks");
+                let rep = store.check_with(true, &mut |done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                })?;
+                pb.finish_and_clear();
+                rep
+            } else {
+                store.check()?
+            };
             let code = if !rep.corruption.is_empty() {
                 6
             } else if !rep.leaks.is_empty() {
@@ -1360,6 +1390,12 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
                     plural(rep.used_chunks, "chunk"),
                     plural(rep.free_chunks, "chunk"),
                 );
+                if rep.data_checked {
+                    t.push_str(&format!(
+                        "{} read and verified against the checksums\n",
+                        plural(rep.chunks_verified, "saved chunk")
+                    ));
+                }
                 for c in rep.corruption.iter().take(50) {
                     t.push_str(&format!("CORRUPT: {c}\n"));
                 }
@@ -1393,6 +1429,71 @@ pub fn run_ctx(cli: Cli, ctx: &Ctx) -> Result<Output> {
         Cmd::GenerateDocs { out_dir } => {
             generate_docs(out_dir)?;
             ok(String::new())
+        }
+    }
+}
+
+/// An output file written whole or not at all: bytes go to a temporary file in the same
+/// directory, which `commit` makes durable and renames over the target. Dropped without a
+/// commit (an error part way), the temporary file is removed and the target left as it was.
+/// A device (or anything not a regular file) is written in place.
+struct AtomicOutput {
+    file: std::fs::File,
+    target: PathBuf,
+    tmp: Option<PathBuf>,
+}
+
+impl AtomicOutput {
+    fn create(target: &Path) -> Result<AtomicOutput> {
+        let err = |e| Error::io(format!("output {}", target.display()), e);
+        let special = std::fs::metadata(target).is_ok_and(|m| !m.is_file());
+        if special {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(target)
+                .map_err(err)?;
+            return Ok(AtomicOutput {
+                file,
+                target: target.to_path_buf(),
+                tmp: None,
+            });
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Error::Invalid(format!("output {} is not a file name", target.display()))
+            })?;
+        let tmp = target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(err)?;
+        Ok(AtomicOutput {
+            file,
+            target: target.to_path_buf(),
+            tmp: Some(tmp),
+        })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        let err = |e| Error::io(format!("output {}", self.target.display()), e);
+        self.file.sync_all().map_err(err)?;
+        if let Some(tmp) = self.tmp.take() {
+            if let Err(e) = std::fs::rename(&tmp, &self.target) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(err(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
         }
     }
 }

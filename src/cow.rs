@@ -12,84 +12,63 @@ use std::collections::{BTreeMap, HashMap};
 use redb::ReadableTable;
 use serde::Serialize;
 
+use crate::codec::{
+    chunk_hash, decode_record, encode_record, overlay_key, record_key, Entry, Record,
+};
 use crate::error::{meta_err, Error, Result};
 use crate::format::{OnFull, GROUP_CHUNKS};
 use crate::io::AlignedBuf;
 use crate::store::{
-    put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, K_EPOCH, K_HIGH_WATER,
+    put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, HEADS, K_EPOCH, K_HIGH_WATER,
     K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, RECORDS, SNAPS,
 };
 
-/// A run inside one group: chunks `group*G + off .. + len` live at store chunks `loc ..`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub off: u16,
-    pub len: u16,
-    pub loc: u64,
+fn bad_record(store: &str, k: (u32, u64, u64)) -> Error {
+    Error::Corrupt(format!(
+        "{store}: exception record {k:?} is damaged; run `snapctl check`"
+    ))
 }
 
-const RUN_BYTES: usize = 12;
-
-pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(runs.len() * RUN_BYTES);
-    for r in runs {
-        v.extend_from_slice(&r.off.to_le_bytes());
-        v.extend_from_slice(&r.len.to_le_bytes());
-        v.extend_from_slice(&r.loc.to_le_bytes());
-    }
-    v
+fn bad_overlay(store: &str, k: (u32, u64)) -> Error {
+    Error::Corrupt(format!(
+        "{store}: overlay record {k:?} is damaged; run `snapctl check`"
+    ))
 }
 
-pub fn decode_runs(b: &[u8]) -> Option<Vec<Run>> {
-    if b.len() % RUN_BYTES != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len() / RUN_BYTES);
-    for c in b.chunks_exact(RUN_BYTES) {
-        let off = u16::from_le_bytes([c[0], c[1]]);
-        let len = u16::from_le_bytes([c[2], c[3]]);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&c[4..12]);
-        if len == 0 || off as u64 + len as u64 > GROUP_CHUNKS {
-            return None;
-        }
-        out.push(Run {
-            off,
-            len,
-            loc: u64::from_le_bytes(l),
-        });
-    }
-    Some(out)
+/// Decodes an exception record, refusing one whose checksum (over key and value) fails.
+pub(crate) fn record_of(store: &str, k: (u32, u64, u64), v: &[u8]) -> Result<Record> {
+    decode_record("records", &record_key(k), v).ok_or_else(|| bad_record(store, k))
 }
 
-fn find_in_runs(runs: &[Run], off: u64) -> Option<u64> {
-    runs.iter()
-        .find(|r| (r.off as u64..r.off as u64 + r.len as u64).contains(&off))
-        .map(|r| r.loc + (off - r.off as u64))
+/// Decodes an overlay record, refusing one whose checksum fails.
+pub(crate) fn overlay_of(store: &str, k: (u32, u64), v: &[u8]) -> Result<Record> {
+    decode_record("overlays", &overlay_key(k), v).ok_or_else(|| bad_overlay(store, k))
 }
 
-/// Adds chunk `off -> loc` to a sorted run list, extending a run when both sides are adjacent.
-fn add_to_runs(runs: &mut Vec<Run>, off: u64, loc: u64) {
-    let off16 = off as u16;
-    if let Some(r) = runs
-        .iter_mut()
-        .find(|r| r.off as u64 + r.len as u64 == off && r.loc + r.len as u64 == loc)
-    {
-        r.len += 1;
-    } else {
-        let at = runs.partition_point(|r| r.off < off16);
-        runs.insert(
-            at,
-            Run {
-                off: off16,
-                len: 1,
-                loc,
-            },
-        );
-    }
+pub(crate) fn put_record(
+    t: &mut redb::Table<(u32, u64, u64), &'static [u8]>,
+    store: &str,
+    k: (u32, u64, u64),
+    r: &Record,
+) -> Result<()> {
+    t.insert(k, encode_record("records", &record_key(k), r).as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    Ok(())
 }
 
-/// The first record for chunk `c` of `branch` with `lo <= t <= hi`: `(t, store chunk)`.
+pub(crate) fn put_overlay(
+    t: &mut redb::Table<(u32, u64), &'static [u8]>,
+    store: &str,
+    k: (u32, u64),
+    r: &Record,
+) -> Result<()> {
+    t.insert(k, encode_record("overlays", &overlay_key(k), r).as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    Ok(())
+}
+
+/// The first record for chunk `c` of `branch` with `lo <= t <= hi`: `(t, entry)`. Write paths
+/// only (each record's checksum is verified; the chain is `check`'s and the readers' job).
 fn find_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
     t: &T,
     store: &str,
@@ -97,7 +76,7 @@ fn find_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
     c: u64,
     lo: u64,
     hi: u64,
-) -> Result<Option<(u64, u64)>> {
+) -> Result<Option<(u64, Entry)>> {
     if lo > hi {
         return Ok(None);
     }
@@ -107,49 +86,79 @@ fn find_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
         .map_err(|e| meta_err(store, e))?
     {
         let (k, v) = row.map_err(|e| meta_err(store, e))?;
-        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
-        if let Some(loc) = find_in_runs(&runs, c % GROUP_CHUNKS) {
-            return Ok(Some((k.value().2, loc)));
+        let rec = record_of(store, k.value(), v.value())?;
+        if let Some(e) = rec.find(c % GROUP_CHUNKS) {
+            return Ok(Some((k.value().2, *e)));
         }
     }
     Ok(None)
 }
 
-fn bad_record(store: &str, k: (u32, u64, u64)) -> Error {
+fn broken_chain(store: &str, g: u64) -> Error {
     Error::Corrupt(format!(
-        "{store}: exception record {k:?} is damaged; run `snapctl check`"
+        "{store}: the exception records of chunks {}..{} are incomplete (a record has disappeared); run `snapctl check`",
+        g * GROUP_CHUNKS,
+        (g + 1) * GROUP_CHUNKS
     ))
 }
 
-/// For each chunk of group `g`, where a view at epoch `e` reads it: `Some(store chunk)` or the
-/// current content (`None`).
-fn resolve_group<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+/// For each chunk of group `g`, where a view at epoch `e` reads it: `Some(entry)` (a saved
+/// copy) or the current content (`None`). The records read are proven complete: each names
+/// the one before it (`prev`) and the newest is in `heads`, so a record that vanished (a
+/// damaged page, a key that no longer sorts where it should) fails the read instead of
+/// silently sending it to the origin.
+fn resolve_group<T, H>(
     t: &T,
+    heads: &H,
     store: &str,
-    branch: u32,
     g: u64,
     e: u64,
-) -> Result<[Option<u64>; GROUP_CHUNKS as usize]> {
+) -> Result<[Option<Entry>; GROUP_CHUNKS as usize]>
+where
+    T: ReadableTable<(u32, u64, u64), &'static [u8]>,
+    H: ReadableTable<(u32, u64), u64>,
+{
     let mut out = [None; GROUP_CHUNKS as usize];
     let mut unresolved = GROUP_CHUNKS as usize;
+    let mut last: Option<u64> = None;
     for row in t
-        .range((branch, g, e + 1)..=(branch, g, u64::MAX))
+        .range((0u32, g, e + 1)..=(0u32, g, u64::MAX))
         .map_err(|e| meta_err(store, e))?
     {
         let (k, v) = row.map_err(|e| meta_err(store, e))?;
-        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
-        for r in runs {
-            for i in 0..r.len as usize {
-                let slot = &mut out[r.off as usize + i];
-                if slot.is_none() {
-                    *slot = Some(r.loc + i as u64);
-                    unresolved -= 1;
-                }
+        let key = k.value();
+        let rec = record_of(store, key, v.value())?;
+        let linked = match last {
+            None => rec.prev <= e,
+            Some(l) => rec.prev == l,
+        };
+        if !linked {
+            return Err(broken_chain(store, g));
+        }
+        last = Some(key.2);
+        for en in &rec.entries {
+            let slot = &mut out[en.off as usize];
+            if slot.is_none() {
+                *slot = Some(*en);
+                unresolved -= 1;
             }
         }
         if unresolved == 0 {
-            break;
+            return Ok(out);
         }
+    }
+    let head = heads
+        .get((0u32, g))
+        .map_err(|e| meta_err(store, e))?
+        .map(|v| v.value());
+    let complete = match (last, head) {
+        (Some(l), Some(h)) => l == h,
+        (None, Some(h)) => h <= e,
+        (None, None) => true,
+        (Some(_), None) => false,
+    };
+    if !complete {
+        return Err(broken_chain(store, g));
     }
     Ok(out)
 }
@@ -161,14 +170,43 @@ pub struct ReadReq<'a> {
     pub buf: &'a mut [u8],
 }
 
+/// Where a piece of a read comes from.
+enum Piece {
+    /// The origin: (offset, length).
+    Origin(u64, usize),
+    /// A saved chunk: (store chunk, offset within it, length).
+    Saved(u64, usize, usize),
+}
+
 enum Preserve {
     Done,
     Full,
 }
 
+/// Who reads a saved chunk: the snapshots at points in `[lo, hi)`, or an overlay's owner.
+enum Reader {
+    Points(u64, u64),
+    Overlay(u32),
+}
+
+/// A damaged range found by `check --data`.
+#[derive(Debug, Serialize, Clone)]
+pub struct Damage {
+    /// The snapshots that read it.
+    pub snapshots: Vec<String>,
+    pub offset: u64,
+    pub length: u64,
+    pub store_chunk: u64,
+}
+
 /// What `check` found.
 #[derive(Debug, Default, Serialize)]
 pub struct CheckReport {
+    /// Whether every saved chunk was read and verified (`--data`).
+    pub data_checked: bool,
+    pub chunks_verified: u64,
+    /// Ranges whose saved bytes fail their checksum (`--data`).
+    pub damaged: Vec<Damage>,
     pub snapshots: u64,
     pub records: u64,
     pub used_chunks: u64,
@@ -191,6 +229,13 @@ impl Store {
     }
     fn set_bit(&mut self, c: u64) {
         self.preserved[(c / 64) as usize] |= 1 << (c % 64);
+    }
+
+    /// Bytes of origin chunk `c` inside the origin: the chunk size, or less for a partial last
+    /// chunk. A chunk's hash covers exactly these bytes.
+    pub(crate) fn chunk_len(&self, c: u64) -> usize {
+        let cs = self.sb.chunk_size;
+        cs.min(self.sb.origin_size.saturating_sub(c * cs)) as usize
     }
 
     fn check_origin_range(&self, off: u64, len: usize) -> Result<()> {
@@ -360,6 +405,15 @@ impl Store {
                 .read_many(&mut reads)
                 .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
         }
+        // The hash of each copy, from the buffer already in memory: a chunk's bytes inside the
+        // origin (the last chunk may be partial).
+        let mut hashes = Vec::with_capacity(need.len());
+        for ((first, n), buf) in runs.iter().zip(&bufs) {
+            for i in 0..*n {
+                let len = self.chunk_len(need[first + i]);
+                hashes.push(chunk_hash(&buf.as_slice()[i * cs..i * cs + len]));
+            }
+        }
         let writes: Vec<(u64, &[u8])> = runs
             .iter()
             .zip(&bufs)
@@ -375,9 +429,14 @@ impl Store {
         {
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
             let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
-            let mut groups: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-            for (c, p) in need.iter().zip(&locs) {
-                groups.entry(c / GROUP_CHUNKS).or_default().push((*c, *p));
+            let mut heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
+            let mut groups: BTreeMap<u64, Vec<Entry>> = BTreeMap::new();
+            for ((c, p), hash) in need.iter().zip(&locs).zip(&hashes) {
+                groups.entry(c / GROUP_CHUNKS).or_default().push(Entry {
+                    off: (c % GROUP_CHUNKS) as u16,
+                    loc: *p,
+                    hash: *hash,
+                });
                 // Exclusive to the newest snapshot unless the one before it shares the record:
                 // it does when no record for c lies between the two.
                 let shared = match e_prev {
@@ -390,15 +449,28 @@ impl Store {
             }
             for (g, items) in groups {
                 let key = (0u32, g, epoch);
-                let mut runs = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
-                    Some(v) => decode_runs(v.value()).ok_or_else(|| bad_record(&sn, key))?,
-                    None => Vec::new(),
+                let mut rec = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
+                    Some(v) => record_of(&sn, key, v.value())?,
+                    None => {
+                        // The group's newest record from now on: chain it to the previous one.
+                        let prev = heads
+                            .get((0u32, g))
+                            .map_err(|e| meta_err(&sn, e))?
+                            .map(|v| v.value())
+                            .unwrap_or(0);
+                        heads
+                            .insert((0u32, g), epoch)
+                            .map_err(|e| meta_err(&sn, e))?;
+                        Record {
+                            prev,
+                            entries: Vec::new(),
+                        }
+                    }
                 };
-                for (c, p) in items {
-                    add_to_runs(&mut runs, c % GROUP_CHUNKS, p);
+                for en in items {
+                    rec.put(en);
                 }
-                recs.insert(key, encode_runs(&runs).as_slice())
-                    .map_err(|e| meta_err(&sn, e))?;
+                put_record(&mut recs, &sn, key, &rec)?;
                 by_time
                     .insert((0u32, epoch, g), ())
                     .map_err(|e| meta_err(&sn, e))?;
@@ -619,47 +691,87 @@ impl Store {
         for (t, g) in keys {
             let key = (0u32, g, t);
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
-            let runs = match recs.get(key).map_err(|e| meta_err(sn, e))? {
-                Some(v) => decode_runs(v.value()).ok_or_else(|| bad_record(sn, key))?,
+            let rec = match recs.get(key).map_err(|e| meta_err(sn, e))? {
+                Some(v) => record_of(sn, key, v.value())?,
                 None => {
                     return Err(Error::Corrupt(format!(
                         "{sn}: time index names a missing record {key:?}; run `snapctl check`"
                     )))
                 }
             };
-            let mut kept = Vec::new();
-            for r in &runs {
-                for i in 0..r.len as u64 {
-                    let c = g * GROUP_CHUNKS + r.off as u64 + i;
-                    let alone = match e_prev {
-                        None => true,
-                        Some(ep) => find_cover(&recs, sn, 0, c, ep + 1, t - 1)?.is_some(),
-                    };
-                    if alone {
-                        count += 1;
-                        if free {
-                            to_free.push(r.loc + i);
-                            continue;
-                        }
-                    }
+            let mut kept = Record {
+                prev: rec.prev,
+                entries: Vec::new(),
+            };
+            for en in &rec.entries {
+                let c = g * GROUP_CHUNKS + en.off as u64;
+                let alone = match e_prev {
+                    None => true,
+                    Some(ep) => find_cover(&recs, sn, 0, c, ep + 1, t - 1)?.is_some(),
+                };
+                if alone {
+                    count += 1;
                     if free {
-                        add_to_runs(&mut kept, r.off as u64 + i, r.loc + i);
+                        to_free.push(en.loc);
+                        continue;
                     }
                 }
+                if free {
+                    kept.entries.push(*en);
+                }
             }
-            if free && kept != runs {
-                if kept.is_empty() {
+            if free && kept != rec {
+                if kept.entries.is_empty() {
                     recs.remove(key).map_err(|e| meta_err(sn, e))?;
                     let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(sn, e))?;
                     by_time.remove((0u32, t, g)).map_err(|e| meta_err(sn, e))?;
+                    self.unlink_record(&mut recs, tx, g, t, rec.prev)?;
                 } else {
-                    recs.insert(key, encode_runs(&kept).as_slice())
-                        .map_err(|e| meta_err(sn, e))?;
+                    put_record(&mut recs, sn, key, &kept)?;
                 }
             }
         }
         self.free_chunk_list(tx, to_free)?;
         Ok(count)
+    }
+
+    /// Keeps group `g`'s record chain whole after its record at `t` (whose `prev` was `prev`)
+    /// was removed: the next record takes over `prev`, or the head moves back.
+    fn unlink_record(
+        &self,
+        recs: &mut redb::Table<(u32, u64, u64), &'static [u8]>,
+        tx: &redb::WriteTransaction,
+        g: u64,
+        t: u64,
+        prev: u64,
+    ) -> Result<()> {
+        let sn = &self.name;
+        let next = match recs
+            .range((0u32, g, t + 1)..=(0u32, g, u64::MAX))
+            .map_err(|e| meta_err(sn, e))?
+            .next()
+        {
+            Some(row) => {
+                let (k, v) = row.map_err(|e| meta_err(sn, e))?;
+                Some((k.value(), record_of(sn, k.value(), v.value())?))
+            }
+            None => None,
+        };
+        match next {
+            Some((k, mut r)) => {
+                r.prev = prev;
+                put_record(recs, sn, k, &r)?;
+            }
+            None => {
+                let mut heads = tx.open_table(HEADS).map_err(|e| meta_err(sn, e))?;
+                if prev == 0 {
+                    heads.remove((0u32, g)).map_err(|e| meta_err(sn, e))?;
+                } else {
+                    heads.insert((0u32, g), prev).map_err(|e| meta_err(sn, e))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `off` of snapshot `name`, or of the live origin for "origin".
@@ -671,18 +783,55 @@ impl Store {
         }])
     }
 
-    /// Several reads of any views: each is mapped onto segments of the store or the origin
-    /// (neighbours merged), and each device's segments go out as one batch, in flight together.
+    /// Proves that overlay `id` is whole before anything is read from it: every record
+    /// decodes and together they hold the `count` chunks its snapshot's record says. Once per
+    /// overlay and process (this process's own writes keep it whole).
+    fn verify_overlay(
+        &self,
+        tx: &redb::ReadTransaction,
+        view: &str,
+        id: u32,
+        count: u64,
+    ) -> Result<()> {
+        let sn = &self.name;
+        if self
+            .verified_overlays
+            .lock()
+            .map(|v| v.contains(&id))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let t = tx.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
+        let have = self.overlay_chunks(&t, id)?.len() as u64;
+        if have != count {
+            return Err(Error::Corrupt(format!(
+                "{sn}: snapshot '{view}' should hold {count} chunks of its own but its records hold {have}; run `snapctl check`"
+            )));
+        }
+        if let Ok(mut v) = self.verified_overlays.lock() {
+            v.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Several reads of any views: each is mapped onto pieces of the origin or of saved
+    /// chunks. Origin pieces go out as one batch; saved chunks are read whole, each once, and
+    /// verified against its hash before a byte of it is copied out: a chunk that fails fails
+    /// the read, naming the view and the byte range.
     pub(crate) fn read_batch_inner(&self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
         let sn = &self.name;
         let cs = self.sb.chunk_size;
         let mut tx = None;
-        // Per request: (from_store, device offset, length) segments.
-        let mut plans: Vec<Vec<(bool, u64, usize)>> = Vec::with_capacity(reqs.len());
-        for r in reqs.iter() {
+        // Per request: pieces in order.
+        let mut plans: Vec<Vec<Piece>> = Vec::with_capacity(reqs.len());
+        // Saved chunks to fetch: loc -> (hash, bytes, request index, origin chunk).
+        let mut fetch: BTreeMap<u64, (crate::codec::ChunkHash, usize, usize, u64)> =
+            BTreeMap::new();
+        for (ri, r) in reqs.iter().enumerate() {
             self.check_origin_range(r.off, r.buf.len())?;
             if r.view == "origin" {
-                plans.push(vec![(false, r.off, r.buf.len())]);
+                plans.push(vec![Piece::Origin(r.off, r.buf.len())]);
                 continue;
             }
             let snap = self.snapshot(r.view)?;
@@ -699,24 +848,23 @@ impl Store {
                 tx = Some(self.rtx()?);
             }
             let Some(t) = tx.as_ref() else { continue };
+            if overlay != 0 {
+                self.verify_overlay(t, r.view, overlay, snap.overlay_chunks)?;
+            }
             let recs = t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
+            let heads = t.open_table(HEADS).map_err(|e| meta_err(sn, e))?;
             let ovl = t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
-            let mut ovl_groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
-            let mut groups: HashMap<u64, [Option<u64>; GROUP_CHUNKS as usize]> = HashMap::new();
-            let mut segs: Vec<(bool, u64, usize)> = Vec::new();
+            type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
+            let mut ovl_groups: HashMap<u64, Slots> = HashMap::new();
+            let mut groups: HashMap<u64, Slots> = HashMap::new();
+            let mut segs: Vec<Piece> = Vec::new();
             let mut pos = 0usize;
             while pos < r.buf.len() {
                 let abs = r.off + pos as u64;
                 let c = abs / cs;
-                let within = abs % cs;
-                let n = ((cs - within) as usize).min(r.buf.len() - pos);
+                let within = (abs % cs) as usize;
+                let n = (cs as usize - within).min(r.buf.len() - pos);
                 let g = c / GROUP_CHUNKS;
-                let resolved = match groups.entry(g) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(resolve_group(&recs, sn, 0, g, e)?)
-                    }
-                };
                 // The snapshot's own overlay first, then its point in time.
                 let own = if overlay == 0 {
                     None
@@ -725,14 +873,10 @@ impl Store {
                         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => {
                             let mut slots = [None; GROUP_CHUNKS as usize];
-                            if let Some(val) = ovl.get((overlay, g)).map_err(|e| meta_err(sn, e))? {
-                                let runs = decode_runs(val.value()).ok_or_else(|| {
-                                    Error::Corrupt(format!("{sn}: overlay record is damaged"))
-                                })?;
-                                for r in runs {
-                                    for i in 0..r.len as usize {
-                                        slots[r.off as usize + i] = Some(r.loc + i as u64);
-                                    }
+                            let key = (overlay, g);
+                            if let Some(val) = ovl.get(key).map_err(|e| meta_err(sn, e))? {
+                                for en in overlay_of(sn, key, val.value())?.entries {
+                                    slots[en.off as usize] = Some(en);
                                 }
                             }
                             v.insert(slots)
@@ -740,55 +884,111 @@ impl Store {
                     };
                     slots[(c % GROUP_CHUNKS) as usize]
                 };
-                let (from_store, dev_off) = match own.or(resolved[(c % GROUP_CHUNKS) as usize]) {
-                    Some(p) if p >= self.sb.data_chunks => {
+                let found = match own {
+                    Some(en) => Some(en),
+                    None => {
+                        let resolved = match groups.entry(g) {
+                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(resolve_group(&recs, &heads, sn, g, e)?)
+                            }
+                        };
+                        resolved[(c % GROUP_CHUNKS) as usize]
+                    }
+                };
+                match found {
+                    Some(en) if en.loc >= self.sb.data_chunks => {
                         return Err(Error::Corrupt(format!(
                             "{sn}: a record points outside the store; run `snapctl check`"
                         )))
                     }
-                    Some(p) => (true, self.sb.data_offset + p * cs + within),
-                    None => (false, abs),
-                };
-                match segs.last_mut() {
-                    Some((s, o, l))
-                        if *s == from_store && *o + *l as u64 == dev_off && *l < 8 << 20 =>
-                    {
-                        *l += n
+                    Some(en) => {
+                        fetch
+                            .entry(en.loc)
+                            .or_insert((en.hash, self.chunk_len(c), ri, c));
+                        segs.push(Piece::Saved(en.loc, within, n));
                     }
-                    _ => segs.push((from_store, dev_off, n)),
+                    None => match segs.last_mut() {
+                        Some(Piece::Origin(o, l)) if *o + *l as u64 == abs && *l < 8 << 20 => {
+                            *l += n
+                        }
+                        _ => segs.push(Piece::Origin(abs, n)),
+                    },
                 }
                 pos += n;
             }
             plans.push(segs);
         }
-        let mut store_reqs: Vec<(u64, &mut [u8])> = Vec::new();
+        // Saved chunks: adjacent ones in one read, all in flight together.
+        let mut spans: Vec<(u64, usize)> = Vec::new(); // (first loc, count)
+        for &loc in fetch.keys() {
+            match spans.last_mut() {
+                Some((f, n)) if *f + *n as u64 == loc && *n < 256 => *n += 1,
+                _ => spans.push((loc, 1)),
+            }
+        }
+        let mut bufs: Vec<AlignedBuf> = spans
+            .iter()
+            .map(|(_, n)| AlignedBuf::new(n * cs as usize))
+            .collect();
+        {
+            let mut store_reqs: Vec<(u64, &mut [u8])> = spans
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|((f, _), b)| (self.sb.data_offset + f * cs, b.as_mut_slice()))
+                .collect();
+            self.dev
+                .read_many(&mut store_reqs)
+                .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
+        }
+        let mut at: HashMap<u64, (usize, usize)> = HashMap::with_capacity(fetch.len());
+        for (bi, (f, n)) in spans.iter().enumerate() {
+            for i in 0..*n {
+                let loc = f + i as u64;
+                let (hash, len, ri, c) = fetch[&loc];
+                let start = i * cs as usize;
+                if chunk_hash(&bufs[bi].as_slice()[start..start + len]) != hash {
+                    return Err(Error::Corrupt(format!(
+                        "snapshot '{}': bytes {}..{} of {sn} fail their checksum (store chunk {loc}); run `snapctl check --data`",
+                        reqs[ri].view,
+                        c * cs,
+                        c * cs + len as u64
+                    )));
+                }
+                at.insert(loc, (bi, start));
+            }
+        }
         let mut origin_reqs: Vec<(u64, &mut [u8])> = Vec::new();
         for (r, segs) in reqs.iter_mut().zip(plans) {
             let mut rest = &mut r.buf[..];
-            for (from_store, dev_off, n) in segs {
+            for piece in segs {
+                let n = match piece {
+                    Piece::Origin(_, n) | Piece::Saved(_, _, n) => n,
+                };
                 let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
                 rest = tail;
-                if from_store {
-                    store_reqs.push((dev_off, head));
-                } else {
-                    origin_reqs.push((dev_off, head));
+                match piece {
+                    Piece::Origin(off, _) => origin_reqs.push((off, head)),
+                    Piece::Saved(loc, within, n) => {
+                        let (bi, start) = at[&loc];
+                        head.copy_from_slice(
+                            &bufs[bi].as_slice()[start + within..start + within + n],
+                        );
+                    }
                 }
             }
         }
-        self.dev
-            .read_many(&mut store_reqs)
-            .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
         self.origin
             .read_many(&mut origin_reqs)
             .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))
     }
 
-    /// Every (chunk, store chunk) an overlay holds.
+    /// Every (chunk, entry) an overlay holds.
     fn overlay_chunks<T: ReadableTable<(u32, u64), &'static [u8]>>(
         &self,
         t: &T,
         id: u32,
-    ) -> Result<Vec<(u64, u64)>> {
+    ) -> Result<Vec<(u64, Entry)>> {
         let sn = &self.name;
         let mut out = Vec::new();
         for row in t
@@ -797,53 +997,88 @@ impl Store {
         {
             let (k, v) = row.map_err(|e| meta_err(sn, e))?;
             let (_, g) = k.value();
-            let runs = decode_runs(v.value()).ok_or_else(|| {
-                Error::Corrupt(format!("{sn}: overlay record {:?} is damaged", k.value()))
-            })?;
-            for r in runs {
-                out.extend(
-                    (0..r.len as u64).map(|i| (g * GROUP_CHUNKS + r.off as u64 + i, r.loc + i)),
-                );
-            }
+            let rec = overlay_of(sn, k.value(), v.value())?;
+            out.extend(
+                rec.entries
+                    .iter()
+                    .map(|en| (g * GROUP_CHUNKS + en.off as u64, *en)),
+            );
         }
         Ok(out)
     }
 
-    /// Adds (chunk, store chunk) pairs to an overlay.
+    /// Adds (chunk, entry) pairs to an overlay, replacing the entries of chunks it already
+    /// holds; returns the store chunks those replaced entries pointed at.
     fn overlay_insert(
         &self,
         tx: &redb::WriteTransaction,
         id: u32,
-        items: &[(u64, u64)],
-    ) -> Result<()> {
+        items: &[(u64, Entry)],
+    ) -> Result<Vec<u64>> {
         let sn = &self.name;
         let mut t = tx.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
-        let mut groups: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-        for &(c, p) in items {
-            groups.entry(c / GROUP_CHUNKS).or_default().push((c, p));
+        let mut groups: BTreeMap<u64, Vec<Entry>> = BTreeMap::new();
+        for &(c, en) in items {
+            groups.entry(c / GROUP_CHUNKS).or_default().push(en);
         }
+        let mut replaced = Vec::new();
         for (g, list) in groups {
-            let mut runs = match t.get((id, g)).map_err(|e| meta_err(sn, e))? {
-                Some(v) => decode_runs(v.value())
-                    .ok_or_else(|| Error::Corrupt(format!("{sn}: overlay record is damaged")))?,
-                None => Vec::new(),
+            let key = (id, g);
+            let mut rec = match t.get(key).map_err(|e| meta_err(sn, e))? {
+                Some(v) => overlay_of(sn, key, v.value())?,
+                None => Record::default(),
             };
-            for (c, p) in list {
-                add_to_runs(&mut runs, c % GROUP_CHUNKS, p);
+            for en in list {
+                if let Some(old) = rec.find(en.off as u64) {
+                    replaced.push(old.loc);
+                }
+                rec.put(en);
             }
-            t.insert((id, g), encode_runs(&runs).as_slice())
-                .map_err(|e| meta_err(sn, e))?;
+            put_overlay(&mut t, sn, key, &rec)?;
         }
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// Reads saved chunks whole and verifies each against its hash; `what` names whose they
+    /// are in the error.
+    fn read_saved(&self, items: &[(u64, Entry)], what: &str) -> Result<Vec<AlignedBuf>> {
+        let cs = self.sb.chunk_size;
+        let mut bufs: Vec<AlignedBuf> =
+            items.iter().map(|_| AlignedBuf::new(cs as usize)).collect();
+        {
+            let mut reads: Vec<(u64, &mut [u8])> = items
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|((_, en), b)| (self.sb.data_offset + en.loc * cs, b.as_mut_slice()))
+                .collect();
+            self.dev
+                .read_many(&mut reads)
+                .map_err(|e| Error::io(format!("store {}: read", self.name), e))?;
+        }
+        for ((c, en), b) in items.iter().zip(&bufs) {
+            let len = self.chunk_len(*c);
+            if chunk_hash(&b.as_slice()[..len]) != en.hash {
+                return Err(Error::Corrupt(format!(
+                    "{what}: bytes {}..{} of {} fail their checksum (store chunk {}); run `snapctl check --data`",
+                    c * cs,
+                    c * cs + len as u64,
+                    self.name,
+                    en.loc
+                )));
+            }
+        }
+        Ok(bufs)
     }
 
     /// Copies overlay `src` into the new overlay `dst` (data and map); returns the chunk count.
-    /// The copies are durable before the transaction that names them commits.
+    /// Every chunk is verified as it is read; the copies are durable before the transaction
+    /// that names them commits.
     pub(crate) fn copy_overlay(
         &self,
         tx: &redb::WriteTransaction,
         src: u32,
         dst: u32,
+        src_name: &str,
     ) -> Result<u64> {
         let sn = self.name.clone();
         let items = {
@@ -861,27 +1096,20 @@ impl Store {
         };
         let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
         let cs = self.sb.chunk_size as usize;
+        let mut copies = Vec::with_capacity(items.len());
         for (part, lparts) in items.chunks(256).zip(locs.chunks(256)) {
-            let mut bufs: Vec<AlignedBuf> = part.iter().map(|_| AlignedBuf::new(cs)).collect();
-            {
-                let mut reads: Vec<(u64, &mut [u8])> = part
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|((_, p), b)| (self.sb.data_offset + p * cs as u64, b.as_mut_slice()))
-                    .collect();
-                self.dev
-                    .read_many(&mut reads)
-                    .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
-            }
+            let bufs = self.read_saved(part, &format!("snapshot '{src_name}'"))?;
             let writes: Vec<(u64, &[u8])> = lparts
                 .iter()
                 .zip(&bufs)
                 .map(|(p, b)| (self.sb.data_offset + p * cs as u64, b.as_slice()))
                 .collect();
             self.write_durable(&writes)?;
+            for ((c, en), p) in part.iter().zip(lparts) {
+                copies.push((*c, Entry { loc: *p, ..*en }));
+            }
         }
-        let pairs: Vec<(u64, u64)> = items.iter().map(|(c, _)| *c).zip(locs).collect();
-        self.overlay_insert(tx, dst, &pairs)?;
+        self.overlay_insert(tx, dst, &copies)?;
         Ok(items.len() as u64)
     }
 
@@ -903,18 +1131,20 @@ impl Store {
                 t.remove((id, g)).map_err(|e| meta_err(sn, e))?;
             }
         }
-        self.free_chunk_list(tx, items.iter().map(|(_, p)| *p).collect())?;
+        self.free_chunk_list(tx, items.iter().map(|(_, en)| en.loc).collect())?;
         Ok(items.len() as u64)
     }
 
-    /// Writes into a writable snapshot. A chunk it never wrote is first filled, in a fresh
-    /// store chunk, with what the snapshot reads there (its point in time), and that chunk
-    /// joins its overlay (durable before the commit naming it); writes then land in place.
+    /// Writes into a writable snapshot, copy-on-write inside its overlay: each chunk the writes
+    /// touch is read as the snapshot sees it now (verified), the writes are applied, and the
+    /// result goes to a fresh store chunk with its hash; one commit then points the overlay at
+    /// the new chunks and frees the ones they replace. A crash leaves every chunk either as it
+    /// was or as written, and every chunk always matches its hash. Durable on return.
     pub(crate) fn write_overlay_inner(
         &mut self,
         name: &str,
         writes: &[(u64, &[u8])],
-        fua: bool,
+        _fua: bool,
     ) -> Result<()> {
         let snap = self.snapshot(name)?.clone();
         if !snap.writable || snap.overlay == 0 {
@@ -938,99 +1168,76 @@ impl Store {
         }
         chunks.sort_unstable();
         chunks.dedup();
-        // Where each touched chunk lives now in the overlay.
-        let mut have: HashMap<u64, u64> = HashMap::new();
-        {
-            let tx = self.rtx()?;
-            let t = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
-            let mut seen = std::collections::HashSet::new();
-            for &c in &chunks {
-                let g = c / GROUP_CHUNKS;
-                if seen.insert(g) {
-                    if let Some(v) = t.get((snap.overlay, g)).map_err(|e| meta_err(&sn, e))? {
-                        let runs = decode_runs(v.value()).ok_or_else(|| {
-                            Error::Corrupt(format!("{sn}: overlay record is damaged"))
-                        })?;
-                        for r in runs {
-                            for i in 0..r.len as u64 {
-                                have.insert(g * GROUP_CHUNKS + r.off as u64 + i, r.loc + i);
-                            }
-                        }
-                    }
-                }
-            }
+        if chunks.is_empty() {
+            return Ok(());
         }
-        let missing: Vec<u64> = chunks
+        // What the snapshot reads in those chunks now, verified.
+        let mut bufs: Vec<AlignedBuf> = chunks
             .iter()
-            .copied()
-            .filter(|c| !have.contains_key(c))
+            .map(|_| AlignedBuf::new(cs as usize))
             .collect();
-        if !missing.is_empty() {
-            // Fill: what the snapshot reads there now.
-            let mut bufs: Vec<AlignedBuf> = missing
+        {
+            let mut reqs: Vec<ReadReq> = chunks
                 .iter()
-                .map(|_| AlignedBuf::new(cs as usize))
+                .zip(bufs.iter_mut())
+                .map(|(c, b)| ReadReq {
+                    view: name,
+                    off: c * cs,
+                    buf: &mut b.as_mut_slice()[..self.chunk_len(*c)],
+                })
                 .collect();
-            {
-                let mut reqs: Vec<ReadReq> = missing
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(c, b)| {
-                        let len = cs.min(self.sb.origin_size - c * cs) as usize;
-                        ReadReq {
-                            view: name,
-                            off: c * cs,
-                            buf: &mut b.as_mut_slice()[..len],
-                        }
-                    })
-                    .collect();
-                self.read_batch_inner(&mut reqs)?;
-            }
-            let tx = self.wtx()?;
-            let Some(extents) = self.alloc(&tx, missing.len() as u64)? else {
-                return Err(Error::NoSpace(format!(
-                    "store {sn} is full: no room for what writable snapshot '{name}' writes"
-                )));
-            };
-            let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
-            let fills: Vec<(u64, &[u8])> = locs
-                .iter()
-                .zip(&bufs)
-                .map(|(p, b)| (self.sb.data_offset + p * cs, b.as_slice()))
-                .collect();
-            self.write_durable(&fills)?;
-            let pairs: Vec<(u64, u64)> =
-                missing.iter().copied().zip(locs.iter().copied()).collect();
-            self.overlay_insert(&tx, snap.overlay, &pairs)?;
-            let mut s2 = snap.clone();
-            s2.overlay_chunks += missing.len() as u64;
-            put_snap(&tx, &s2, &sn)?;
-            tx.commit().map_err(|e| meta_err(&sn, e))?;
-            self.snaps.insert(s2.id, s2);
-            have.extend(pairs);
+            self.read_batch_inner(&mut reqs)?;
         }
-        // In place, chunk by chunk.
+        // Apply the writes in order.
         for (off, data) in writes {
             let mut pos = 0usize;
             while pos < data.len() {
                 let abs = off + pos as u64;
-                let (c, within) = (abs / cs, abs % cs);
-                let n = ((cs - within) as usize).min(data.len() - pos);
-                let p = have
-                    .get(&c)
-                    .copied()
-                    .ok_or_else(|| Error::Corrupt(format!("{sn}: overlay lost chunk {c}")))?;
-                self.dev
-                    .write_at(&data[pos..pos + n], self.sb.data_offset + p * cs + within)
-                    .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+                let (c, within) = (abs / cs, (abs % cs) as usize);
+                let n = (cs as usize - within).min(data.len() - pos);
+                let i = chunks.binary_search(&c).map_err(|_| {
+                    Error::Corrupt(format!("{sn}: lost track of chunk {c} of a write"))
+                })?;
+                bufs[i].as_mut_slice()[within..within + n].copy_from_slice(&data[pos..pos + n]);
                 pos += n;
             }
         }
-        if fua {
-            self.dev
-                .flush()
-                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
-        }
+        let tx = self.wtx()?;
+        let Some(extents) = self.alloc(&tx, chunks.len() as u64)? else {
+            return Err(Error::NoSpace(format!(
+                "store {sn} is full: no room for what writable snapshot '{name}' writes"
+            )));
+        };
+        let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
+        let fills: Vec<(u64, &[u8])> = locs
+            .iter()
+            .zip(&bufs)
+            .map(|(p, b)| (self.sb.data_offset + p * cs, b.as_slice()))
+            .collect();
+        self.write_durable(&fills)?;
+        let items: Vec<(u64, Entry)> = chunks
+            .iter()
+            .zip(&locs)
+            .zip(&bufs)
+            .map(|((c, p), b)| {
+                (
+                    *c,
+                    Entry {
+                        off: (c % GROUP_CHUNKS) as u16,
+                        loc: *p,
+                        hash: chunk_hash(&b.as_slice()[..self.chunk_len(*c)]),
+                    },
+                )
+            })
+            .collect();
+        let replaced = self.overlay_insert(&tx, snap.overlay, &items)?;
+        let added = chunks.len() as u64 - replaced.len() as u64;
+        self.free_chunk_list(&tx, replaced)?;
+        let mut s2 = snap.clone();
+        s2.overlay_chunks += added;
+        put_snap(&tx, &s2, &sn)?;
+        tx.commit().map_err(|e| meta_err(&sn, e))?;
+        self.snaps.insert(s2.id, s2);
         Ok(())
     }
 
@@ -1094,10 +1301,12 @@ impl Store {
                 .get(key)
                 .map_err(|e| meta_err(sn, e))?
                 .ok_or_else(|| bad_record(sn, key))?;
-            let runs = decode_runs(v.value()).ok_or_else(|| bad_record(sn, key))?;
-            for r in runs {
-                out.extend((0..r.len as u64).map(|i| g * GROUP_CHUNKS + r.off as u64 + i));
-            }
+            let rec = record_of(sn, key, v.value())?;
+            out.extend(
+                rec.entries
+                    .iter()
+                    .map(|en| g * GROUP_CHUNKS + en.off as u64),
+            );
         }
         out.sort_unstable();
         out.dedup();
@@ -1260,7 +1469,11 @@ impl Store {
     }
 
     /// Verifies the metadata engine's checksums and every invariant of the exception store.
-    pub(crate) fn check_inner(&mut self) -> Result<CheckReport> {
+    pub(crate) fn check_inner(
+        &mut self,
+        data: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<CheckReport> {
         let sn = self.name.clone();
         let mut rep = CheckReport::default();
         let ok = crate::store::guard_panic(&sn, || {
@@ -1307,15 +1520,51 @@ impl Store {
         let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
         let by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
         let mut record_chunks = 0u64;
+        // Every saved chunk, for --data: (origin chunk, entry, who reads it).
+        let mut saved: Vec<(u64, Entry, Reader)> = Vec::new();
+        let heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
+        // The chain of the group being walked (records come in key order): (group, last t).
+        let mut chain: Option<((u32, u64), u64)> = None;
+        let end_chain = |chain: Option<((u32, u64), u64)>, rep: &mut CheckReport| -> Result<()> {
+            if let Some(((b, g), last)) = chain {
+                let head = heads
+                    .get((b, g))
+                    .map_err(|e| meta_err(&sn, e))?
+                    .map(|v| v.value());
+                if head != Some(last) {
+                    rep.corruption.push(format!(
+                        "the newest record of chunks {}..{} is at epoch {last} but the head says {head:?}",
+                        g * GROUP_CHUNKS,
+                        (g + 1) * GROUP_CHUNKS
+                    ));
+                }
+            }
+            Ok(())
+        };
         for row in recs.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
             let (b, g, t) = k.value();
             rep.records += 1;
-            let Some(runs) = decode_runs(v.value()) else {
+            let Ok(rec) = record_of(&sn, k.value(), v.value()) else {
                 rep.corruption
-                    .push(format!("record {:?} cannot be decoded", k.value()));
+                    .push(format!("record {:?} fails its checksum", k.value()));
                 continue;
             };
+            let expect_prev = match chain {
+                Some((bg, last)) if bg == (b, g) => last,
+                other => {
+                    end_chain(other, &mut rep)?;
+                    0
+                }
+            };
+            if rec.prev != expect_prev {
+                rep.corruption.push(format!(
+                    "record {:?} follows epoch {} but the record before it is at {expect_prev}",
+                    k.value(),
+                    rec.prev
+                ));
+            }
+            chain = Some(((b, g), t));
             if t > epoch {
                 rep.corruption.push(format!(
                     "record {:?} is from the future (epoch is {epoch})",
@@ -1332,21 +1581,39 @@ impl Store {
                     k.value()
                 ));
             }
-            for r in &runs {
-                for i in 0..r.len as u64 {
-                    record_chunks += 1;
-                    claim(r.loc + i, &format!("record {:?}", k.value()), &mut rep);
-                    // Reachable iff some live snapshot lies in [t_prev, t).
-                    let c = g * GROUP_CHUNKS + r.off as u64 + i;
-                    let t_prev = prev_cover(&recs, &sn, b, c, t)?.unwrap_or(0);
-                    let j = live.partition_point(|&x| x < t_prev);
-                    if !(j < live.len() && live[j] < t) {
-                        rep.leaks.push(format!(
-                            "store chunk {} (chunk {c}, epoch {t}) is held by no snapshot",
-                            r.loc + i
-                        ));
-                    }
+            for en in &rec.entries {
+                record_chunks += 1;
+                claim(en.loc, &format!("record {:?}", k.value()), &mut rep);
+                // Reachable iff some live snapshot lies in [t_prev, t).
+                let c = g * GROUP_CHUNKS + en.off as u64;
+                let t_prev = prev_cover(&recs, &sn, b, c, t)?.unwrap_or(0);
+                let j = live.partition_point(|&x| x < t_prev);
+                if !(j < live.len() && live[j] < t) {
+                    rep.leaks.push(format!(
+                        "store chunk {} (chunk {c}, epoch {t}) is held by no snapshot",
+                        en.loc
+                    ));
                 }
+                if data {
+                    saved.push((c, *en, Reader::Points(t_prev, t)));
+                }
+            }
+        }
+        end_chain(chain, &mut rep)?;
+        for row in heads.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            let (b, g) = k.value();
+            if recs
+                .get((b, g, v.value()))
+                .map_err(|e| meta_err(&sn, e))?
+                .is_none()
+            {
+                rep.corruption.push(format!(
+                    "the head of chunks {}..{} names epoch {}, which has no record",
+                    g * GROUP_CHUNKS,
+                    (g + 1) * GROUP_CHUNKS,
+                    v.value()
+                ));
             }
         }
         for row in by_time.iter().map_err(|e| meta_err(&sn, e))? {
@@ -1387,25 +1654,24 @@ impl Store {
         let mut counts: HashMap<u32, u64> = HashMap::new();
         for row in ovl.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
-            let (id, _) = k.value();
-            let Some(runs) = decode_runs(v.value()) else {
+            let (id, g) = k.value();
+            let Ok(rec) = overlay_of(&sn, k.value(), v.value()) else {
                 rep.corruption
-                    .push(format!("overlay record {:?} cannot be decoded", k.value()));
+                    .push(format!("overlay record {:?} fails its checksum", k.value()));
                 continue;
             };
-            for r in runs {
-                for i in 0..r.len as u64 {
-                    record_chunks += 1;
-                    *counts.entry(id).or_insert(0) += 1;
-                    if owners.contains_key(&id) {
-                        claim(r.loc + i, &format!("overlay {id}"), &mut rep);
-                    } else {
-                        claim(r.loc + i, &format!("overlay {id}"), &mut rep);
-                        rep.leaks.push(format!(
-                            "store chunk {} is held by overlay {id}, which no snapshot owns",
-                            r.loc + i
-                        ));
-                    }
+            for en in &rec.entries {
+                record_chunks += 1;
+                *counts.entry(id).or_insert(0) += 1;
+                claim(en.loc, &format!("overlay {id}"), &mut rep);
+                if !owners.contains_key(&id) {
+                    rep.leaks.push(format!(
+                        "store chunk {} is held by overlay {id}, which no snapshot owns",
+                        en.loc
+                    ));
+                }
+                if data {
+                    saved.push((g * GROUP_CHUNKS + en.off as u64, *en, Reader::Overlay(id)));
                 }
             }
         }
@@ -1471,7 +1737,99 @@ impl Store {
             }
         }
         wtx.abort().map_err(|e| meta_err(&sn, e))?;
+        if data {
+            self.check_data(&saved, &mut rep, progress)?;
+        }
         Ok(rep)
+    }
+
+    /// `check --data`: reads every saved chunk and verifies it against its hash; each chunk
+    /// that fails is reported with the snapshots that read it and the byte range.
+    fn check_data(
+        &self,
+        saved: &[(u64, Entry, Reader)],
+        rep: &mut CheckReport,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let cs = self.sb.chunk_size;
+        let total = saved.len() as u64 * cs;
+        let mut done = 0u64;
+        rep.data_checked = true;
+        for part in saved.chunks(256) {
+            let mut bufs: Vec<AlignedBuf> =
+                part.iter().map(|_| AlignedBuf::new(cs as usize)).collect();
+            {
+                let mut reads: Vec<(u64, &mut [u8])> = part
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .filter(|((_, en, _), _)| en.loc < self.sb.data_chunks)
+                    .map(|((_, en, _), b)| (self.sb.data_offset + en.loc * cs, b.as_mut_slice()))
+                    .collect();
+                self.dev
+                    .read_many(&mut reads)
+                    .map_err(|e| Error::io(format!("store {}: read", self.name), e))?;
+            }
+            for ((c, en, who), b) in part.iter().zip(&bufs) {
+                rep.chunks_verified += 1;
+                let len = self.chunk_len(*c);
+                if en.loc < self.sb.data_chunks && chunk_hash(&b.as_slice()[..len]) == en.hash {
+                    continue;
+                }
+                let snapshots: Vec<String> = match who {
+                    Reader::Points(lo, hi) => self
+                        .snaps
+                        .values()
+                        .filter(|s| {
+                            s.state == SnapState::Valid
+                                && s.branch == 0
+                                && s.epoch >= *lo
+                                && s.epoch < *hi
+                        })
+                        .map(|s| s.name.clone())
+                        .collect(),
+                    Reader::Overlay(id) => self
+                        .snaps
+                        .values()
+                        .filter(|s| s.overlay == *id)
+                        .map(|s| s.name.clone())
+                        .collect(),
+                };
+                rep.damaged.push(Damage {
+                    snapshots,
+                    offset: c * cs,
+                    length: len as u64,
+                    store_chunk: en.loc,
+                });
+            }
+            done += part.len() as u64 * cs;
+            progress(done, total);
+        }
+        // One line per damaged range: neighbours with the same readers merge.
+        rep.damaged
+            .sort_by(|a, b| (&a.snapshots, a.offset).cmp(&(&b.snapshots, b.offset)));
+        let mut merged: Vec<Damage> = Vec::new();
+        for d in rep.damaged.drain(..) {
+            match merged.last_mut() {
+                Some(m) if m.snapshots == d.snapshots && m.offset + m.length == d.offset => {
+                    m.length += d.length
+                }
+                _ => merged.push(d),
+            }
+        }
+        rep.damaged = merged;
+        for d in &rep.damaged {
+            rep.corruption.push(format!(
+                "{}: bytes {}..{} fail their checksum",
+                if d.snapshots.is_empty() {
+                    "no snapshot".to_string()
+                } else {
+                    format!("snapshot '{}'", d.snapshots.join("', '"))
+                },
+                d.offset,
+                d.offset + d.length
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1493,53 +1851,12 @@ fn prev_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
         .rev()
     {
         let (k, v) = row.map_err(|e| meta_err(store, e))?;
-        let runs = decode_runs(v.value()).ok_or_else(|| bad_record(store, k.value()))?;
-        if find_in_runs(&runs, c % GROUP_CHUNKS).is_some() {
+        if record_of(store, k.value(), v.value())?
+            .find(c % GROUP_CHUNKS)
+            .is_some()
+        {
             return Ok(Some(k.value().2));
         }
     }
     Ok(None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_encode_and_decode() {
-        let runs = vec![
-            Run {
-                off: 0,
-                len: 3,
-                loc: 10,
-            },
-            Run {
-                off: 5,
-                len: 1,
-                loc: 99,
-            },
-        ];
-        assert_eq!(decode_runs(&encode_runs(&runs)).unwrap(), runs);
-        assert!(decode_runs(&[1, 2, 3]).is_none());
-    }
-
-    #[test]
-    fn adjacent_chunks_become_one_extent() {
-        let mut runs = Vec::new();
-        for i in 0..10 {
-            add_to_runs(&mut runs, 4 + i, 100 + i);
-        }
-        assert_eq!(
-            runs,
-            vec![Run {
-                off: 4,
-                len: 10,
-                loc: 100
-            }]
-        );
-        add_to_runs(&mut runs, 0, 7);
-        assert_eq!(runs.len(), 2);
-        assert_eq!(find_in_runs(&runs, 9), Some(105));
-        assert_eq!(find_in_runs(&runs, 1), None);
-    }
 }

@@ -4,8 +4,12 @@
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
-/// 2: snapshot overlays (writable snapshots and snapshots of them); see docs/FORMAT.md.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: a checksum for every saved chunk and every metadata value; record chains.
+/// 2: snapshot overlays (writable snapshots and snapshots of them); upgraded by `snapctl upgrade`.
+/// See docs/FORMAT.md.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version `snapctl upgrade` converts.
+pub const UPGRADABLE_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
 
 /// Where the metadata region starts: 1 MiB, so the data area can be aligned to any chunk size.
@@ -116,6 +120,19 @@ impl Superblock {
 
     /// Decodes and verifies a superblock. `what` names the store in errors.
     pub fn decode(b: &[u8], what: &str) -> Result<Self> {
+        match Self::decode_any(b, what)? {
+            (sb, FORMAT_VERSION) => Ok(sb),
+            (_, UPGRADABLE_VERSION) => Err(Error::Invalid(format!(
+                "{what} uses store format version {UPGRADABLE_VERSION}, written by an older snapctl; run `snapctl -s {what} upgrade` once to convert it to version {FORMAT_VERSION} (it adds a checksum to every saved chunk)"
+            ))),
+            (_, v) => Err(Error::Corrupt(format!(
+                "{what}: store format version {v} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
+            ))),
+        }
+    }
+
+    /// Decodes a superblock of this version or of one `upgrade` converts: (superblock, version).
+    pub fn decode_any(b: &[u8], what: &str) -> Result<(Self, u32)> {
         if b.len() < SUPERBLOCK_SIZE || &b[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
             return Err(Error::NotAStore(what.to_string()));
         }
@@ -128,7 +145,7 @@ impl Superblock {
         let mut v = [0u8; 4];
         v.copy_from_slice(&b[OFF_VERSION..OFF_VERSION + 4]);
         let version = u32::from_le_bytes(v);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != UPGRADABLE_VERSION {
             return Err(Error::Corrupt(format!(
                 "{what}: store format version {version} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
             )));
@@ -174,7 +191,7 @@ impl Superblock {
                 "{what}: superblock geometry is invalid"
             )));
         }
-        Ok(sb)
+        Ok((sb, version))
     }
 
     pub fn uuid_string(&self) -> String {

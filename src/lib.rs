@@ -5,6 +5,7 @@
 //! allocation), [`cow`] (the copy-on-write engine), [`names`] (what users type), [`cli`].
 
 pub mod cli;
+pub mod codec;
 pub mod cow;
 pub mod error;
 pub mod format;

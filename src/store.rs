@@ -30,6 +30,8 @@ pub(crate) const RECORDS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinit
 /// (branch, t, group) -> (): the same records ordered by time, for delete's window scan.
 pub(crate) const BY_TIME: TableDefinition<(u32, u64, u64), ()> =
     TableDefinition::new("records_by_time");
+/// (branch, group) -> t of the group's newest record: the head of its `prev` chain.
+pub(crate) const HEADS: TableDefinition<(u32, u64), u64> = TableDefinition::new("heads");
 /// first free data chunk -> length of the free extent.
 pub(crate) const FREE: TableDefinition<u64, u64> = TableDefinition::new("free");
 pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -281,6 +283,8 @@ pub struct Store {
     pub(crate) preserved: Vec<u64>,
     /// What the on-full policy did during this process, for the caller to log.
     pub events: Vec<Event>,
+    /// Overlays proven whole in this process (see `verify_overlay`).
+    pub(crate) verified_overlays: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// A restore interrupted by a crash that opening the store finished: its target's name.
     pub resumed_restore: Option<String>,
     _lock: Option<File>,
@@ -718,6 +722,7 @@ impl Store {
             snaps: BTreeMap::new(),
             epoch: 0,
             events: Vec::new(),
+            verified_overlays: Default::default(),
             resumed_restore: None,
             _lock: lock_file,
         };
@@ -736,13 +741,47 @@ impl Store {
         self.snaps.clear();
         for row in snaps.iter().map_err(|e| meta_err(&name, e))? {
             let (k, v) = row.map_err(|e| meta_err(&name, e))?;
-            let s: Snapshot = serde_json::from_slice(v.value()).map_err(|e| {
+            let s = crate::codec::decode_snapshot(k.value(), v.value()).ok_or_else(|| {
                 Error::Corrupt(format!(
-                    "{name}: snapshot record {} is damaged: {e}",
+                    "{name}: snapshot record {} is damaged; run `snapctl check`",
                     k.value()
                 ))
             })?;
             self.snaps.insert(k.value(), s);
+        }
+        // Nothing read from the catalog may silently lie: a snapshot row that disappeared
+        // leaves its name behind, and the counters must lie beyond every snapshot.
+        let damaged = |what: String| Error::Corrupt(format!("{name}: {what}; run `snapctl check`"));
+        let names = tx.open_table(NAMES).map_err(|e| meta_err(&name, e))?;
+        let mut nnames = 0usize;
+        for row in names.iter().map_err(|e| meta_err(&name, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&name, e))?;
+            nnames += 1;
+            if self.snaps.get(&v.value()).map(|s| s.name.as_str()) != Some(k.value()) {
+                return Err(damaged(format!(
+                    "the name '{}' names no matching snapshot",
+                    k.value()
+                )));
+            }
+        }
+        if nnames != self.snaps.len() {
+            return Err(damaged(format!(
+                "the catalog lists {nnames} names for {} snapshots",
+                self.snaps.len()
+            )));
+        }
+        let next_id = get_u64(&config, K_NEXT_ID, &name)?;
+        let next_overlay = config
+            .get(K_NEXT_OVERLAY)
+            .map_err(|e| meta_err(&name, e))?
+            .map_or(1, |v| v.value());
+        for s in self.snaps.values() {
+            if s.epoch >= self.epoch || s.id >= next_id || s.overlay as u64 >= next_overlay {
+                return Err(damaged(format!(
+                    "snapshot '{}' lies beyond the store's counters",
+                    s.name
+                )));
+            }
         }
         Ok(())
     }
@@ -929,7 +968,7 @@ impl Store {
             s2.overlay = self.new_overlay(&tx)?;
             s2.writable = writable;
             if src.overlay != 0 {
-                s2.overlay_chunks = self.copy_overlay(&tx, src.overlay, s2.overlay)?;
+                s2.overlay_chunks = self.copy_overlay(&tx, src.overlay, s2.overlay, &src.name)?;
             }
             put_snap(&tx, &s2, &sn)?;
             self.snaps.insert(s2.id, s2);
@@ -1203,6 +1242,7 @@ fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) -> Result<(
         tx.open_table(NAMES).map_err(|e| me(e.into()))?;
         tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
         tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
+        tx.open_table(HEADS).map_err(|e| me(e.into()))?;
         tx.open_table(FREE).map_err(|e| me(e.into()))?;
     }
     tx.commit().map_err(|e| me(e.into()))?;
@@ -1326,14 +1366,24 @@ impl Store {
 
     /// Verifies checksums, single ownership of every chunk and the space accounting.
     pub fn check(&mut self) -> Result<crate::cow::CheckReport> {
+        self.check_with(false, &mut |_, _| {})
+    }
+
+    /// `check`, and with `data` every saved chunk read and verified against its hash
+    /// (`progress(done, total)` in bytes).
+    pub fn check_with(
+        &mut self,
+        data: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<crate::cow::CheckReport> {
         let n = self.name.clone();
-        guard_panic(&n, || self.check_inner())
+        guard_panic(&n, || self.check_inner(data, progress))
     }
 }
 
 pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
     let mut t = tx.open_table(SNAPS).map_err(|e| meta_err(store, e))?;
-    let v = serde_json::to_vec(s).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let v = crate::codec::encode_snapshot(s);
     t.insert(s.id, v.as_slice())
         .map_err(|e| meta_err(store, e))?;
     Ok(())
