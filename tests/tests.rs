@@ -8,3 +8,4 @@ mod flip;
 mod model;
 mod nbd;
 mod schedule;
+mod tail;
