@@ -153,6 +153,8 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen {addr}"), e))?;
         listeners.push(Listener::Tcp(l));
     }
+    let served_id = file_id(store_path);
+    let served_name: Arc<str> = store_path.display().to_string().into();
     let shared = Arc::new(Shared::new(store, opts.verbose));
     let engine = shared.lock().map(|s| s.engine()).unwrap_or("?");
     eprintln!(
@@ -183,6 +185,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
                 continue;
             }
             let sh = shared.clone();
+            let served_name = served_name.clone();
             let w = match l {
                 Listener::Unix(l) => match l.accept() {
                     Ok((s, _)) => std::thread::spawn(move || {
@@ -207,7 +210,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
                 },
                 Listener::Control(l) => match l.accept() {
                     Ok((s, _)) => std::thread::spawn(move || {
-                        if let Err(e) = handle_control(&sh, s) {
+                        if let Err(e) = handle_control(&sh, s, served_id, &served_name) {
                             eprintln!("snapctl serve: control request failed: {e}");
                         }
                     }),
@@ -238,6 +241,24 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
 struct ControlRequest {
     argv: Vec<String>,
     cwd: PathBuf,
+    /// Which file or device the client means ([`file_id`]): a copy of a store has the same
+    /// uuid, so the uuid alone would send a command for the copy to the served original.
+    #[serde(default)]
+    store_id: Option<(u64, u64)>,
+    /// The store path as the client named it, for the message when it is not this server's.
+    #[serde(default)]
+    store_name: String,
+}
+
+/// What identifies a store: a block device by its device number, a file by device and inode.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    if m.file_type().is_block_device() {
+        Some((u64::MAX, m.rdev()))
+    } else {
+        Some((m.dev(), m.ino()))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -308,10 +329,31 @@ fn recv_frame(sock: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     Ok((body, fds))
 }
 
-fn handle_control(shared: &Arc<Shared>, sock: UnixStream) -> io::Result<()> {
+fn handle_control(
+    shared: &Arc<Shared>,
+    sock: UnixStream,
+    served_id: Option<(u64, u64)>,
+    served_name: &str,
+) -> io::Result<()> {
     let (body, mut fds) = recv_frame(&sock)?;
     let req: ControlRequest = serde_json::from_slice(&body)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if req.store_id.is_none() || req.store_id != served_id {
+        // Same uuid, another file: a copy of the store. Acting here would change the wrong one.
+        let reply = ControlReply {
+            code: 2,
+            stdout: String::new(),
+            error: Some((
+                "invalid-argument".into(),
+                format!(
+                    "store {} has the same uuid as {served_name}, which `snapctl serve` is serving, but is another file or device (a copy?); stop that server, or give the copy a store of its own with `snapctl init`",
+                    req.store_name
+                ),
+            )),
+        };
+        let body = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+        return send_frame(&sock, &body, &[]);
+    }
     let stdout = if fds.len() >= 2 {
         Some(File::from(fds.remove(1)))
     } else {
@@ -338,6 +380,8 @@ pub fn forward(store: &Path, argv: &[String]) -> Option<Result<ControlReply>> {
         let body = serde_json::to_vec(&ControlRequest {
             argv: argv.to_vec(),
             cwd,
+            store_id: file_id(store),
+            store_name: store.display().to_string(),
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
         send_frame(&sock, &body, &[0, 1]).map_err(lost)?;

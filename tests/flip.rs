@@ -229,7 +229,11 @@ impl Bench {
     }
 
     fn check_fails(&self, data: bool) -> bool {
-        let args: &[&str] = if data { &["check", "--data"] } else { &["check"] };
+        let args: &[&str] = if data {
+            &["check", "--data"]
+        } else {
+            &["check"]
+        };
         !self.cli(args).status.success()
     }
 
@@ -313,7 +317,11 @@ fn metadata_flips_never_serve_wrong_bytes() {
             b.pristine[s..s + PAGE as usize].iter().any(|&x| x != 0)
         })
         .collect();
-    assert!(pages.len() >= 8, "the store uses {} metadata pages", pages.len());
+    assert!(
+        pages.len() >= 8,
+        "the store uses {} metadata pages",
+        pages.len()
+    );
     let n = flips(300);
     let mut rng = SmallRng::seed_from_u64(0xf11b);
     let mut c = Counts::default();
@@ -386,7 +394,10 @@ fn check_data_names_the_damaged_snapshot_and_range() {
     let d = &v["check"]["damaged"];
     assert_eq!(d.as_array().map(|a| a.len()), Some(1), "{v}");
     assert_eq!(d[0]["store_chunk"], 0);
-    assert!(d[0]["snapshots"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
+    assert!(
+        d[0]["snapshots"].as_array().is_some_and(|a| !a.is_empty()),
+        "{v}"
+    );
     // Plain check reads no data: it stays fast and says nothing of the damage.
     assert!(b.cli(&["check"]).status.success());
 }

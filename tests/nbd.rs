@@ -916,3 +916,27 @@ fn writable_snapshots_are_exported_read_write_and_change_nothing_else() {
     assert!(s.export("origin") == before);
     s.ok(&["check"]);
 }
+
+#[test]
+fn a_copy_of_a_served_store_is_never_mistaken_for_it() {
+    let s = Served::start();
+    std::fs::copy(s.p("store.img"), s.p("copy.img")).unwrap();
+    let o = Command::new(bin())
+        .args(["-s", "copy.img", "create", "x"])
+        .current_dir(s.dir.path())
+        .env("SNAPCTL_RUN_DIR", s.p("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("same uuid") && err.contains("copy.img"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Nothing was created in the served store.
+    let list = s.ok(&["--json", "list"]);
+    assert!(!list.contains("\"x\""), "{list}");
+    // The served store itself still works through the server.
+    s.ok(&["create", "y"]);
+}
