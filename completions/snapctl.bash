@@ -73,6 +73,9 @@ _snapctl() {
             snapctl,show)
                 cmd="snapctl__subcmd__show"
                 ;;
+            snapctl,upgrade)
+                cmd="snapctl__subcmd__upgrade"
+                ;;
             snapctl,write)
                 cmd="snapctl__subcmd__write"
                 ;;
@@ -127,6 +130,9 @@ _snapctl() {
             snapctl__subcmd__help,show)
                 cmd="snapctl__subcmd__help__subcmd__show"
                 ;;
+            snapctl__subcmd__help,upgrade)
+                cmd="snapctl__subcmd__help__subcmd__upgrade"
+                ;;
             snapctl__subcmd__help,write)
                 cmd="snapctl__subcmd__help__subcmd__write"
                 ;;
@@ -161,7 +167,7 @@ _snapctl() {
 
     case "${cmd}" in
         snapctl)
-            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create prune schedule set-writable list ls show rename delete rm export write check diff restore serve generate-docs help"
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version init info create prune schedule set-writable list ls show rename delete rm export write upgrade check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -359,7 +365,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help)
-            opts="init info create prune schedule set-writable list show rename delete export write check diff restore serve generate-docs help"
+            opts="init info create prune schedule set-writable list show rename delete export write upgrade check diff restore serve generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -625,6 +631,20 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__help__subcmd__upgrade)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1003,6 +1023,28 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__show)
+            opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --store)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -s)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        snapctl__subcmd__upgrade)
             opts="-s -q -v -h -V --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -15,5 +15,6 @@ pub mod nbd;
 pub mod schedule;
 pub mod serve;
 pub mod store;
+pub mod upgrade;
 
 pub use error::{Error, Result};

@@ -15,7 +15,9 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{meta_err, Error, Result};
-use crate::format::{OnFull, Superblock, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE};
+use crate::format::{
+    OnFull, Superblock, FORMAT_VERSION, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE,
+};
 use crate::io::{engine_for, open_device, BlockIo, EngineChoice, OpenMode};
 
 /// The metadata region's length record: 512 bytes at 4 KiB (docs/FORMAT.md).
@@ -283,6 +285,8 @@ pub struct Store {
     pub(crate) preserved: Vec<u64>,
     /// What the on-full policy did during this process, for the caller to log.
     pub events: Vec<Event>,
+    /// The format version on disk (older only while `snapctl upgrade` converts it).
+    pub version: u32,
     /// Overlays proven whole in this process (see `verify_overlay`).
     pub(crate) verified_overlays: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// A restore interrupted by a crash that opening the store finished: its target's name.
@@ -565,6 +569,16 @@ impl Store {
 
     /// Opens a store from its path, with its origin.
     pub fn open(store: &Path, opts: OpenOptions) -> Result<Store> {
+        Self::open_impl(store, opts, false)
+    }
+
+    /// Opens a store of this format version or of the one before it, for `snapctl upgrade`:
+    /// the catalog is not loaded (an older one is in the older layout).
+    pub fn open_for_upgrade(store: &Path) -> Result<Store> {
+        Self::open_impl(store, OpenOptions::default(), true)
+    }
+
+    fn open_impl(store: &Path, opts: OpenOptions, upgrade: bool) -> Result<Store> {
         let name = store.display().to_string();
         let sdev = open_retrying(
             "store",
@@ -578,7 +592,11 @@ impl Store {
         let lock_file = lock(&sdev.file, &name, opts.lock_timeout)?;
         let io = engine_for(sdev, opts.engine)
             .map_err(|e| Error::io(format!("store {name}: I/O engine"), e))?;
-        let sb = read_superblock(io.as_ref(), &name)?;
+        let (sb, version) = if upgrade {
+            read_superblock_any(io.as_ref(), &name)?
+        } else {
+            (read_superblock(io.as_ref(), &name)?, FORMAT_VERSION)
+        };
         let opath = PathBuf::from(&sb.origin_path);
         let odev = open_retrying(
             "origin",
@@ -603,7 +621,12 @@ impl Store {
         }
         let origin = engine_for(odev, opts.engine)
             .map_err(|e| Error::io(format!("origin {}: I/O engine", sb.origin_path), e))?;
-        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file))?;
+        if upgrade {
+            let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false)?;
+            store.version = version;
+            return Ok(store);
+        }
+        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), true)?;
         if store.restore_pending()? {
             // A restore was cut short: finish it before anything reads the origin, with the
             // origin opened for writing (and exclusively) for that.
@@ -632,7 +655,7 @@ impl Store {
         if origin.len() != sb.origin_size {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
-        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None)?;
+        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None, true)?;
         if store.restore_pending()? {
             store.resume_restore()?;
         }
@@ -677,6 +700,7 @@ impl Store {
         sb: Superblock,
         name: String,
         lock_file: Option<File>,
+        load: bool,
     ) -> Result<Store> {
         if sb.data_offset + sb.data_chunks * sb.chunk_size > io.len() {
             return Err(Error::Corrupt(format!(
@@ -723,11 +747,14 @@ impl Store {
             epoch: 0,
             events: Vec::new(),
             verified_overlays: Default::default(),
+            version: FORMAT_VERSION,
             resumed_restore: None,
             _lock: lock_file,
         };
-        let n = store.name.clone();
-        guard_panic(&n, || store.load_catalog())?;
+        if load {
+            let n = store.name.clone();
+            guard_panic(&n, || store.load_catalog())?;
+        }
         Ok(store)
     }
 
@@ -1387,6 +1414,16 @@ pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -
     t.insert(s.id, v.as_slice())
         .map_err(|e| meta_err(store, e))?;
     Ok(())
+}
+
+pub(crate) fn read_superblock_any(io: &dyn BlockIo, name: &str) -> Result<(Superblock, u32)> {
+    if io.len() < SUPERBLOCK_SIZE as u64 {
+        return Err(Error::NotAStore(name.to_string()));
+    }
+    let mut b = vec![0u8; SUPERBLOCK_SIZE];
+    io.read_at(&mut b, 0)
+        .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+    Superblock::decode_any(&b, name)
 }
 
 pub(crate) fn read_superblock(io: &dyn BlockIo, name: &str) -> Result<Superblock> {

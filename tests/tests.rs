@@ -9,3 +9,4 @@ mod model;
 mod nbd;
 mod schedule;
 mod tail;
+mod upgrade;

@@ -1,0 +1,96 @@
+//! A store written by the previous format (version 2, a fixture made by snapctl 0.1 with
+//! snapshots, a writable snapshot, a snapshot of it and an origin with a partial last chunk) is
+//! refused with a message naming `snapctl upgrade`, and upgraded in place with every view exact.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::bin;
+
+fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("SNAPCTL_STORE", dir.join("store.img"))
+        .env("SNAPCTL_RUN_DIR", dir.join("run"))
+        .output()
+        .expect("run snapctl")
+}
+
+/// Unpacks the fixture and points its superblock at the unpacked origin (path and identity),
+/// keeping version 2.
+fn unpack(dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2-store.tar.gz");
+    let st = Command::new("tar")
+        .arg("xzf")
+        .arg(&fixture)
+        .current_dir(dir)
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let store = dir.join("store.img");
+    let mut img = std::fs::read(&store).expect("read store");
+    let (mut sb, version) =
+        snapctl::format::Superblock::decode_any(&img[..4096], "fixture").expect("superblock");
+    assert_eq!(version, 2);
+    let origin = dir.join("origin.img");
+    sb.origin_path = origin.display().to_string();
+    sb.fingerprint = snapctl::store::origin_fingerprint(&origin).expect("fingerprint");
+    let mut b = sb.encode();
+    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let sum = *blake3::hash(&b[..4064]).as_bytes();
+    b[4064..].copy_from_slice(&sum);
+    img[..4096].copy_from_slice(&b);
+    std::fs::write(&store, img).expect("write store");
+}
+
+#[test]
+fn a_version_2_store_is_refused_by_name_then_upgraded_in_place() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let d = dir.path();
+    unpack(d);
+    let before = std::fs::read(d.join("store.img")).expect("read");
+    let o = cli(d, &["list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("snapctl -s") && err.contains("upgrade"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(d.join("store.img")).expect("read"), before);
+
+    let o = cli(d, &["upgrade"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("from format version 2 to 3"), "{out}");
+    for v in ["a", "b", "c", "d", "e", "origin"] {
+        let o = cli(d, &["export", v]);
+        assert!(
+            o.status.success(),
+            "export {v}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = std::fs::read(d.join(format!("expected/{v}.img"))).expect("expected");
+        assert!(o.stdout == want, "view {v} differs after the upgrade");
+    }
+    let o = cli(d, &["check", "--data"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // Again: nothing to do. And the upgraded store takes new writes and snapshots.
+    let o = cli(d, &["upgrade"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already"));
+    std::fs::write(d.join("w"), vec![7u8; 9000]).expect("w");
+    assert!(cli(d, &["create", "g"]).status.success());
+    assert!(cli(d, &["write", "--offset", "100", "-i", "w"])
+        .status
+        .success());
+    assert!(
+        cli(d, &["write", "--snapshot", "b", "--offset", "0", "-i", "w"])
+            .status
+            .success()
+    );
+    let o = cli(d, &["export", "g"]);
+    assert!(o.stdout == std::fs::read(d.join("expected/origin.img")).expect("origin"));
+    let o = cli(d, &["check", "--data"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
