@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --release --locked --all-targets -- -D warnings
+rm -f target/flip-counts.txt
 cargo test --release --locked
+# The flip harness's counts (tests/flip.rs): detected / harmless / wrong.
+cat target/flip-counts.txt 2>/dev/null || true

@@ -296,6 +296,21 @@ fn flips(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Prints the counts, and keeps them in target/flip-counts.txt, which scripts/test.sh prints
+/// after the run (cargo captures a passing test's output).
+fn report(line: &str) {
+    use std::io::Write;
+    eprintln!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../flip-counts.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 fn tally(c: &mut Counts, r: Read) {
     match r {
         Read::Right => c.harmless += 1,
@@ -340,20 +355,13 @@ fn metadata_flips_never_serve_wrong_bytes() {
         }
         tally(&mut c, r);
     }
-    println!(
+    report(&format!(
         "metadata flips over {} used pages: {} detected, {} harmless, {} wrong",
         pages.len(),
         c.detected,
         c.harmless,
         c.wrong
-    );
-    eprintln!(
-        "metadata flips over {} used pages: {} detected, {} harmless, {} wrong",
-        pages.len(),
-        c.detected,
-        c.harmless,
-        c.wrong
-    );
+    ));
     assert_eq!(c.wrong, 0, "{c:?}");
 }
 
@@ -372,10 +380,10 @@ fn data_flips_are_refused_on_every_path_and_named_by_check_data() {
         let mask = 1u8 << rng.gen_range(0..8);
         tally(&mut c, b.trial(at, mask, true, nbd, "data"));
     }
-    eprintln!(
+    report(&format!(
         "data flips: {} detected, {} harmless, {} wrong",
         c.detected, c.harmless, c.wrong
-    );
+    ));
     assert_eq!(c.wrong, 0, "{c:?}");
     assert!(c.detected > 0, "{c:?}");
 }
