@@ -1427,13 +1427,15 @@ pub(crate) fn read_superblock_any(io: &dyn BlockIo, name: &str) -> Result<(Super
 }
 
 pub(crate) fn read_superblock(io: &dyn BlockIo, name: &str) -> Result<Superblock> {
-    if io.len() < SUPERBLOCK_SIZE as u64 {
-        return Err(Error::NotAStore(name.to_string()));
+    let (sb, version) = read_superblock_any(io, name)?;
+    if version != FORMAT_VERSION {
+        // decode_any accepted an older version: decode says what to do about it.
+        let mut b = vec![0u8; SUPERBLOCK_SIZE];
+        io.read_at(&mut b, 0)
+            .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+        Superblock::decode(&b, name)?;
     }
-    let mut b = vec![0u8; SUPERBLOCK_SIZE];
-    io.read_at(&mut b, 0)
-        .map_err(|e| Error::io(format!("store {name}: read"), e))?;
-    Superblock::decode(&b, name)
+    Ok(sb)
 }
 
 /// redb may panic on metadata that was altered behind its back (its docs say so); turn that into

@@ -49,6 +49,16 @@ fn decode_runs_v2(b: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
     Some(out)
 }
 
+/// The (origin chunk, store chunk) pairs a version-2 value of group `g` names.
+fn v2_items(store: &str, what: &str, g: u64, v: &[u8]) -> Result<Vec<(u64, u64)>> {
+    let runs = decode_runs_v2(v)
+        .ok_or_else(|| Error::Corrupt(format!("{store}: {what} cannot be decoded")))?;
+    Ok(runs
+        .iter()
+        .flat_map(|(off, len, loc)| (0..*len).map(move |i| (g * GROUP_CHUNKS + off + i, loc + i)))
+        .collect())
+}
+
 impl Store {
     /// Hashes the saved chunks `(origin chunk, store chunk)`: what each holds now.
     fn hash_saved(&self, items: &[(u64, u64)]) -> Result<Vec<Entry>> {
@@ -139,15 +149,7 @@ impl Store {
                 let mut last: BTreeMap<(u32, u64), u64> = BTreeMap::new();
                 for (k, v) in rows {
                     let (b, g, t) = k;
-                    let runs = decode_runs_v2(&v).ok_or_else(|| {
-                        Error::Corrupt(format!("{sn}: record {k:?} cannot be decoded"))
-                    })?;
-                    let items: Vec<(u64, u64)> = runs
-                        .iter()
-                        .flat_map(|(off, len, loc)| {
-                            (0..*len).map(move |i| (g * GROUP_CHUNKS + off + i, loc + i))
-                        })
-                        .collect();
+                    let items = v2_items(&sn, &format!("record {k:?}"), g, &v)?;
                     rep.chunks_hashed += items.len() as u64;
                     let rec = Record {
                         prev: last.get(&(b, g)).copied().unwrap_or(0),
@@ -171,15 +173,7 @@ impl Store {
                     .map_err(|e| meta_err(&sn, e))?;
                 for (k, v) in rows {
                     let g = k.1;
-                    let runs = decode_runs_v2(&v).ok_or_else(|| {
-                        Error::Corrupt(format!("{sn}: overlay record {k:?} cannot be decoded"))
-                    })?;
-                    let items: Vec<(u64, u64)> = runs
-                        .iter()
-                        .flat_map(|(off, len, loc)| {
-                            (0..*len).map(move |i| (g * GROUP_CHUNKS + off + i, loc + i))
-                        })
-                        .collect();
+                    let items = v2_items(&sn, &format!("overlay record {k:?}"), g, &v)?;
                     rep.chunks_hashed += items.len() as u64;
                     let rec = Record {
                         prev: 0,
