@@ -21,8 +21,17 @@ const RECORD_HEAD: usize = 12;
 /// A chunk's content hash: blake3 of its bytes inside the origin.
 pub type ChunkHash = [u8; 32];
 
+#[cfg(not(feature = "bench-unhashed"))]
 pub fn chunk_hash(data: &[u8]) -> ChunkHash {
     *blake3::hash(data).as_bytes()
+}
+
+/// The benchmark build's stand-in (`--features bench-unhashed`, scripts/bench-checksums.sh):
+/// the same program with no hashing at all, to measure what checksums cost. Stores it writes
+/// fail every check of a normal build, which is what they deserve.
+#[cfg(feature = "bench-unhashed")]
+pub fn chunk_hash(_data: &[u8]) -> ChunkHash {
+    [0; HASH]
 }
 
 /// One saved chunk of a group: chunk `off` of the group lives at store chunk `loc`.
@@ -64,6 +73,12 @@ impl Record {
     }
 }
 
+#[cfg(feature = "bench-unhashed")]
+fn check_of(_table: &str, _key: &[u8], _body: &[u8]) -> [u8; CHECK] {
+    [0; CHECK]
+}
+
+#[cfg(not(feature = "bench-unhashed"))]
 fn check_of(table: &str, key: &[u8], body: &[u8]) -> [u8; CHECK] {
     let mut h = blake3::Hasher::new();
     h.update(table.as_bytes());

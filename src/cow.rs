@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use redb::ReadableTable;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::codec::{
     chunk_hash, decode_record, encode_record, overlay_key, record_key, Entry, Record,
@@ -190,7 +190,7 @@ enum Reader {
 }
 
 /// A damaged range found by `check --data`.
-#[derive(Debug, Serialize, Clone)]
+#[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct Damage {
     /// The snapshots that read it.
     pub snapshots: Vec<String>,
@@ -200,7 +200,7 @@ pub struct Damage {
 }
 
 /// What `check` found.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Whether every saved chunk was read and verified (`--data`).
     pub data_checked: bool,

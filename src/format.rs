@@ -134,7 +134,7 @@ impl Superblock {
     /// Decodes a superblock of this version or of one `upgrade` converts: (superblock, version).
     pub fn decode_any(b: &[u8], what: &str) -> Result<(Self, u32)> {
         if b.len() < SUPERBLOCK_SIZE || &b[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
-            return Err(Error::NotAStore(what.to_string()));
+            return Err(Error::not_a_store(what));
         }
         let sum = blake3::hash(&b[..OFF_CHECKSUM]);
         if sum.as_bytes() != &b[OFF_CHECKSUM..SUPERBLOCK_SIZE] {

@@ -241,6 +241,74 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
     })
 }
 
+/// Opens a device or file for writing without O_DIRECT, with O_EXCL when it is a block device
+/// (refused while mounted or held by another exclusive opener).
+pub fn open_exclusive(path: &Path) -> io::Result<File> {
+    let is_block = std::fs::metadata(path)?.file_type().is_block_device();
+    let mut flags = libc::O_CLOEXEC;
+    if is_block {
+        flags |= libc::O_EXCL;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// A device or file someone else opened (a descriptor passed over the control socket), used
+/// as it is: buffered, without O_DIRECT.
+pub fn device_of(file: File) -> io::Result<Device> {
+    let meta = file.metadata()?;
+    let is_block = meta.file_type().is_block_device();
+    if !is_block && !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a block device or a regular file",
+        ));
+    }
+    let (size, block_size) = if is_block {
+        let mut size = 0u64;
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: the ioctls write one u64 / one c_int into the given pointers.
+        unsafe {
+            blkgetsize64(file.as_raw_fd(), &mut size).map_err(io::Error::from)?;
+            blksszget(file.as_raw_fd(), &mut ssz).map_err(io::Error::from)?;
+        }
+        (size, ssz.max(512) as usize)
+    } else {
+        (meta.len(), 512)
+    };
+    Ok(Device {
+        file,
+        tail: None,
+        size,
+        is_block,
+        direct: false,
+        block_size,
+    })
+}
+
+/// What identifies a device or file: a block device by its device number, a file by device and
+/// inode (a copy of a store has the same uuid; this tells them apart).
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    id_of(&std::fs::metadata(path).ok()?)
+}
+
+/// [`file_id`] of an open file.
+pub fn file_id_of(f: &File) -> Option<(u64, u64)> {
+    id_of(&f.metadata().ok()?)
+}
+
+fn id_of(m: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    if m.file_type().is_block_device() {
+        Some((u64::MAX, m.rdev()))
+    } else {
+        Some((m.dev(), m.ino()))
+    }
+}
+
 /// Which engine to put on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineChoice {

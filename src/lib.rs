@@ -1,8 +1,17 @@
 //! snapctl: point-in-time snapshots for any Linux block device, in userspace.
 //!
-//! The binary is a thin shell over [`cli::main`]. Modules, one concern each:
-//! [`io`] (device I/O engines), [`format`] (the superblock), [`store`] (metadata, catalog,
-//! allocation), [`cow`] (the copy-on-write engine), [`names`] (what users type), [`cli`].
+//! The binary is a thin shell over [`cli::main`]. Data flows one way, and each module has one
+//! concern (docs/DESIGN.md has the picture):
+//!
+//! - [`cli`]: what users type and what they see (arguments, rendering, man pages);
+//! - [`ops`]: every operation as a typed request, the client that runs it here or in a server,
+//!   consistent create, schedules and retention;
+//! - [`server`]: `snapctl serve`, the NBD protocol and the control socket, another caller of
+//!   [`ops`];
+//! - [`store`] with [`cow`], [`codec`], [`format`], [`upgrade`]: the store on disk, its
+//!   metadata and the copy-on-write engine;
+//! - [`io`]: device I/O engines;
+//! - [`names`], [`error`], [`signals`]: shared vocabulary.
 
 pub mod cli;
 pub mod codec;
@@ -11,9 +20,9 @@ pub mod error;
 pub mod format;
 pub mod io;
 pub mod names;
-pub mod nbd;
-pub mod schedule;
-pub mod serve;
+pub mod ops;
+pub mod server;
+pub mod signals;
 pub mod store;
 pub mod upgrade;
 

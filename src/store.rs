@@ -177,7 +177,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// A new, valid, read-only snapshot at a point in time, holding nothing yet.
     #[allow(clippy::too_many_arguments)]
-    fn point(
+    pub(crate) fn point(
         id: u64,
         name: &str,
         parent: &str,
@@ -1416,9 +1416,18 @@ pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -
     Ok(())
 }
 
+/// Reads a store's superblock without opening or locking the store (a server may hold it).
+pub fn peek_superblock(store: &Path) -> Option<Superblock> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(store).ok()?;
+    let mut b = vec![0u8; SUPERBLOCK_SIZE];
+    f.read_exact(&mut b).ok()?;
+    Superblock::decode(&b, &store.display().to_string()).ok()
+}
+
 pub(crate) fn read_superblock_any(io: &dyn BlockIo, name: &str) -> Result<(Superblock, u32)> {
     if io.len() < SUPERBLOCK_SIZE as u64 {
-        return Err(Error::NotAStore(name.to_string()));
+        return Err(Error::not_a_store(name));
     }
     let mut b = vec![0u8; SUPERBLOCK_SIZE];
     io.read_at(&mut b, 0)

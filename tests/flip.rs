@@ -173,11 +173,15 @@ impl Bench {
     }
 
     /// Every view through the command line.
-    fn read_cli(&self) -> Vec<Read> {
+    fn read_cli(&self, why: &mut Vec<String>) -> Vec<Read> {
         let mut out = Vec::new();
         for (v, want) in self.views.iter().zip(&self.expected) {
             let o = self.cli(&["export", v]);
             out.push(if !o.status.success() {
+                why.push(format!(
+                    "export {v}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
                 Read::Refused
             } else if &o.stdout == want {
                 Read::Right
@@ -189,9 +193,10 @@ impl Bench {
     }
 
     /// Every view through the server and nbdcopy (all refused when the server will not start).
-    fn read_nbd(&self) -> Vec<Read> {
+    fn read_nbd(&self, why: &mut Vec<String>) -> Vec<Read> {
         let sock = self.p("nbd.sock");
         let _ = std::fs::remove_file(&sock);
+        let log = self.p("serve.log");
         let child = Command::new(bin())
             .args(["serve", "--socket"])
             .arg(&sock)
@@ -199,11 +204,15 @@ impl Bench {
             .env("SNAPCTL_STORE", self.p("store.img"))
             .env("SNAPCTL_RUN_DIR", self.p("run"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("server log"))
             .spawn()
             .expect("spawn server");
         let mut server = Server(Some(child));
         if !wait_up(&mut server, &sock) {
+            why.push(format!(
+                "serve: {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            ));
             return vec![Read::Refused; self.views.len()];
         }
         let mut out = Vec::new();
@@ -218,6 +227,7 @@ impl Bench {
                 .status()
                 .expect("nbdcopy");
             out.push(if !st.success() {
+                why.push(format!("nbdcopy {v} failed"));
                 Read::Refused
             } else if std::fs::read(&dst).ok().as_ref() == Some(want) {
                 Read::Right
@@ -240,9 +250,10 @@ impl Bench {
     /// One flip: damage, read everything, check, undo. Returns the verdict.
     fn trial(&self, at: u64, mask: u8, data: bool, nbd: bool, what: &str) -> Read {
         self.flip(at, mask);
-        let mut reads = self.read_cli();
+        let mut why = Vec::new();
+        let mut reads = self.read_cli(&mut why);
         if nbd {
-            reads.extend(self.read_nbd());
+            reads.extend(self.read_nbd(&mut why));
         }
         let verdict = if reads.contains(&Read::Wrong) {
             Read::Wrong
@@ -254,7 +265,8 @@ impl Bench {
         if verdict != Read::Right {
             assert!(
                 self.check_fails(data),
-                "{what}: a flip of byte {at} (mask {mask:#x}) changed what reads return, but check passed"
+                "{what}: a flip of byte {at} (mask {mask:#x}) changed what reads return, but check passed: \
+                 {reads:?}; {why:#?}"
             );
         }
         self.restore_pristine();
@@ -282,7 +294,7 @@ fn wait_up(s: &mut Server, sock: &Path) -> bool {
                 return false;
             }
         }
-        if snapctl::serve::wait_for_socket(sock, Duration::from_millis(20)) {
+        if snapctl::server::wait_for_socket(sock, Duration::from_millis(20)) {
             return true;
         }
     }

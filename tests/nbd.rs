@@ -64,7 +64,7 @@ impl Served {
             .unwrap();
         self.child = Some(child);
         assert!(
-            snapctl::serve::wait_for_socket(&self.sock(), Duration::from_secs(10)),
+            snapctl::server::wait_for_socket(&self.sock(), Duration::from_secs(10)),
             "server did not start: {}",
             std::fs::read_to_string(self.p("serve.log")).unwrap_or_default()
         );
@@ -779,7 +779,7 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
         .spawn()
         .unwrap();
     s.child = Some(child);
-    assert!(snapctl::serve::wait_for_socket(
+    assert!(snapctl::server::wait_for_socket(
         &s.sock(),
         Duration::from_secs(10)
     ));

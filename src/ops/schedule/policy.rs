@@ -1,6 +1,6 @@
-//! Scheduled snapshots and retention: the TOML configuration, when a period is due, what its
-//! retention keeps, and what expiry prunes. Pure decisions over snapshot lists; the CLI carries
-//! them out through the same commands a person would run (forwarded to a running server or not).
+//! Scheduled snapshots and retention, the decisions: the TOML configuration, when a period is
+//! due, what its retention keeps, and what expiry prunes. Pure functions over snapshot lists;
+//! [`super`] carries them out through a [`crate::ops::Client`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use crate::error::{Error, Result};
 use crate::names::{parse_duration, rfc3339};
+use crate::store::Snapshot;
 
 pub const DEFAULT_CONFIG: &str = "/etc/snapctl/snapctl.toml";
 
@@ -196,31 +197,9 @@ pub fn snapshot_name(period: &str, boundary: i64) -> String {
     format!("{period}-{t}")
 }
 
-/// What a scheduler needs to know of a snapshot.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SnapInfo {
-    pub name: String,
-    pub created: String,
-    pub expires: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-impl SnapInfo {
-    pub fn created_ts(&self) -> i64 {
-        chrono::DateTime::parse_from_rfc3339(&self.created)
-            .map(|t| t.timestamp())
-            .unwrap_or(0)
-    }
-    pub fn expires_ts(&self) -> Option<i64> {
-        self.expires
-            .as_deref()
-            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-            .map(|t| t.timestamp())
-    }
-    pub fn period(&self) -> Option<&str> {
-        self.labels.get("period").map(|s| s.as_str())
-    }
+/// The period a snapshot was taken for (its `period` label).
+fn period_of(s: &Snapshot) -> Option<&str> {
+    s.labels.get("period").map(|s| s.as_str())
 }
 
 /// A decision about one snapshot, with the rule that made it.
@@ -232,11 +211,11 @@ pub struct Verdict {
 }
 
 /// Is the period's snapshot for the current boundary missing? Returns the name to take.
-pub fn due(p: &Period, snaps: &[SnapInfo], now: i64) -> Option<String> {
+pub fn due(p: &Period, snaps: &[Snapshot], now: i64) -> Option<String> {
     let b = boundary(p.every, now);
     let taken = snaps
         .iter()
-        .any(|s| s.period() == Some(p.name.as_str()) && s.created_ts() >= b);
+        .any(|s| period_of(s) == Some(p.name.as_str()) && s.created >= b);
     let name = snapshot_name(&p.name, b);
     if taken || snaps.iter().any(|s| s.name == name) {
         None
@@ -247,17 +226,17 @@ pub fn due(p: &Period, snaps: &[SnapInfo], now: i64) -> Option<String> {
 
 /// Retention for one period: the newest `keep` and/or those younger than `retain` are kept.
 /// Only snapshots labelled `period=<name>` are considered.
-pub fn retention(p: &Period, snaps: &[SnapInfo], now: i64) -> Vec<Verdict> {
-    let mut mine: Vec<&SnapInfo> = snaps
+pub fn retention(p: &Period, snaps: &[Snapshot], now: i64) -> Vec<Verdict> {
+    let mut mine: Vec<&Snapshot> = snaps
         .iter()
-        .filter(|s| s.period() == Some(p.name.as_str()))
+        .filter(|s| period_of(s) == Some(p.name.as_str()))
         .collect();
-    mine.sort_by_key(|s| std::cmp::Reverse(s.created_ts()));
+    mine.sort_by_key(|s| std::cmp::Reverse(s.created));
     mine.iter()
         .enumerate()
         .map(|(i, s)| {
             let by_keep = p.keep.is_some_and(|k| (i as u64) < k);
-            let age = now - s.created_ts();
+            let age = now - s.created;
             let by_retain = p.retain.is_some_and(|r| age < r);
             let rule = if by_keep {
                 format!(
@@ -290,10 +269,10 @@ pub fn retention(p: &Period, snaps: &[SnapInfo], now: i64) -> Vec<Verdict> {
 }
 
 /// Expiry: every snapshot whose `expires` is at or before `now` goes.
-pub fn expiry(snaps: &[SnapInfo], now: i64) -> Vec<Verdict> {
+pub fn expiry(snaps: &[Snapshot], now: i64) -> Vec<Verdict> {
     snaps
         .iter()
-        .map(|s| match s.expires_ts() {
+        .map(|s| match s.expires {
             Some(e) if e <= now => Verdict {
                 name: s.name.clone(),
                 delete: true,
@@ -323,17 +302,12 @@ pub fn grace(every: i64) -> i64 {
 mod tests {
     use super::*;
 
-    fn snap(name: &str, created: i64, period: Option<&str>) -> SnapInfo {
+    fn snap(name: &str, created: i64, period: Option<&str>) -> Snapshot {
         let mut labels = BTreeMap::new();
         if let Some(p) = period {
             labels.insert("period".into(), p.into());
         }
-        SnapInfo {
-            name: name.into(),
-            created: rfc3339(created),
-            expires: None,
-            labels,
-        }
+        Snapshot::point(0, name, "origin", 0, 0, created, None, labels)
     }
 
     fn hourly(keep: Option<u64>, retain: Option<i64>) -> Period {
@@ -380,7 +354,7 @@ mod tests {
     #[test]
     fn retention_keeps_the_newest_or_the_young_and_ignores_other_snapshots() {
         let now = 1_800_000_000;
-        let snaps: Vec<SnapInfo> = (0..5)
+        let snaps: Vec<Snapshot> = (0..5)
             .map(|i| snap(&format!("h{i}"), now - i * 3600, Some("hourly")))
             .chain([snap("manual", now - 99 * 3600, None)])
             .collect();
@@ -402,7 +376,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let text = include_str!("../scripts/snapctl.toml.example");
+        let text = include_str!("../../../scripts/snapctl.toml.example");
         let cfg = parse(text, Path::new("snapctl.toml.example"), &|_: &Path| Ok(())).unwrap();
         assert_eq!(cfg[0].periods.len(), 2);
         assert_eq!(cfg[0].periods[0].freeze, [PathBuf::from("/srv/db")]);
@@ -425,7 +399,7 @@ mod tests {
                 "{e}"
             );
         }
-        let notstore = |_: &Path| Err(Error::NotAStore("x".into()));
+        let notstore = |_: &Path| Err(Error::not_a_store("x"));
         let e = parse("[store.db]\npath = \"/x\"\n[[store.db.period]]\nname = \"h\"\nevery = \"1h\"\nkeep = 1\n", p, &notstore)
             .unwrap_err()
             .to_string();

@@ -5,12 +5,11 @@
 //! in batches: the copies that all the batch's writes need are made and committed together (one
 //! flush and one commit for the batch), and its reads go to the devices together.
 
-use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 
+use super::state::Shared;
 use crate::cow::ReadReq;
 use crate::error::Error;
 use crate::store::{SnapState, Store};
@@ -74,45 +73,6 @@ const MAX_OPTION: u32 = 64 << 10;
 /// Requests gathered into one batch.
 const BATCH_REQUESTS: usize = 128;
 const BATCH_BYTES: usize = 32 << 20;
-
-/// What every connection shares: the store, the exports clients hold open, the shutdown flag.
-pub struct Shared {
-    pub store: Mutex<Store>,
-    pub open_exports: Mutex<HashMap<String, usize>>,
-    pub shutdown: AtomicBool,
-    pub verbose: bool,
-}
-
-impl Shared {
-    pub fn new(store: Store, verbose: bool) -> Self {
-        Shared {
-            store: Mutex::new(store),
-            open_exports: Mutex::new(HashMap::new()),
-            shutdown: AtomicBool::new(false),
-            verbose,
-        }
-    }
-
-    pub fn lock(&self) -> Result<MutexGuard<'_, Store>, Error> {
-        self.store.lock().map_err(|_| {
-            Error::Corrupt("the server's store lock was poisoned by a failed request".into())
-        })
-    }
-
-    /// How many connections have `name` open.
-    pub fn open_count(&self, name: &str) -> usize {
-        self.open_exports
-            .lock()
-            .map(|m| m.get(name).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    fn log(&self, msg: &str) {
-        if self.verbose {
-            eprintln!("snapctl serve: {msg}");
-        }
-    }
-}
 
 /// An export, resolved at NBD_OPT_GO time.
 #[derive(Clone)]

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# What checksums cost: the same program built twice, once as shipped and once with chunk hashes
+# and row checks switched off (`--features bench-unhashed`), measured side by side in this run.
+#
+#   1. Through `snapctl serve` (O_DIRECT, its default) and fio --ioengine=nbd, 4 KiB at queue
+#      depth 32: the first random writes after a snapshot (every one copies a chunk and hashes
+#      it), then random reads of that snapshot over the same region (every one reads a saved
+#      chunk from the store and verifies it). Rounds alternate the builds; medians are compared.
+#   2. Open time: `list` and `create` on a fresh store and on one holding BENCH_EXCEPTIONS saved
+#      chunks (default 1,000,000: 4 GiB of store), for both builds.
+#
+#   scripts/bench-checksums.sh
+#   BENCH_SIZE_MB=256 BENCH_ROUNDS=3 BENCH_EXCEPTIONS=100000 scripts/bench-checksums.sh  # quicker
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+SIZE_MB=${BENCH_SIZE_MB:-1024}
+ROUNDS=${BENCH_ROUNDS:-5}
+EXC=${BENCH_EXCEPTIONS:-1000000}
+REGION_MB=$((SIZE_MB / 4))
+cargo build --release --locked --quiet
+cargo build --release --locked --quiet --features bench-unhashed --target-dir target/unhashed
+declare -A BIN=([hashed]="$PWD/target/release/snapctl" [unhashed]="$PWD/target/unhashed/release/snapctl")
+work=$(mktemp -d /tmp/snapctl-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+results="$work/results.tsv"
+: > "$results"
+log() { printf '%s\n' "$*" >&2; }
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"; }
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+
+# fio RW URI -> IOPS
+run_fio() {
+  fio --name=b --ioengine=nbd --uri="$2" --rw="$1" --bs=4k --iodepth=32 --offset=0 \
+    --size="${REGION_MB}M" --randrepeat=1 --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+  python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+side = j["write"] if j["write"]["io_bytes"] else j["read"]
+print("%.0f" % side["iops"])' "$work/fio.json"
+}
+
+log "bench: ${SIZE_MB} MiB volume, ${REGION_MB} MiB per workload, $ROUNDS rounds per build"
+head -c "${SIZE_MB}M" /dev/urandom > "$work/base.img"
+data_round() {
+  local build=$1 s=${BIN[$1]}
+  cp "$work/base.img" "$work/origin.img"
+  truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
+  export SNAPCTL_STORE="$work/store.img" SNAPCTL_RUN_DIR="$work/run"
+  "$s" -q init "$work/store.img" --origin "$work/origin.img" --force
+  "$s" -q create snap
+  "$s" serve --socket "$work/snapctl.sock" 2>"$work/serve.log" & pids+=($!)
+  wait_sock "$work/snapctl.sock"
+  local first read
+  first=$(run_fio randwrite "nbd+unix:///origin?socket=$work/snapctl.sock")
+  read=$(run_fio randread "nbd+unix:///snap?socket=$work/snapctl.sock")
+  record "$build" first "$first"
+  record "$build" saved-read "$read"
+  log "  $build: first writes $first IOPS, reads of saved chunks $read IOPS"
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  "$s" -q check
+  rm -f "$work/origin.img" "$work/store.img" "$work/snapctl.sock"
+}
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then order="hashed unhashed"; else order="unhashed hashed"; fi
+  log "round $r"
+  for b in $order; do data_round "$b"; done
+done
+
+# average wall time of `snapctl ARGS...` over N runs, in microseconds
+time_us() {
+  local n=$1 t0 t1 i; shift
+  t0=$(date +%s%N)
+  for i in $(seq "$n"); do "$@" >/dev/null; done
+  t1=$(date +%s%N)
+  echo $(( (t1 - t0) / n / 1000 ))
+}
+# average wall time of 10 creates, in microseconds
+create_us() {
+  local s=$1 prefix=$2 t0 t1 i
+  t0=$(date +%s%N)
+  for i in $(seq 10); do "$s" -q create "$prefix-$i"; done
+  t1=$(date +%s%N)
+  echo $(( (t1 - t0) / 10000 ))
+}
+open_round() {
+  local build=$1 s=${BIN[$1]} bytes=$((EXC * 4096))
+  truncate -s "$bytes" "$work/origin.img"
+  truncate -s "$((bytes + bytes / 8 + (64 << 20)))" "$work/store.img"
+  export SNAPCTL_STORE="$work/store.img" SNAPCTL_RUN_DIR="$work/run"
+  "$s" -q init "$work/store.img" --origin "$work/origin.img" --force --chunk-size 4K
+  "$s" -q create first
+  record "$build" list-0 "$(time_us 20 "$s" list)"
+  record "$build" create-0 "$(create_us "$s" c0)"
+  log "  $build: saving $EXC chunks"
+  head -c "$bytes" /dev/zero | "$s" -q write
+  local saved
+  saved=$("$s" --json check | python3 -c 'import json,sys; print(json.load(sys.stdin)["check"]["used_chunks"])')
+  record "$build" saved "$saved"
+  record "$build" list-n "$(time_us 20 "$s" list)"
+  record "$build" create-n "$(create_us "$s" cn)"
+  log "  $build: $saved chunks saved"
+  rm -f "$work/origin.img" "$work/store.img"
+}
+log "open time with $EXC saved chunks"
+open_round hashed
+open_round unhashed
+
+python3 - "$results" "$EXC" <<'EOF'
+import sys, statistics
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+v = {}
+for b, k, x in rows:
+    v.setdefault((b, k), []).append(float(x))
+med = {k: statistics.median(x) for k, x in v.items()}
+print(f"\n{'':<34}{'hashed':>12}{'unhashed':>12}")
+for k, label, unit in [("first", "first write after a snapshot", "IOPS"), ("saved-read", "random read of saved chunks", "IOPS")]:
+    print(f"{label:<34}{med[('hashed', k)]:>12.0f}{med[('unhashed', k)]:>12.0f}  {unit}, median of {len(v[('hashed', k)])}")
+n = int(med[("hashed", "saved")])
+for k, label in [("list-0", "list, fresh store"), ("create-0", "create, fresh store"),
+                 ("list-n", f"list, {n:,} saved chunks"), ("create-n", f"create, {n:,} saved chunks")]:
+    print(f"{label:<34}{med[('hashed', k)] / 1000:>10.1f}ms{med[('unhashed', k)] / 1000:>10.1f}ms")
+print("(process start included in list and create)\n")
+def ratio(name, x, target, higher=True):
+    ok = x >= target if higher else x <= target
+    print(f"{name:<58}{x:6.2f}x  target {'>=' if higher else '<='} {target}  {'ok' if ok else 'MISSED'}")
+ratio("first write after a snapshot, hashed vs unhashed", med[("hashed", "first")] / med[("unhashed", "first")], 0.95)
+ratio("random read of saved chunks, hashed vs unhashed", med[("hashed", "saved-read")] / med[("unhashed", "saved-read")], 0.95)
+ratio(f"list with {n:,} saved chunks vs fresh store", med[("hashed", "list-n")] / med[("hashed", "list-0")], 1.2, higher=False)
+ratio(f"create with {n:,} saved chunks vs fresh store", med[("hashed", "create-n")] / med[("hashed", "create-0")], 1.2, higher=False)
+ratio(f"list with {n:,} saved chunks, hashed vs unhashed", med[("hashed", "list-n")] / med[("unhashed", "list-n")], 1.2, higher=False)
+EOF

@@ -1,0 +1,120 @@
+//! The files a command reads or writes in the caller's process, with the caller's rights: an
+//! export's output (all or nothing), a write's input, a restore's target, stdin and stdout.
+//! Each is handed to the store as one open descriptor (docs/CONTROL.md).
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// An output file written whole or not at all: bytes go to a temporary file in the same
+/// directory, which `commit` makes durable and renames over the target. Dropped without a
+/// commit (an error part way), the temporary file is removed and the target left as it was.
+/// A device (or anything not a regular file) is written in place.
+pub struct AtomicOutput {
+    pub file: std::fs::File,
+    target: PathBuf,
+    tmp: Option<PathBuf>,
+}
+
+impl AtomicOutput {
+    pub fn create(target: &Path) -> Result<AtomicOutput> {
+        let err = |e| Error::io(format!("output {}", target.display()), e);
+        let special = std::fs::metadata(target).is_ok_and(|m| !m.is_file());
+        if special {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(target)
+                .map_err(err)?;
+            return Ok(AtomicOutput {
+                file,
+                target: target.to_path_buf(),
+                tmp: None,
+            });
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Error::Invalid(format!("output {} is not a file name", target.display()))
+            })?;
+        let tmp = target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(err)?;
+        Ok(AtomicOutput {
+            file,
+            target: target.to_path_buf(),
+            tmp: Some(tmp),
+        })
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let err = |e| Error::io(format!("output {}", self.target.display()), e);
+        self.file.sync_all().map_err(err)?;
+        if let Some(tmp) = self.tmp.take() {
+            if let Err(e) = std::fs::rename(&tmp, &self.target) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(err(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// stdout as a file of its own, for an image; refused on a terminal unless `json` asks for the
+/// document there instead.
+pub fn stdout_for_image(json: bool) -> Result<File> {
+    let out = std::io::stdout();
+    if out.is_terminal() && !json {
+        return Err(Error::Invalid(
+            "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
+        ));
+    }
+    let fd = out
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("stdout", e))?;
+    Ok(File::from(fd))
+}
+
+/// `write`'s input: FILE, or stdin.
+pub fn input(path: Option<&Path>) -> Result<File> {
+    match path {
+        Some(p) => File::open(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::NotFound(format!("input {}: no such file", p.display()))
+            }
+            _ => Error::io(format!("input {}", p.display()), e),
+        }),
+        None => std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(|e| Error::io("stdin", e)),
+    }
+}
+
+/// `restore --to DEVICE`: opened for writing, exclusively when it is a block device (refused
+/// while mounted).
+pub fn restore_target(dev: &Path) -> Result<File> {
+    crate::io::open_exclusive(dev).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            Error::NotFound(format!("--to {}: no such file or device", dev.display()))
+        }
+        Some(libc::EBUSY) => Error::Busy(format!("--to {} is in use (mounted?)", dev.display())),
+        _ => Error::io(format!("--to {}", dev.display()), e),
+    })
+}

@@ -1,0 +1,536 @@
+//! The command line: arguments → a typed request → a [`Client`] → rendered output. Parsing
+//! (what users type) happens here and nowhere else; the work happens in [`crate::ops`]; what is
+//! printed comes from [`render`]. Files the user names are opened here, with the user's rights.
+
+pub mod args;
+mod docs;
+mod files;
+pub mod render;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+pub use args::{Cli, Cmd, Global, OnFullArg, ScheduleCmd};
+pub use docs::generate_docs;
+pub use render::Output;
+
+use crate::error::{Error, Result};
+use crate::format::OnFull;
+use crate::names::{parse_expiry, parse_size};
+use crate::ops::consistent::{self, Around};
+use crate::ops::schedule;
+use crate::ops::{self, Client, CreateSpec, Request, Response};
+use crate::store::{InitOptions, Store};
+use render::Style;
+
+/// Entry point: returns the process exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let json = cli.global.json;
+    std::panic::set_hook(Box::new(|_| {}));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
+    let _ = std::panic::take_hook();
+    match res {
+        Ok(Ok(out)) => emit(&out),
+        // `snapctl export origin | cmp -s - x`: a reader that stops early is not an error.
+        Ok(Err(Error::Io { source, .. })) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Ok(Err(e)) => {
+            report(json, &e);
+            e.exit_code()
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let e = Error::Internal(format!(
+                "internal error ({what}); the store's metadata may be damaged: run `snapctl check`"
+            ));
+            report(json, &e);
+            e.exit_code()
+        }
+    }
+}
+
+fn report(json: bool, e: &Error) {
+    if json {
+        let v = serde_json::json!({"schema_version": 1, "error": {"kind": e.kind(), "message": e.to_string()}});
+        eprintln!("{v}");
+    } else {
+        eprintln!("snapctl: {e}");
+    }
+}
+
+fn emit(out: &Output) -> i32 {
+    let mut so = std::io::stdout().lock();
+    match so.write_all(out.text.as_bytes()).and_then(|_| so.flush()) {
+        Ok(()) => out.code,
+        // `snapctl list | head`: a closed pipe is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => out.code,
+        Err(e) => {
+            eprintln!("snapctl: stdout: {e}");
+            1
+        }
+    }
+}
+
+fn store_path(g: &Global) -> Result<&Path> {
+    g.store
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("no store given: pass -s STORE or set SNAPCTL_STORE".into()))
+}
+
+/// The client of the store `-s` names: its server's, or this process's.
+fn client(g: &Global) -> Result<Box<dyn Client>> {
+    ops::connect(store_path(g)?, g.verbose > 0 && !g.json)
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("--label '{l}' is not KEY=VALUE")))?;
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+        if !key_ok {
+            return Err(Error::Invalid(format!(
+                "--label key '{k}' must be 1-64 characters of A-Z a-z 0-9 . _ - /"
+            )));
+        }
+        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(Error::Invalid(format!(
+                "--label value for '{k}' must be at most 256 printable characters"
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(Error::Invalid(format!("--label '{k}' is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_now(now: Option<&str>) -> Result<i64> {
+    match now {
+        None => Ok(chrono::Utc::now().timestamp()),
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map(|d| d.timestamp())
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "'{t}' is not an RFC 3339 time (2026-11-22T10:00:00Z)"
+                ))
+            }),
+    }
+}
+
+/// A progress bar on a terminal (nothing with -q or when stderr is not a terminal).
+fn progress(g: &Global, what: &str) -> indicatif::ProgressBar {
+    if g.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Runs `req` on the store of `-s`, with a progress bar named `what` when it is long.
+fn call(g: &Global, req: Request, data: ops::Data, what: &str) -> Result<ops::Reply> {
+    let pb = progress(g, what);
+    let r = client(g)?.call(req, data, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    r
+}
+
+fn unexpected(r: Response) -> Error {
+    Error::Internal(format!("unexpected answer from the store: {r:?}"))
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<Output> {
+    let g = &cli.global;
+    let st = Style {
+        json: g.json,
+        quiet: g.quiet,
+    };
+    match cli.cmd {
+        Cmd::Init {
+            target,
+            origin,
+            chunk_size,
+            on_full,
+            metadata_size,
+            force,
+        } => {
+            let path = match &target {
+                Some(t) => t.as_path(),
+                None => store_path(g)?,
+            };
+            let chunk_size = parse_size(&chunk_size).map_err(|_| {
+                Error::Invalid(format!(
+                    "--chunk-size '{chunk_size}' is not a size; use a power of two from 4K to 1M"
+                ))
+            })?;
+            let metadata_size = metadata_size.as_deref().map(parse_size).transpose()?;
+            let on_full = match on_full {
+                OnFullArg::DropOldest => OnFull::DropOldest,
+                OnFullArg::Invalidate => OnFull::Invalidate,
+                OnFullArg::FailWrites => OnFull::FailWrites,
+            };
+            let sb = Store::init(
+                path,
+                &origin,
+                &InitOptions {
+                    chunk_size,
+                    on_full,
+                    force,
+                    metadata_size,
+                },
+            )?;
+            Ok(render::init(st, &sb, &path.display().to_string()))
+        }
+        Cmd::Serve { socket, listen } => {
+            crate::server::serve(
+                store_path(g)?,
+                crate::server::ServeOptions {
+                    socket,
+                    listen,
+                    verbose: g.verbose > 0,
+                },
+            )?;
+            Ok(Output {
+                text: String::new(),
+                code: 0,
+            })
+        }
+        Cmd::Upgrade => {
+            let path = store_path(g)?;
+            if ops::Remote::connect(path)?.is_some() {
+                return Err(Error::Busy(
+                    "upgrade a store before serving it, not through the server".into(),
+                ));
+            }
+            let rep = Store::open_for_upgrade(path)?.upgrade()?;
+            Ok(render::upgraded(st, &path.display().to_string(), &rep))
+        }
+        Cmd::GenerateDocs { out_dir } => {
+            generate_docs(&out_dir)?;
+            Ok(Output {
+                text: String::new(),
+                code: 0,
+            })
+        }
+        Cmd::Prune {
+            dry_run,
+            now,
+            config,
+        } => {
+            let now = parse_now(now.as_deref())?;
+            let stores: Vec<PathBuf> = match &g.store {
+                Some(s) => vec![s.clone()],
+                None => schedule::load_config(&config)?
+                    .into_iter()
+                    .map(|s| s.path)
+                    .collect(),
+            };
+            let done = schedule::prune(&stores, &|p| ops::connect(p, false), now, dry_run)?;
+            Ok(render::pruned(st, dry_run, &done))
+        }
+        Cmd::Schedule(ScheduleCmd::Run {
+            dry_run,
+            now,
+            config,
+        }) => {
+            let at = parse_now(now.as_deref())?;
+            let stores = configured(g, &config)?;
+            let ran = schedule::run(
+                &stores,
+                &|p| ops::connect(p, false),
+                at,
+                now.is_some(),
+                dry_run,
+                g.quiet,
+            )?;
+            Ok(render::schedule_ran(st, dry_run, at, &ran))
+        }
+        Cmd::Schedule(ScheduleCmd::Status { now, config }) => {
+            let at = parse_now(now.as_deref())?;
+            let stores = configured(g, &config)?;
+            let rows = schedule::status(&stores, &|p| ops::connect(p, false), at)?;
+            Ok(render::schedule_status(st, at, &rows))
+        }
+        Cmd::Create {
+            name,
+            expires,
+            labels,
+            from,
+            writable,
+            freeze,
+            freeze_timeout,
+            pre_hook,
+            post_hook,
+            created_at,
+        } => {
+            crate::names::validate(&name)?;
+            let now = chrono::Utc::now().timestamp();
+            let spec = CreateSpec {
+                name,
+                expires: expires
+                    .as_deref()
+                    .map(|e| parse_expiry(e, now))
+                    .transpose()?,
+                labels: parse_labels(&labels)?,
+                from,
+                writable,
+                created: created_at
+                    .as_deref()
+                    .map(|t| parse_now(Some(t)))
+                    .transpose()?,
+            };
+            let around = Around {
+                freeze,
+                freeze_timeout: crate::names::parse_duration(&freeze_timeout).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--freeze-timeout '{freeze_timeout}' is not a duration (30s, 2m)"
+                    ))
+                })?,
+                pre_hook,
+                post_hook,
+            };
+            let mut c = client(g)?;
+            let snap = consistent::create(c.as_mut(), spec, &around, g.quiet)?;
+            let cs = chunk_size(c.as_mut())?;
+            Ok(render::created(st, &snap, cs))
+        }
+        Cmd::Info => match call(g, Request::Info, None, "")?.response {
+            Response::Info(i) => Ok(render::info(st, &i)),
+            r => Err(unexpected(r)),
+        },
+        Cmd::List { tree } => match call(g, Request::List, None, "")?.response {
+            Response::List {
+                store,
+                chunk_size,
+                snapshots,
+            } => Ok(render::list(st, &store, chunk_size, &snapshots, tree)),
+            r => Err(unexpected(r)),
+        },
+        Cmd::Show { name } => match call(g, Request::Show { name }, None, "")?.response {
+            Response::Snapshot {
+                snapshot,
+                chunk_size,
+            } => Ok(render::show(st, &snapshot, chunk_size)),
+            r => Err(unexpected(r)),
+        },
+        Cmd::SetWritable { name } => {
+            match call(g, Request::SetWritable { name }, None, "")?.response {
+                Response::Snapshot {
+                    snapshot: s,
+                    chunk_size,
+                } => {
+                    let text = format!(
+                        "snapshot '{}' is writable (one-way: it cannot become read-only again)\n",
+                        s.name
+                    );
+                    Ok(render::snapshot(st, &s, chunk_size, text))
+                }
+                r => Err(unexpected(r)),
+            }
+        }
+        Cmd::Rename { old, new } => {
+            crate::names::validate(&new)?;
+            let text = format!("renamed '{old}' to '{new}'\n");
+            match call(g, Request::Rename { old, new }, None, "")?.response {
+                Response::Snapshot {
+                    snapshot,
+                    chunk_size,
+                } => Ok(render::snapshot(st, &snapshot, chunk_size, text)),
+                r => Err(unexpected(r)),
+            }
+        }
+        Cmd::Delete { names, force } => {
+            match call(g, Request::Delete { names, force }, None, "")?.response {
+                Response::Deleted { names, freed_bytes } => {
+                    Ok(render::deleted(st, &names, freed_bytes))
+                }
+                r => Err(unexpected(r)),
+            }
+        }
+        Cmd::Export { name, output } => export(g, st, name, output.as_deref()),
+        Cmd::Write {
+            offset,
+            input,
+            snapshot,
+        } => {
+            let offset = parse_size(&offset)
+                .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
+            let src = files::input(input.as_deref())?;
+            let reply = call(g, Request::Write { offset, snapshot }, Some(src), "")?;
+            render::events(st, &reply.events);
+            match reply.response {
+                Response::Written { offset, bytes, .. } => Ok(render::written(st, offset, bytes)),
+                r => Err(unexpected(r)),
+            }
+        }
+        Cmd::Diff { from, to } => match call(g, Request::Diff { from, to }, None, "")?.response {
+            Response::Diff {
+                from,
+                to,
+                chunk_size,
+                ranges,
+            } => Ok(render::diff(st, &from, &to, chunk_size, &ranges)),
+            r => Err(unexpected(r)),
+        },
+        Cmd::Restore {
+            name,
+            no_backup,
+            force,
+            to,
+            resume,
+        } => restore(g, st, name, !no_backup, force, to.as_deref(), resume),
+        Cmd::Check { data } => {
+            let what = "verifying saved chunks";
+            match call(g, Request::Check { data }, None, what)?.response {
+                Response::Checked { store, report } => Ok(render::check(st, &store, &report)),
+                r => Err(unexpected(r)),
+            }
+        }
+    }
+}
+
+/// The stores of the configuration, or only `-s` when given (which must be one of them).
+fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreConfig>> {
+    let stores = schedule::load_config(config)?;
+    let Some(only) = g.store.as_deref() else {
+        return Ok(stores);
+    };
+    let mine: Vec<_> = stores.into_iter().filter(|s| s.path == only).collect();
+    if mine.is_empty() {
+        return Err(Error::NotFound(format!(
+            "store {} is not in {}",
+            only.display(),
+            config.display()
+        )));
+    }
+    Ok(mine)
+}
+
+fn chunk_size(c: &mut dyn Client) -> Result<u64> {
+    match c.ask(Request::Info)?.response {
+        Response::Info(i) => Ok(i.chunk_size),
+        r => Err(unexpected(r)),
+    }
+}
+
+/// `export NAME [-o FILE]`: a file is written whole or not at all (into a temporary file beside
+/// it, renamed over it on success); stdout and devices are written in place.
+fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<Output> {
+    let (pending, sink) = match output {
+        Some(p) => {
+            let out = files::AtomicOutput::create(p)?;
+            let f = out
+                .file
+                .try_clone()
+                .map_err(|e| Error::io(format!("output {}", p.display()), e))?;
+            (Some(out), f)
+        }
+        None => (None, files::stdout_for_image(g.json)?),
+    };
+    let reply = call(
+        g,
+        Request::Export { name: name.clone() },
+        Some(sink),
+        &format!("export {name}"),
+    )?;
+    if let Some(out) = pending {
+        out.commit()?;
+    }
+    match reply.response {
+        Response::Exported { name, bytes } => Ok(render::exported(
+            st,
+            &name,
+            bytes,
+            output.map(|p| p.display().to_string()).as_deref(),
+        )),
+        r => Err(unexpected(r)),
+    }
+}
+
+fn restore(
+    g: &Global,
+    st: Style,
+    name: Option<String>,
+    backup: bool,
+    force: bool,
+    to: Option<&Path>,
+    resume: bool,
+) -> Result<Output> {
+    if resume {
+        return match call(g, Request::ResumeRestore, None, "")?.response {
+            Response::Resumed { restore } => Ok(render::resumed(st, restore.as_deref())),
+            r => Err(unexpected(r)),
+        };
+    }
+    let Some(name) = name else {
+        return Err(Error::Invalid("restore needs a snapshot name".into()));
+    };
+    let what = format!("restore {name}");
+    if let Some(dev) = to {
+        let target = dev.display().to_string();
+        let dst = files::restore_target(dev)?;
+        let req = Request::RestoreTo { name, target };
+        return match call(g, req, Some(dst), &what)?.response {
+            Response::RestoredTo {
+                name,
+                target,
+                written_bytes,
+            } => Ok(render::restored_to(st, &name, &target, written_bytes)),
+            r => Err(unexpected(r)),
+        };
+    }
+    let reply = call(
+        g,
+        Request::Restore {
+            name,
+            backup,
+            force,
+        },
+        None,
+        &what,
+    )?;
+    render::events(st, &reply.events);
+    match reply.response {
+        Response::Restored {
+            name,
+            backup,
+            written_bytes,
+        } => Ok(render::restored(
+            st,
+            &name,
+            backup.as_deref(),
+            written_bytes,
+        )),
+        r => Err(unexpected(r)),
+    }
+}

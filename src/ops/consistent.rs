@@ -1,0 +1,207 @@
+//! A consistent snapshot: pre-hook, freeze, create, thaw, post-hook. Hooks and freezes run in
+//! the caller's process, with its rights and its environment; the snapshot itself is one
+//! `create` request to whatever [`Client`] holds the store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Client, CreateSpec, Request, Response};
+use crate::error::{Error, Result};
+use crate::store::Snapshot;
+
+pub fn run_hook(what: &str, cmd: &str) -> Result<()> {
+    let st = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map_err(|e| Error::io(format!("{what} '{cmd}'"), e))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} '{cmd}' failed ({st}){}",
+            if what == "pre-hook" {
+                "; no snapshot was taken"
+            } else {
+                ""
+            }
+        )))
+    }
+}
+
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// Frozen file systems, thawed on drop, on SIGINT/SIGTERM, or when the timeout passes.
+struct Frozen {
+    mounts: Arc<std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+fn thaw_all(mounts: &std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>, why: &str) {
+    use std::os::unix::io::AsRawFd;
+    if let Ok(mut m) = mounts.lock() {
+        for (p, f) in m.drain(..) {
+            // SAFETY: FITHAW on a directory fd we opened.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), FITHAW as _, 0) };
+            if r != 0 {
+                eprintln!(
+                    "snapctl: could not thaw {}: {}",
+                    p.display(),
+                    std::io::Error::last_os_error()
+                );
+            } else if !why.is_empty() {
+                eprintln!("snapctl: thawed {} {why}", p.display());
+            }
+        }
+    }
+}
+
+impl Frozen {
+    fn freeze(paths: &[PathBuf], timeout: i64) -> Result<Frozen> {
+        use std::os::unix::io::AsRawFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        crate::signals::install()?;
+        let mounts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for p in paths {
+            let f = std::fs::File::open(p)
+                .map_err(|e| Error::io(format!("--freeze {}", p.display()), e))?;
+            // SAFETY: FIFREEZE on a directory fd we opened.
+            if unsafe { libc::ioctl(f.as_raw_fd(), FIFREEZE as _, 0) } != 0 {
+                let e = std::io::Error::last_os_error();
+                thaw_all(&mounts, "");
+                return Err(match e.raw_os_error() {
+                    Some(libc::EBUSY) => {
+                        Error::Busy(format!("--freeze {}: already frozen", p.display()))
+                    }
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
+                        Error::Invalid(format!(
+                            "--freeze {}: not the mount point of a file system that can be frozen",
+                            p.display()
+                        ))
+                    }
+                    _ => Error::io(format!("--freeze {}", p.display()), e),
+                });
+            }
+            if let Ok(mut m) = mounts.lock() {
+                m.push((p.clone(), f));
+            }
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let (m2, d2, t2) = (mounts.clone(), done.clone(), timed_out.clone());
+        let start = std::time::Instant::now();
+        let watchdog = std::thread::spawn(move || {
+            while !d2.load(Ordering::SeqCst) {
+                if crate::signals::stop_requested() {
+                    thaw_all(&m2, "on a signal; no snapshot was taken");
+                    std::process::exit(130);
+                }
+                if start.elapsed().as_secs_f64() >= timeout as f64 {
+                    t2.store(true, Ordering::SeqCst);
+                    thaw_all(&m2, &format!("after the {timeout} s freeze timeout"));
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        Ok(Frozen {
+            mounts,
+            done,
+            timed_out,
+            watchdog: Some(watchdog),
+        })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        thaw_all(&self.mounts, "");
+    }
+}
+
+/// What to do around a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Around {
+    /// Mount points to freeze while the snapshot is taken.
+    pub freeze: Vec<PathBuf>,
+    /// Seconds after which the file systems are thawed whatever happens.
+    pub freeze_timeout: i64,
+    pub pre_hook: Option<String>,
+    pub post_hook: Option<String>,
+}
+
+impl Around {
+    pub fn is_empty(&self) -> bool {
+        self.freeze.is_empty() && self.pre_hook.is_none() && self.post_hook.is_none()
+    }
+}
+
+/// pre-hook, freeze, create, thaw, post-hook: the thaw and the post-hook happen whatever the
+/// outcome once the pre-hook succeeded. `quiet` keeps a failed post-hook's line off stderr when
+/// the create failed too (the create's error is the one returned).
+pub fn create(
+    client: &mut dyn Client,
+    spec: CreateSpec,
+    around: &Around,
+    quiet: bool,
+) -> Result<Snapshot> {
+    if let Some(cmd) = &around.pre_hook {
+        run_hook("pre-hook", cmd)?;
+    }
+    let timeout = around.freeze_timeout;
+    let result = (|| {
+        let frozen = if around.freeze.is_empty() {
+            None
+        } else {
+            Some(Frozen::freeze(&around.freeze, timeout)?)
+        };
+        let r = client
+            .ask(Request::Create(spec))
+            .and_then(|reply| match reply.response {
+                Response::Snapshot { snapshot, .. } => Ok(snapshot),
+                other => Err(Error::Corrupt(format!(
+                    "create was answered with {other:?}"
+                ))),
+            });
+        if let Some(f) = frozen {
+            let late = f.timed_out.load(std::sync::atomic::Ordering::SeqCst);
+            drop(f);
+            if late {
+                return Err(Error::io(
+                    format!(
+                        "the freeze timed out ({timeout} s) before the snapshot was taken{}",
+                        r.as_ref()
+                            .map(|s| format!("; snapshot '{}' may not be consistent", s.name))
+                            .unwrap_or_default()
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
+            }
+        }
+        r
+    })();
+    if let Some(cmd) = &around.post_hook {
+        if let Err(e) = run_hook("post-hook", cmd) {
+            return match result {
+                Ok(s) => Err(Error::Invalid(format!(
+                    "{e}; snapshot '{}' was taken",
+                    s.name
+                ))),
+                Err(orig) => {
+                    if !quiet {
+                        eprintln!("snapctl: {e}");
+                    }
+                    Err(orig)
+                }
+            };
+        }
+    }
+    result
+}

@@ -1,0 +1,103 @@
+//! The server's side of the control protocol (docs/CONTROL.md, [`crate::ops::protocol`]): a
+//! hello checked against the served store, then typed requests run by [`crate::ops::exec`] on
+//! the store the NBD clients share. The server runs no program, opens no path a client names
+//! and reads no client environment: data comes only through a descriptor the client passed.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::state::Shared;
+use crate::error::Error;
+use crate::ops::protocol::{self, Envelope, Hello, Message, Welcome};
+
+/// Serves one control connection until the client closes it.
+pub(super) fn handle(
+    shared: &Shared,
+    sock: UnixStream,
+    served_id: Option<(u64, u64)>,
+    served_name: &str,
+) -> io::Result<()> {
+    let (hello, _) = protocol::recv::<Hello>(&sock)?;
+    if hello.hello != protocol::MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a snapctl control client",
+        ));
+    }
+    let refuse = |e: Error| {
+        let w = Welcome::Refused { error: e.to_wire() };
+        protocol::send(&sock, &w, None)
+    };
+    if hello.version != protocol::VERSION {
+        return refuse(Error::Invalid(format!(
+            "this snapctl serve (snapctl {}) speaks control protocol {}, the client {}; use the same snapctl for both",
+            env!("CARGO_PKG_VERSION"),
+            protocol::VERSION,
+            hello.version
+        )));
+    }
+    if hello.store_id.is_none() || hello.store_id != served_id {
+        // Same uuid, another file: a copy of the store. Acting here would change the wrong one.
+        return refuse(Error::Invalid(format!(
+            "store {} has the same uuid as {served_name}, which `snapctl serve` is serving, but is another file or device (a copy?); stop that server, or give the copy a store of its own with `snapctl init`",
+            hello.store
+        )));
+    }
+    protocol::send(
+        &sock,
+        &Welcome::Welcome {
+            version: protocol::VERSION,
+            server: env!("CARGO_PKG_VERSION").into(),
+        },
+        None,
+    )?;
+    loop {
+        let (env, fds) = match protocol::recv::<Envelope>(&sock) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let id = env.id;
+        let data = fds.into_iter().next().map(File::from);
+        if env.request.takes_data() && data.is_none() {
+            let e = Error::Invalid("this request needs a descriptor beside it".into());
+            protocol::send(
+                &sock,
+                &Message::Err {
+                    id,
+                    error: e.to_wire(),
+                },
+                None,
+            )?;
+            continue;
+        }
+        let mut last = Instant::now();
+        let mut progress = |done: u64, total: u64| {
+            if done == total || last.elapsed() >= Duration::from_millis(100) {
+                last = Instant::now();
+                // A client that stopped listening finds out from the reply.
+                let _ = protocol::send(&sock, &Message::Progress { id, done, total }, None);
+            }
+        };
+        let run = std::panic::AssertUnwindSafe(|| {
+            crate::ops::exec(shared, env.request, data, &mut progress)
+        });
+        let msg = match std::panic::catch_unwind(run) {
+            Ok(Ok(reply)) => Message::Ok { id, reply },
+            Ok(Err(e)) => Message::Err {
+                id,
+                error: e.to_wire(),
+            },
+            Err(_) => Message::Err {
+                id,
+                error: Error::Internal(
+                    "internal error in the server; the store's metadata may be damaged: run `snapctl check`".into(),
+                )
+                .to_wire(),
+            },
+        };
+        protocol::send(&sock, &msg, None)?;
+    }
+}
