@@ -971,7 +971,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__serve)
-            opts="-s -q -v -h -V --socket --listen --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --socket --listen --allow-insecure-tcp --group --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -982,6 +982,10 @@ _snapctl() {
                     return 0
                     ;;
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -508,6 +508,27 @@ fn export_writes_each_view_exactly() {
     assert!(o.stdout == after);
     let v = e.json(&["export", "a", "-o", "a2.img"]);
     assert_eq!(v["bytes"], 8 << 20);
+    // A reader that stops early (`| head -c`, `| cmp`) is not an error.
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} export origin | head -c 1000 > /dev/null; exit ${{PIPESTATUS[0]}}",
+            bin().display()
+        ))
+        .env("SNAPCTL_STORE", e.p("store.img"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

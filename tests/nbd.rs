@@ -768,11 +768,27 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    // Without --allow-insecure-tcp, --listen is refused: TCP has no authentication.
+    let o = Command::new(bin())
+        .args(["serve", "--socket"])
+        .arg(s.sock())
+        .args(["--listen", &port.to_string()])
+        .env("SNAPCTL_STORE", s.p("store.img"))
+        .env("SNAPCTL_RUN_DIR", s.p("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--allow-insecure-tcp") && err.contains("no authentication"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     let log = std::fs::File::create(s.p("serve2.log")).unwrap();
     let child = Command::new(bin())
         .args(["serve", "--socket"])
         .arg(s.sock())
-        .args(["--listen", &port.to_string()])
+        .args(["--listen", &port.to_string(), "--allow-insecure-tcp"])
         .env("SNAPCTL_STORE", s.p("store.img"))
         .env("SNAPCTL_RUN_DIR", s.p("run"))
         .stderr(log)

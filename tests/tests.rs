@@ -7,6 +7,8 @@ mod docs;
 mod flip;
 mod model;
 mod nbd;
+mod ops;
 mod schedule;
+mod sockets;
 mod tail;
 mod upgrade;

@@ -270,17 +270,41 @@ pub enum Cmd {
     /// Exports: `origin` (also the default export "") is the live origin, read-write, with
     /// writes going through copy-on-write; every snapshot is exported read-only under its name.
     /// Listens on a unix socket (default $SNAPCTL_RUN_DIR/UUID.sock, SNAPCTL_RUN_DIR defaulting
-    /// to /run/snapctl, UUID being the store's) and on TCP only with --listen. While it runs,
-    /// every other snapctl command on the store is carried out by the server through its control
-    /// socket (UUID.ctl in the same directory), found from the store path. SIGTERM or SIGINT
-    /// finish the requests in flight, commit, and exit 0.
+    /// to /run/snapctl, UUID being the store's) and on TCP only with --listen and
+    /// --allow-insecure-tcp. While it runs, every other snapctl command on the store is carried
+    /// out by the server through its control socket (UUID.ctl in the same directory), found from
+    /// the store path. SIGTERM or SIGINT finish the requests in flight, commit, and exit 0.
+    ///
+    /// Only root and the user the server runs as may use its unix sockets (and, with --group,
+    /// the members of that group). The run directory is created mode 0700 (0710 and owned by
+    /// the group with --group); if it exists it must belong to the server's user, and is given
+    /// that mode; one belonging to another user is refused (exit 2). The NBD and control sockets
+    /// are created mode 0600 (0660 and owned by the group with --group), never wider for an
+    /// instant. Every connection's peer credentials are checked as well: a peer that is not
+    /// root, the server's user, or (with --group) in the group is disconnected at once and one
+    /// line is logged. A missing parent directory of --socket is created like the run directory;
+    /// an existing one is left as it is. A stale socket left by a server that died is replaced; anything else at
+    /// a socket's path (a file, a directory, a symlink) is never deleted: the server refuses to
+    /// start (exit 4). At most 64 NBD and 32 control connections are served at once; beyond
+    /// that a new connection is closed and logged. TCP has no authentication or encryption:
+    /// --listen is refused unless --allow-insecure-tcp is given too.
     Serve {
-        /// Unix socket for NBD clients
+        /// Unix socket for NBD clients (a missing parent directory is created 0700, or 0710 with
+        /// --group)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
-        /// Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1)
+        /// Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1); needs
+        /// --allow-insecure-tcp
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
+        /// Allow --listen although TCP has no authentication or encryption yet: anyone who can
+        /// reach the port can read and write the origin and every snapshot
+        #[arg(long)]
+        allow_insecure_tcp: bool,
+        /// Let the members of GROUP (a group name or numeric gid) use the sockets too: sockets
+        /// 0660 and the run directory 0710, owned by GROUP
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
     },
     /// Generate man pages and shell completions (for packagers)
     #[command(hide = true)]

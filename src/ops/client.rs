@@ -111,8 +111,17 @@ impl Remote {
             store: store.display().to_string(),
             store_id: crate::io::file_id(store),
         };
-        protocol::send(&sock, &hello, None).map_err(lost)?;
-        match protocol::recv::<Welcome>(&sock).map_err(lost)?.0 {
+        let refused = |e: std::io::Error| {
+            Error::io(
+                format!(
+                    "the snapctl serve holding {} closed the connection without answering (it admits only root, its own user and its --group; its log says why)",
+                    store.display()
+                ),
+                aborted(e),
+            )
+        };
+        protocol::send(&sock, &hello, None).map_err(refused)?;
+        match protocol::recv::<Welcome>(&sock).map_err(refused)?.0 {
             Welcome::Welcome { version, .. } if version == protocol::VERSION => {
                 Ok(Some(Remote { sock, next: 1 }))
             }
@@ -127,7 +136,17 @@ impl Remote {
 }
 
 fn lost(e: std::io::Error) -> Error {
-    Error::io("lost the connection to snapctl serve", e)
+    Error::io("lost the connection to snapctl serve", aborted(e))
+}
+
+/// A broken control connection is an error of its own, never mistaken for a reader of stdout
+/// that stopped early (EPIPE).
+fn aborted(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string())
+    } else {
+        e
+    }
 }
 
 impl Client for Remote {

@@ -12,13 +12,45 @@ use super::state::Shared;
 use crate::error::Error;
 use crate::ops::protocol::{self, Envelope, Hello, Message, Welcome};
 
-/// Serves one control connection until the client closes it.
+/// How long a client may take to say hello, and to send the rest of a frame it started.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until the client sends something: true, or false when the server is stopping (a
+/// client may stay connected and idle between requests, running its hooks).
+fn wait_for_client(sock: &UnixStream, shared: &Shared) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        if shared.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, 200) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Serves one control connection until the client closes it or the server stops.
 pub(super) fn handle(
     shared: &Shared,
     sock: UnixStream,
     served_id: Option<(u64, u64)>,
     served_name: &str,
 ) -> io::Result<()> {
+    // A frame, once started, must arrive whole in time; a silent client cannot hold a worker.
+    sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let (hello, _) = protocol::recv::<Hello>(&sock)?;
     if hello.hello != protocol::MAGIC {
         return Err(io::Error::new(
@@ -54,6 +86,9 @@ pub(super) fn handle(
         None,
     )?;
     loop {
+        if !wait_for_client(&sock, shared)? {
+            return Ok(());
+        }
         let (env, fds) = match protocol::recv::<Envelope>(&sock) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),

@@ -4,9 +4,11 @@
 //! Paths (documented in snapctl-serve(1)): `$SNAPCTL_RUN_DIR` (default `/run/snapctl`), holding
 //! `<uuid>.sock` (the default NBD socket) and `<uuid>.ctl` (the control socket), where `<uuid>`
 //! is the store's uuid, which the CLI reads from the superblock to find a running server.
+//! Only root, the server's euid and `--group`'s members may use them ([`sockets`]).
 
 mod control;
 pub mod nbd;
+mod sockets;
 pub mod state;
 
 use std::io;
@@ -14,37 +16,28 @@ use std::net::{TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::ops::protocol::{control_path, default_socket};
+use crate::ops::protocol::{control_path, default_socket, run_dir};
 use crate::signals;
 use crate::store::{OpenOptions, Store};
 use nbd::serve_connection;
+use sockets::{
+    admit, bind_unix, create_dirs, prepare_run_dir, resolve_group, spawn_worker, Access, Slot,
+    MAX_CONTROL_CONNECTIONS, MAX_NBD_CONNECTIONS,
+};
 use state::Shared;
-
-/// Binds a unix socket at `path`, replacing a stale one; refuses one a live server answers on.
-fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Busy(format!(
-                "{} is in use by another server; stop it first",
-                path.display()
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
-    }
-    UnixListener::bind(path).map_err(|e| Error::io(format!("socket {}", path.display()), e))
-}
 
 pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     pub listen: Option<String>,
+    /// `--allow-insecure-tcp`: without it `--listen` is refused.
+    pub allow_insecure_tcp: bool,
+    /// `--group`: a group name or gid whose members may use the sockets too.
+    pub group: Option<String>,
     pub verbose: bool,
 }
 
@@ -81,6 +74,18 @@ impl Listener {
 
 /// Runs the server until SIGTERM/SIGINT; then finishes in-flight requests, commits, exits.
 pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
+    // Arguments first: a refusal touches nothing.
+    if opts.listen.is_some() && !opts.allow_insecure_tcp {
+        return Err(Error::Invalid(
+            "--listen serves NBD over TCP with no authentication or encryption (TLS is not supported yet): anyone who can reach the port can read and write the origin; pass --allow-insecure-tcp as well to do it anyway".into(),
+        ));
+    }
+    let tcp = opts.listen.as_deref().map(parse_listen).transpose()?;
+    let access = Access {
+        // SAFETY: geteuid cannot fail.
+        euid: unsafe { libc::geteuid() },
+        group: opts.group.as_deref().map(resolve_group).transpose()?,
+    };
     let store = Store::open(
         store_path,
         OpenOptions {
@@ -91,15 +96,34 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     let sb = store.sb.clone();
     let nbd_path = opts.socket.clone().unwrap_or_else(|| default_socket(&sb));
     let ctl_path = control_path(&sb);
-    let tcp = opts.listen.as_deref().map(parse_listen).transpose()?;
     signals::install()?;
-    let mut listeners = vec![
-        Listener::Unix(bind_unix(&nbd_path)?),
-        Listener::Control(bind_unix(&ctl_path)?),
-    ];
+    prepare_run_dir(&run_dir(), &access)?;
+    if let Some(dir) = nbd_path.parent() {
+        create_dirs(dir, &access)?;
+    }
+    let what = if opts.socket.is_some() {
+        "--socket"
+    } else {
+        "NBD socket"
+    };
+    let nbd = bind_unix(&nbd_path, what, &access)?;
+    let ctl = match bind_unix(&ctl_path, "control socket", &access) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&nbd_path);
+            return Err(e);
+        }
+    };
+    let mut listeners = vec![Listener::Unix(nbd), Listener::Control(ctl)];
     if let Some(addr) = tcp {
-        let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen {addr}"), e))?;
-        listeners.push(Listener::Tcp(l));
+        match TcpListener::bind(addr) {
+            Ok(l) => listeners.push(Listener::Tcp(l)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&nbd_path);
+                let _ = std::fs::remove_file(&ctl_path);
+                return Err(Error::io(format!("listen {addr}"), e));
+            }
+        }
     }
     let served_id = crate::io::file_id(store_path);
     let served_name: Arc<str> = store_path.display().to_string().into();
@@ -112,8 +136,14 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         nbd_path.display(),
         tcp.map(|a| format!(" and nbd://{a}/origin")).unwrap_or_default()
     );
+    let nbd_live = Arc::new(AtomicUsize::new(0));
+    let ctl_live = Arc::new(AtomicUsize::new(0));
+    let nbd_name = nbd_path.display().to_string();
+    let ctl_name = ctl_path.display().to_string();
+    let tcp_name = tcp.map(|a| format!("nbd://{a}")).unwrap_or_default();
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !signals::stop_requested() {
+        workers.retain(|w| !w.is_finished());
         let mut fds: Vec<libc::pollfd> = listeners
             .iter()
             .map(|l| libc::pollfd {
@@ -125,7 +155,6 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         // SAFETY: a valid array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 200) };
         if n <= 0 {
-            workers.retain(|w| !w.is_finished());
             continue;
         }
         for (l, p) in listeners.iter().zip(&fds) {
@@ -134,38 +163,62 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
             }
             let sh = shared.clone();
             let served_name = served_name.clone();
+            // Each arm accepts, checks the peer and the cap (dropping the connection closes
+            // it), and starts a worker holding its slot until it ends.
             let w = match l {
-                Listener::Unix(l) => match l.accept() {
-                    Ok((s, _)) => std::thread::spawn(move || {
+                Listener::Unix(l) => {
+                    let Ok((s, _)) = l.accept() else { continue };
+                    if !admit(&s, &nbd_path, &access) {
+                        continue;
+                    }
+                    let Some(slot) = Slot::take(&nbd_live, MAX_NBD_CONNECTIONS, "NBD", &nbd_name)
+                    else {
+                        continue;
+                    };
+                    spawn_worker(move || {
+                        let _slot = slot;
                         if let Err(e) = serve_connection(&sh, s) {
                             if e.kind() != io::ErrorKind::UnexpectedEof {
                                 eprintln!("snapctl serve: connection closed: {e}");
                             }
                         }
-                    }),
-                    Err(_) => continue,
-                },
-                Listener::Tcp(l) => match l.accept() {
-                    Ok((s, _)) => std::thread::spawn(move || {
+                    })
+                }
+                Listener::Tcp(l) => {
+                    let Ok((s, _)) = l.accept() else { continue };
+                    let Some(slot) = Slot::take(&nbd_live, MAX_NBD_CONNECTIONS, "NBD", &tcp_name)
+                    else {
+                        continue;
+                    };
+                    spawn_worker(move || {
+                        let _slot = slot;
                         let _ = s.set_nodelay(true);
                         if let Err(e) = serve_connection(&sh, s) {
                             if e.kind() != io::ErrorKind::UnexpectedEof {
                                 eprintln!("snapctl serve: connection closed: {e}");
                             }
                         }
-                    }),
-                    Err(_) => continue,
-                },
-                Listener::Control(l) => match l.accept() {
-                    Ok((s, _)) => std::thread::spawn(move || {
+                    })
+                }
+                Listener::Control(l) => {
+                    let Ok((s, _)) = l.accept() else { continue };
+                    if !admit(&s, &ctl_path, &access) {
+                        continue;
+                    }
+                    let Some(slot) =
+                        Slot::take(&ctl_live, MAX_CONTROL_CONNECTIONS, "control", &ctl_name)
+                    else {
+                        continue;
+                    };
+                    spawn_worker(move || {
+                        let _slot = slot;
                         if let Err(e) = control::handle(&sh, s, served_id, &served_name) {
                             eprintln!("snapctl serve: control request failed: {e}");
                         }
-                    }),
-                    Err(_) => continue,
-                },
+                    })
+                }
             };
-            workers.push(w);
+            workers.extend(w);
         }
     }
     eprintln!("snapctl serve: stopping: finishing in-flight requests");
