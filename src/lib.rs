@@ -8,22 +8,19 @@
 //!   consistent create, schedules and retention;
 //! - [`server`]: `snapctl serve`, the NBD protocol and the control socket, another caller of
 //!   [`ops`];
-//! - [`store`] with [`cow`], [`codec`], [`format`], [`upgrade`]: the store on disk, its
-//!   metadata and the copy-on-write engine;
+//! - [`store`]: the store on disk: superblock ([`store::format`]), metadata region, catalog,
+//!   allocator, value layouts ([`store::codec`]), the copy-on-write engine ([`store::cow`]),
+//!   upgrades;
 //! - [`io`]: device I/O engines;
 //! - [`names`], [`error`], [`signals`]: shared vocabulary.
 
 pub mod cli;
-pub mod codec;
-pub mod cow;
 pub mod error;
-pub mod format;
 pub mod io;
 pub mod names;
 pub mod ops;
 pub mod server;
 pub mod signals;
 pub mod store;
-pub mod upgrade;
 
 pub use error::{Error, Result};

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use snapctl::format::OnFull;
-use snapctl::io::{BlockIo, CrashIo, MemIo, Power};
+use snapctl::io::testing::{CrashIo, MemIo, Power};
+use snapctl::io::BlockIo;
+use snapctl::store::format::OnFull;
 use snapctl::store::Store;
 
 const CHUNK: u64 = 4096;

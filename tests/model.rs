@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use snapctl::format::OnFull;
+use snapctl::store::format::OnFull;
 use snapctl::store::SnapState;
 
 use crate::util::*;
@@ -151,9 +151,9 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
                     (v, off, vec![0u8; len])
                 })
                 .collect();
-            let mut reqs: Vec<snapctl::cow::ReadReq> = bufs
+            let mut reqs: Vec<snapctl::store::cow::ReadReq> = bufs
                 .iter_mut()
-                .map(|(v, off, b)| snapctl::cow::ReadReq {
+                .map(|(v, off, b)| snapctl::store::cow::ReadReq {
                     view: v.as_str(),
                     off: *off,
                     buf: b.as_mut_slice(),

@@ -501,20 +501,34 @@ fn listen_needs_allow_insecure_tcp() {
 }
 
 /// Connects to `p`, reads `greeting` bytes, and says whether the server closed the connection
-/// at once (true) or kept it open (false: the greeting came, or nothing came for a moment).
+/// at once (true) or kept it open (false: the greeting came, or nothing came for a moment). A
+/// slow answer is not a close: only an end of stream or a reset is.
 fn closed_at_once(p: &Path, greeting: usize) -> (UnixStream, bool) {
     let mut c = UnixStream::connect(p).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(300)))
+    let wait = if greeting > 0 { 5000 } else { 300 };
+    c.set_read_timeout(Some(Duration::from_millis(wait)))
         .unwrap();
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        )
+    };
     let closed = if greeting > 0 {
         let mut b = vec![0u8; greeting];
-        c.read_exact(&mut b).is_err()
+        match c.read_exact(&mut b) {
+            Ok(()) => false,
+            Err(e) => {
+                assert!(gone(&e), "no greeting and no close within {wait} ms: {e}");
+                true
+            }
+        }
     } else {
         let mut b = [0u8; 1];
         match c.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(e) => gone(&e),
         }
     };
     (c, closed)

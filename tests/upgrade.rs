@@ -30,8 +30,8 @@ fn unpack(dir: &Path) {
     assert!(st.success());
     let store = dir.join("store.img");
     let mut img = std::fs::read(&store).expect("read store");
-    let (mut sb, version) =
-        snapctl::format::Superblock::decode_any(&img[..4096], "fixture").expect("superblock");
+    let (mut sb, version) = snapctl::store::format::Superblock::decode_any(&img[..4096], "fixture")
+        .expect("superblock");
     assert_eq!(version, 2);
     let origin = dir.join("origin.img");
     sb.origin_path = origin.display().to_string();

@@ -2,8 +2,9 @@
 use std::sync::Arc;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use snapctl::format::OnFull;
-use snapctl::io::{BlockIo, MemIo};
+use snapctl::io::testing::MemIo;
+use snapctl::io::BlockIo;
+use snapctl::store::format::OnFull;
 use snapctl::store::Store;
 
 pub const META: u64 = 4 << 20;

@@ -18,11 +18,11 @@ pub use docs::generate_docs;
 pub use render::Output;
 
 use crate::error::{Error, Result};
-use crate::format::OnFull;
 use crate::names::{parse_expiry, parse_size};
 use crate::ops::consistent::{self, Around};
 use crate::ops::schedule;
 use crate::ops::{self, Client, CreateSpec, Request, Response};
+use crate::store::format::OnFull;
 use crate::store::{InitOptions, Store};
 use render::Style;
 

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::cow::CheckReport;
 use crate::names::{human_bytes, rfc3339};
 use crate::ops::schedule::{Action, PeriodStatus, Pruned, Ran};
 use crate::ops::StoreInfo;
+use crate::store::cow::CheckReport;
 use crate::store::{Event, SnapState, Snapshot};
 
 /// How to print: `--json`, `-q`, or text.
@@ -323,7 +323,7 @@ pub fn info(st: Style, i: &StoreInfo) -> Output {
 }
 
 /// `init`.
-pub fn init(st: Style, sb: &crate::format::Superblock, store: &str) -> Output {
+pub fn init(st: Style, sb: &crate::store::format::Superblock, store: &str) -> Output {
     let cap = sb.data_chunks * sb.chunk_size;
     let v = json!({"store": {
         "uuid": sb.uuid_string(), "store": store,
@@ -482,7 +482,7 @@ pub fn check(st: Style, store: &str, rep: &CheckReport) -> Output {
     out
 }
 
-pub fn upgraded(st: Style, path: &str, rep: &crate::upgrade::UpgradeReport) -> Output {
+pub fn upgraded(st: Style, path: &str, rep: &crate::store::upgrade::UpgradeReport) -> Output {
     st.pick(json!({ "upgrade": rep }), || {
         if rep.from_version == rep.to_version {
             return format!(

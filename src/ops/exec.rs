@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 
 use super::{Data, Host, Progress, Reply, Request, Response, StoreInfo};
 use crate::error::{Error, Result};
-use crate::format::FORMAT_VERSION;
+use crate::store::format::FORMAT_VERSION;
 use crate::store::Store;
 
 /// Runs `req`. `data` is the descriptor the request needs (see [`Request::takes_data`]);

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use client::{connect, Client, Local, Remote};
 pub use exec::exec;
 
-use crate::cow::CheckReport;
 use crate::error::Result;
+use crate::store::cow::CheckReport;
 use crate::store::{Event, Snapshot, Store};
 
 /// One operation on one store. Data (an image to export, bytes to write, a device to restore

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Reply, Request};
 use crate::error::WireError;
-use crate::format::Superblock;
+use crate::store::format::Superblock;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -158,4 +158,82 @@ pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> io::Result<(T, V
         )
     })?;
     Ok((msg, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{CreateSpec, Response};
+
+    /// The wire forms docs/CONTROL.md shows: a change here is a protocol change.
+    #[test]
+    fn messages_have_the_documented_json_form() {
+        let j = |v: serde_json::Value| v.to_string();
+        let env = Envelope {
+            id: 2,
+            request: Request::Create(CreateSpec {
+                name: "nightly".into(),
+                expires: Some(1796169600),
+                ..CreateSpec::default()
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&env).ok(),
+            Some(j(
+                serde_json::json!({"id": 2, "request": {"op": "create", "name": "nightly",
+                "expires": 1796169600, "labels": {}, "from": null, "writable": false,
+                "created": null}})
+            ))
+        );
+        let m = Message::Progress {
+            id: 3,
+            done: 1,
+            total: 2,
+        };
+        assert_eq!(
+            serde_json::to_string(&m).ok(),
+            Some(j(
+                serde_json::json!({"progress": {"id": 3, "done": 1, "total": 2}})
+            ))
+        );
+        let ok = Message::Ok {
+            id: 1,
+            reply: Reply {
+                response: Response::Deleted {
+                    names: vec!["a".into()],
+                    freed_bytes: 4096,
+                },
+                events: vec![],
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&ok).ok(),
+            Some(j(serde_json::json!({"ok": {"id": 1, "reply": {"response":
+                {"type": "deleted", "names": ["a"], "freed_bytes": 4096}, "events": []}}})))
+        );
+        let w = Welcome::Welcome {
+            version: 1,
+            server: "0.1.0".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&w).ok(),
+            Some(j(
+                serde_json::json!({"welcome": {"version": 1, "server": "0.1.0"}})
+            ))
+        );
+        for (r, op) in [
+            (Request::ResumeRestore, "resume-restore"),
+            (Request::SetWritable { name: "x".into() }, "set-writable"),
+            (
+                Request::RestoreTo {
+                    name: "x".into(),
+                    target: "/dev/y".into(),
+                },
+                "restore-to",
+            ),
+        ] {
+            let v = serde_json::to_value(&r).unwrap_or_default();
+            assert_eq!(v["op"], op);
+        }
+    }
 }

@@ -10,8 +10,8 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use super::state::Shared;
-use crate::cow::ReadReq;
 use crate::error::Error;
+use crate::store::cow::ReadReq;
 use crate::store::{SnapState, Store};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

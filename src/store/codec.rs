@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::format::GROUP_CHUNKS;
+use crate::store::format::GROUP_CHUNKS;
 use crate::store::{SnapState, Snapshot};
 
 /// Bytes of the checksum that ends every value: the first 16 of a blake3 hash.

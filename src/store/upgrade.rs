@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 
 use redb::ReadableTable;
 
-use crate::codec::{chunk_hash, encode_snapshot, Entry, Record};
-use crate::cow::{put_overlay, put_record};
 use crate::error::{meta_err, Error, Result};
-use crate::format::{FORMAT_VERSION, GROUP_CHUNKS, UPGRADABLE_VERSION};
 use crate::io::AlignedBuf;
+use crate::store::codec::{chunk_hash, encode_snapshot, Entry, Record};
+use crate::store::cow::{put_overlay, put_record};
+use crate::store::format::{FORMAT_VERSION, GROUP_CHUNKS, UPGRADABLE_VERSION};
 use crate::store::{Snapshot, Store, CONFIG, HEADS, OVERLAYS, RECORDS, SNAPS};
 
 /// Set in `config` by the conversion's commit.

@@ -1,0 +1,121 @@
+//! The copy-on-write engine: shared exceptions by epoch (DESIGN.md, appendix).
+//!
+//! A record `(branch, group, t) -> runs` says: for the chunks its runs cover, the content they had
+//! *before the first write at epoch t* lives at the given store chunks. A record for chunk c
+//! covers the epochs `[t_prev, t)`, t_prev being the previous record's t for the same chunk. A
+//! snapshot at epoch e reads chunk c from the record with the smallest t > e, else the origin.
+//! Within one interval (one value of t) a chunk is preserved at most once, so the runs of one
+//! record never overlap, and an origin write costs at most one copy whatever the snapshot count.
+
+mod check;
+mod diff;
+mod overlay;
+mod read;
+mod records;
+mod restore;
+mod space;
+mod write;
+
+pub(crate) use records::*;
+
+use std::collections::{BTreeMap, HashMap};
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{meta_err, Error, Result};
+use crate::io::AlignedBuf;
+use crate::store::codec::{
+    chunk_hash, decode_record, encode_record, overlay_key, record_key, Entry, Record,
+};
+use crate::store::format::{OnFull, GROUP_CHUNKS};
+use crate::store::{
+    put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, HEADS, K_EPOCH, K_HIGH_WATER,
+    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, RECORDS, SNAPS,
+};
+
+/// One read of a batch: `buf.len()` bytes at `off` of `view` (a snapshot name or "origin").
+pub struct ReadReq<'a> {
+    pub view: &'a str,
+    pub off: u64,
+    pub buf: &'a mut [u8],
+}
+
+/// Where a piece of a read comes from.
+enum Piece {
+    /// The origin: (offset, length).
+    Origin(u64, usize),
+    /// A saved chunk: (store chunk, offset within it, length).
+    Saved(u64, usize, usize),
+}
+
+enum Preserve {
+    Done,
+    Full,
+}
+
+/// Who reads a saved chunk: the snapshots at points in `[lo, hi)`, or an overlay's owner.
+enum Reader {
+    Points(u64, u64),
+    Overlay(u32),
+}
+
+/// A damaged range found by `check --data`.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct Damage {
+    /// The snapshots that read it.
+    pub snapshots: Vec<String>,
+    pub offset: u64,
+    pub length: u64,
+    pub store_chunk: u64,
+}
+
+/// What `check` found.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Whether every saved chunk was read and verified (`--data`).
+    pub data_checked: bool,
+    pub chunks_verified: u64,
+    /// Ranges whose saved bytes fail their checksum (`--data`).
+    pub damaged: Vec<Damage>,
+    pub snapshots: u64,
+    pub records: u64,
+    pub used_chunks: u64,
+    pub free_chunks: u64,
+    /// Damage: a chunk owned twice, a record pointing outside the store, counters that disagree.
+    pub corruption: Vec<String>,
+    /// Space no view can reach: reclaimable, not dangerous.
+    pub leaks: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.corruption.is_empty() && self.leaks.is_empty()
+    }
+}
+
+impl Store {
+    pub(super) fn bit(&self, c: u64) -> bool {
+        self.preserved[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+    pub(super) fn set_bit(&mut self, c: u64) {
+        self.preserved[(c / 64) as usize] |= 1 << (c % 64);
+    }
+
+    /// Bytes of origin chunk `c` inside the origin: the chunk size, or less for a partial last
+    /// chunk. A chunk's hash covers exactly these bytes.
+    pub(crate) fn chunk_len(&self, c: u64) -> usize {
+        let cs = self.sb.chunk_size;
+        cs.min(self.sb.origin_size.saturating_sub(c * cs)) as usize
+    }
+
+    pub(super) fn check_origin_range(&self, off: u64, len: usize) -> Result<()> {
+        match off.checked_add(len as u64) {
+            Some(end) if end <= self.sb.origin_size => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "range {off}+{len} is beyond the end of the origin ({} bytes)",
+                self.sb.origin_size
+            ))),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Exception and overlay records: decoding with their row checks, and the chains that let a
+//! reader prove it found every record of a group (DESIGN.md, "Never a wrong byte").
+
+use super::*;
+
+pub(super) fn bad_record(store: &str, k: (u32, u64, u64)) -> Error {
+    Error::Corrupt(format!(
+        "{store}: exception record {k:?} is damaged; run `snapctl check`"
+    ))
+}
+
+pub(super) fn bad_overlay(store: &str, k: (u32, u64)) -> Error {
+    Error::Corrupt(format!(
+        "{store}: overlay record {k:?} is damaged; run `snapctl check`"
+    ))
+}
+
+/// Decodes an exception record, refusing one whose checksum (over key and value) fails.
+pub(crate) fn record_of(store: &str, k: (u32, u64, u64), v: &[u8]) -> Result<Record> {
+    decode_record("records", &record_key(k), v).ok_or_else(|| bad_record(store, k))
+}
+
+/// Decodes an overlay record, refusing one whose checksum fails.
+pub(crate) fn overlay_of(store: &str, k: (u32, u64), v: &[u8]) -> Result<Record> {
+    decode_record("overlays", &overlay_key(k), v).ok_or_else(|| bad_overlay(store, k))
+}
+
+pub(crate) fn put_record(
+    t: &mut redb::Table<(u32, u64, u64), &'static [u8]>,
+    store: &str,
+    k: (u32, u64, u64),
+    r: &Record,
+) -> Result<()> {
+    t.insert(k, encode_record("records", &record_key(k), r).as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    Ok(())
+}
+
+pub(crate) fn put_overlay(
+    t: &mut redb::Table<(u32, u64), &'static [u8]>,
+    store: &str,
+    k: (u32, u64),
+    r: &Record,
+) -> Result<()> {
+    t.insert(k, encode_record("overlays", &overlay_key(k), r).as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    Ok(())
+}
+
+/// The first record for chunk `c` of `branch` with `lo <= t <= hi`: `(t, entry)`. Write paths
+/// only (each record's checksum is verified; the chain is `check`'s and the readers' job).
+pub(super) fn find_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+    t: &T,
+    store: &str,
+    branch: u32,
+    c: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<(u64, Entry)>> {
+    if lo > hi {
+        return Ok(None);
+    }
+    let g = c / GROUP_CHUNKS;
+    for row in t
+        .range((branch, g, lo)..=(branch, g, hi))
+        .map_err(|e| meta_err(store, e))?
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        let rec = record_of(store, k.value(), v.value())?;
+        if let Some(e) = rec.find(c % GROUP_CHUNKS) {
+            return Ok(Some((k.value().2, *e)));
+        }
+    }
+    Ok(None)
+}
+
+pub(super) fn broken_chain(store: &str, g: u64) -> Error {
+    Error::Corrupt(format!(
+        "{store}: the exception records of chunks {}..{} are incomplete (a record has disappeared); run `snapctl check`",
+        g * GROUP_CHUNKS,
+        (g + 1) * GROUP_CHUNKS
+    ))
+}
+
+/// For each chunk of group `g`, where a view at epoch `e` reads it: `Some(entry)` (a saved
+/// copy) or the current content (`None`). The records read are proven complete: each names
+/// the one before it (`prev`) and the newest is in `heads`, so a record that vanished (a
+/// damaged page, a key that no longer sorts where it should) fails the read instead of
+/// silently sending it to the origin.
+pub(super) fn resolve_group<T, H>(
+    t: &T,
+    heads: &H,
+    store: &str,
+    g: u64,
+    e: u64,
+) -> Result<[Option<Entry>; GROUP_CHUNKS as usize]>
+where
+    T: ReadableTable<(u32, u64, u64), &'static [u8]>,
+    H: ReadableTable<(u32, u64), u64>,
+{
+    let mut out = [None; GROUP_CHUNKS as usize];
+    let mut unresolved = GROUP_CHUNKS as usize;
+    let mut last: Option<u64> = None;
+    for row in t
+        .range((0u32, g, e + 1)..=(0u32, g, u64::MAX))
+        .map_err(|e| meta_err(store, e))?
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        let key = k.value();
+        let rec = record_of(store, key, v.value())?;
+        let linked = match last {
+            None => rec.prev <= e,
+            Some(l) => rec.prev == l,
+        };
+        if !linked {
+            return Err(broken_chain(store, g));
+        }
+        last = Some(key.2);
+        for en in &rec.entries {
+            let slot = &mut out[en.off as usize];
+            if slot.is_none() {
+                *slot = Some(*en);
+                unresolved -= 1;
+            }
+        }
+        if unresolved == 0 {
+            return Ok(out);
+        }
+    }
+    let head = heads
+        .get((0u32, g))
+        .map_err(|e| meta_err(store, e))?
+        .map(|v| v.value());
+    let complete = match (last, head) {
+        (Some(l), Some(h)) => l == h,
+        (None, Some(h)) => h <= e,
+        (None, None) => true,
+        (Some(_), None) => false,
+    };
+    if !complete {
+        return Err(broken_chain(store, g));
+    }
+    Ok(out)
+}
+
+/// The newest record for chunk c of branch b with t' < t.
+pub(super) fn prev_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
+    t: &T,
+    store: &str,
+    b: u32,
+    c: u64,
+    before: u64,
+) -> Result<Option<u64>> {
+    if before == 0 {
+        return Ok(None);
+    }
+    let g = c / GROUP_CHUNKS;
+    for row in t
+        .range((b, g, 0)..=(b, g, before - 1))
+        .map_err(|e| meta_err(store, e))?
+        .rev()
+    {
+        let (k, v) = row.map_err(|e| meta_err(store, e))?;
+        if record_of(store, k.value(), v.value())?
+            .find(c % GROUP_CHUNKS)
+            .is_some()
+        {
+            return Ok(Some(k.value().2));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,266 @@
+//! The origin write path: copy what a live snapshot still needs, flush, commit, then write
+//! (invariant 2), for one write or a batch.
+
+use super::*;
+
+impl Store {
+    /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
+    /// touches whose old content a live snapshot still needs is copied to the store, the copy
+    /// flushed, and its record committed (invariant 2). `fua`: durable on return.
+    pub(crate) fn write_origin_inner(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write_batch_inner(&[(off, data)], fua)
+    }
+
+    /// Several origin writes: the copies all of them need are made and committed together (one
+    /// flush and one commit for the batch, however deep the client's queue), then the writes go
+    /// out together. Overlapping writes are applied in order.
+    pub(crate) fn write_batch_inner(&mut self, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
+        let cs = self.sb.chunk_size;
+        let mut chunks = Vec::new();
+        for (off, data) in writes {
+            self.check_origin_range(*off, data.len())?;
+            if !data.is_empty() {
+                chunks.extend(off / cs..=(off + data.len() as u64 - 1) / cs);
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut attempts = 0u64;
+        loop {
+            match self.preserve(&chunks)? {
+                Preserve::Done => break,
+                Preserve::Full => {
+                    attempts += 1;
+                    if attempts > self.snaps.len() as u64 + 1 {
+                        return Err(Error::NoSpace(format!(
+                            "store {} is full and the on-full policy could not make room",
+                            self.name
+                        )));
+                    }
+                    self.apply_full_policy()?;
+                }
+            }
+        }
+        let werr = |e| Error::io(format!("origin {}: write", self.sb.origin_path), e);
+        let mut sorted: Vec<(u64, u64)> =
+            writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        sorted.sort_unstable();
+        let overlap = sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
+        if overlap {
+            for (off, data) in writes {
+                self.origin.write_at(data, *off).map_err(werr)?;
+            }
+        } else {
+            self.origin.write_many(writes).map_err(werr)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed origin write durable (metadata commits already are).
+    /// Makes every completed write durable: the origin's, and those into writable snapshots'
+    /// overlays (metadata commits already are).
+    pub fn flush(&self) -> Result<()> {
+        self.origin
+            .flush()
+            .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
+        if self.snaps.values().any(|s| s.writable) {
+            self.dev
+                .flush()
+                .map_err(|e| Error::io(format!("store {}: flush", self.name), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes store data at device offsets and makes it durable. Everything a commit is about to
+    /// point at goes through here first. The flush is ours, not left to the metadata engine's
+    /// commit protocol: the crash tests show a recovery can adopt a commit whose own pages all
+    /// landed while data written just before it did not.
+    pub(super) fn write_durable(&self, writes: &[(u64, &[u8])]) -> Result<()> {
+        let sn = &self.name;
+        self.dev
+            .write_many(writes)
+            .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+        self.dev
+            .flush()
+            .map_err(|e| Error::io(format!("store {sn}: flush"), e))
+    }
+
+    /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
+    pub(super) fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
+        // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
+        // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
+        if chunks.iter().all(|&c| self.bit(c)) {
+            return Ok(Preserve::Done);
+        }
+        let live = self.live_epochs();
+        let Some(&e_max) = live.last() else {
+            return Ok(Preserve::Done);
+        };
+        let e_prev = live.len().checked_sub(2).map(|i| live[i]);
+        let epoch = self.epoch;
+        let sn = self.name.clone();
+        let tx = self.wtx()?;
+        // Which chunks need a copy: no record since the newest snapshot.
+        let mut need = Vec::new();
+        {
+            let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            for &c in chunks {
+                if self.bit(c) {
+                    continue;
+                }
+                if find_cover(&recs, &sn, 0, c, e_max + 1, epoch)?.is_some() {
+                    self.set_bit(c);
+                } else {
+                    need.push(c);
+                }
+            }
+        }
+        if need.is_empty() {
+            return Ok(Preserve::Done);
+        }
+        let Some(extents) = self.alloc(&tx, need.len() as u64)? else {
+            return Ok(Preserve::Full);
+        };
+        // Map needed chunks onto the allocated store chunks, in order.
+        let mut locs = Vec::with_capacity(need.len());
+        for (start, n) in &extents {
+            locs.extend(*start..*start + *n);
+        }
+        // Copy: runs of adjacent origin chunks going to adjacent store chunks, all read in one
+        // batch and all written in one batch, so the engine keeps them in flight together.
+        let cs = self.sb.chunk_size as usize;
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first index into need, count)
+        let mut i = 0;
+        while i < need.len() {
+            let mut j = i + 1;
+            while j < need.len()
+                && need[j] == need[j - 1] + 1
+                && locs[j] == locs[j - 1] + 1
+                && j - i < 256
+            {
+                j += 1;
+            }
+            runs.push((i, j - i));
+            i = j;
+        }
+        let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, n)| AlignedBuf::new(n * cs)).collect();
+        {
+            let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
+            for ((first, n), buf) in runs.iter().zip(bufs.iter_mut()) {
+                let ooff = need[*first] * cs as u64;
+                let olen = (n * cs).min((self.sb.origin_size - ooff) as usize);
+                reads.push((ooff, &mut buf.as_mut_slice()[..olen]));
+            }
+            self.origin
+                .read_many(&mut reads)
+                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
+        }
+        // The hash of each copy, from the buffer already in memory: a chunk's bytes inside the
+        // origin (the last chunk may be partial).
+        let mut hashes = Vec::with_capacity(need.len());
+        for ((first, n), buf) in runs.iter().zip(&bufs) {
+            for i in 0..*n {
+                let len = self.chunk_len(need[first + i]);
+                hashes.push(chunk_hash(&buf.as_slice()[i * cs..i * cs + len]));
+            }
+        }
+        let writes: Vec<(u64, &[u8])> = runs
+            .iter()
+            .zip(&bufs)
+            .map(|((first, _), buf)| {
+                (
+                    self.sb.data_offset + locs[*first] * cs as u64,
+                    buf.as_slice(),
+                )
+            })
+            .collect();
+        self.write_durable(&writes)?;
+        let mut exclusive = 0u64;
+        {
+            let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
+            let mut heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
+            let mut groups: BTreeMap<u64, Vec<Entry>> = BTreeMap::new();
+            for ((c, p), hash) in need.iter().zip(&locs).zip(&hashes) {
+                groups.entry(c / GROUP_CHUNKS).or_default().push(Entry {
+                    off: (c % GROUP_CHUNKS) as u16,
+                    loc: *p,
+                    hash: *hash,
+                });
+                // Exclusive to the newest snapshot unless the one before it shares the record:
+                // it does when no record for c lies between the two.
+                let shared = match e_prev {
+                    None => false,
+                    Some(ep) => find_cover(&recs, &sn, 0, *c, ep + 1, e_max)?.is_none(),
+                };
+                if !shared {
+                    exclusive += 1;
+                }
+            }
+            for (g, items) in groups {
+                let key = (0u32, g, epoch);
+                let mut rec = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
+                    Some(v) => record_of(&sn, key, v.value())?,
+                    None => {
+                        // The group's newest record from now on: chain it to the previous one.
+                        let prev = heads
+                            .get((0u32, g))
+                            .map_err(|e| meta_err(&sn, e))?
+                            .map(|v| v.value())
+                            .unwrap_or(0);
+                        heads
+                            .insert((0u32, g), epoch)
+                            .map_err(|e| meta_err(&sn, e))?;
+                        Record {
+                            prev,
+                            entries: Vec::new(),
+                        }
+                    }
+                };
+                for en in items {
+                    rec.put(en);
+                }
+                put_record(&mut recs, &sn, key, &rec)?;
+                by_time
+                    .insert((0u32, epoch, g), ())
+                    .map_err(|e| meta_err(&sn, e))?;
+            }
+        }
+        let newest: Vec<u64> = self
+            .snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e_max)
+            .map(|s| s.id)
+            .collect();
+        // Several snapshots at one epoch share everything: none holds anything alone.
+        if newest.len() == 1 && exclusive > 0 {
+            if let Some(s) = self.snaps.get(&newest[0]) {
+                let mut s = s.clone();
+                s.exclusive_chunks += exclusive;
+                put_snap(&tx, &s, &sn)?;
+                self.snaps.insert(s.id, s);
+            }
+        }
+        match tx.commit() {
+            Ok(()) => {}
+            Err(e) => {
+                let err = meta_err(&sn, e);
+                self.load_catalog()?;
+                return match err {
+                    Error::NoSpace(_) => Ok(Preserve::Full),
+                    other => Err(other),
+                };
+            }
+        }
+        for c in need {
+            self.set_bit(c);
+        }
+        Ok(Preserve::Done)
+    }
+}

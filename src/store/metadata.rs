@@ -1,0 +1,215 @@
+//! The metadata region: redb's file mapped onto a range of the store, its length block, the
+//! tables and keys (docs/FORMAT.md), and the handles and transactions on it.
+
+use super::*;
+
+/// The metadata region's length record: 512 bytes at 4 KiB (docs/FORMAT.md).
+pub const LENBLOCK_OFFSET: u64 = 4096;
+pub(super) const LENBLOCK_MAGIC: &[u8; 8] = b"SNAPLEN\0";
+
+pub(crate) const CONFIG: TableDefinition<&str, u64> = TableDefinition::new("config");
+pub(crate) const SNAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+pub(crate) const NAMES: TableDefinition<&str, u64> = TableDefinition::new("names");
+/// (branch, group, t) -> runs. See `cow/`.
+pub(crate) const RECORDS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("records");
+/// (branch, t, group) -> (): the same records ordered by time, for delete's window scan.
+pub(crate) const BY_TIME: TableDefinition<(u32, u64, u64), ()> =
+    TableDefinition::new("records_by_time");
+/// (branch, group) -> t of the group's newest record: the head of its `prev` chain.
+pub(crate) const HEADS: TableDefinition<(u32, u64), u64> = TableDefinition::new("heads");
+/// first free data chunk -> length of the free extent.
+pub(crate) const FREE: TableDefinition<u64, u64> = TableDefinition::new("free");
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (overlay id, group) -> runs: the chunks a snapshot's overlay owns (writable snapshots write
+/// there; a snapshot of one gets a copy). See `cow/`.
+pub(crate) const OVERLAYS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("overlays");
+
+pub(crate) const K_EPOCH: &str = "epoch";
+pub(crate) const K_NEXT_ID: &str = "next_id";
+pub(crate) const K_HIGH_WATER: &str = "alloc_high_water";
+pub(crate) const K_USED: &str = "used_chunks";
+pub(crate) const K_NEXT_EVENT: &str = "next_event";
+pub(crate) const K_NEXT_OVERLAY: &str = "next_overlay";
+/// Present while a restore is under way: the target snapshot's id (and its backup's, or 0).
+pub(crate) const K_RESTORE_TARGET: &str = "restore_target";
+pub(crate) const K_RESTORE_BACKUP: &str = "restore_backup";
+
+/// The redb cache: bounded, whatever the number of exceptions.
+pub(super) const META_CACHE_BYTES: usize = 32 << 20;
+
+/// redb's file, mapped onto the metadata region of the store. The logical length lives in the
+/// length block, rewritten and flushed on every resize, so a crash leaves a length that redb's
+/// recovery understands ("set by a single truncate or extend").
+#[derive(Clone)]
+pub(super) struct Region {
+    pub(super) io: Arc<dyn BlockIo>,
+    pub(super) off: u64,
+    pub(super) cap: u64,
+    pub(super) len: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Region({}+{})", self.off, self.cap)
+    }
+}
+
+pub(super) fn encode_lenblock(len: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[..8].copy_from_slice(LENBLOCK_MAGIC);
+    b[8..16].copy_from_slice(&len.to_le_bytes());
+    let sum = blake3::hash(&b[..480]);
+    b[480..].copy_from_slice(sum.as_bytes());
+    b
+}
+
+pub(super) fn decode_lenblock(b: &[u8]) -> Option<u64> {
+    if b.len() < 512
+        || &b[..8] != LENBLOCK_MAGIC
+        || blake3::hash(&b[..480]).as_bytes() != &b[480..512]
+    {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[8..16]);
+    Some(u64::from_le_bytes(a))
+}
+
+impl redb::StorageBackend for Region {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len.load(Ordering::SeqCst))
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if offset + out.len() as u64 > self.len.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the metadata",
+            ));
+        }
+        self.io.read_at(out, self.off + offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > self.cap {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let old = self.len.load(Ordering::SeqCst);
+        if len > old {
+            // New positions must read as zero.
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = old;
+            while pos < len {
+                let n = (len - pos).min(zeros.len() as u64) as usize;
+                self.io.write_at(&zeros[..n], self.off + pos)?;
+                pos += n as u64;
+            }
+            self.io.flush()?;
+        }
+        self.io.write_at(&encode_lenblock(len), LENBLOCK_OFFSET)?;
+        self.io.flush()?;
+        self.len.store(len, Ordering::SeqCst);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.io.flush()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if offset + data.len() as u64 > self.len.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "write past the end of the metadata",
+            ));
+        }
+        self.io.write_at(data, self.off + offset)
+    }
+}
+
+pub(super) fn db_builder() -> redb::Builder {
+    let mut b = redb::Database::builder();
+    b.set_cache_size(META_CACHE_BYTES);
+    b
+}
+
+pub(super) fn get_u64(
+    t: &impl ReadableTable<&'static str, u64>,
+    k: &str,
+    store: &str,
+) -> Result<u64> {
+    Ok(t.get(k)
+        .map_err(|e| meta_err(store, e))?
+        .ok_or_else(|| Error::Corrupt(format!("{store}: metadata lacks '{k}'")))?
+        .value())
+}
+
+impl Store {
+    /// A read transaction on whichever handle is open.
+    pub(crate) fn rtx(&self) -> Result<redb::ReadTransaction> {
+        let r = match &self.db {
+            Db::Ro(d) => d.begin_read(),
+            Db::Rw(d) => d.begin_read(),
+            Db::Closed => return Err(Error::Corrupt(format!("{}: metadata is closed", self.name))),
+        };
+        r.map_err(|e| meta_err(&self.name, e))
+    }
+
+    /// The writable database, upgrading the read-only handle on first use.
+    pub(crate) fn wdb(&mut self) -> Result<&mut redb::Database> {
+        if !matches!(self.db, Db::Rw(_)) {
+            self.db = Db::Closed; // the read-only handle must be gone before a writer opens
+            let db = db_builder()
+                .create_with_backend(self.region.clone())
+                .map_err(|e| meta_err(&self.name, e))?;
+            self.db = Db::Rw(db);
+        }
+        match &mut self.db {
+            Db::Rw(d) => Ok(d),
+            _ => Err(Error::Corrupt(format!("{}: metadata is closed", self.name))),
+        }
+    }
+
+    /// A write transaction (upgrading to a writable handle if needed).
+    pub(crate) fn wtx(&mut self) -> Result<redb::WriteTransaction> {
+        let name = self.name.clone();
+        self.wdb()?.begin_write().map_err(|e| meta_err(&name, e))
+    }
+}
+
+/// Writes an empty metadata region: length block, then redb's tables with their first values.
+pub(super) fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) -> Result<()> {
+    let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
+    w(io.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
+    w(io.flush())?;
+    let region = Region {
+        io: io.clone(),
+        off: META_OFFSET,
+        cap: meta_len,
+        len: Arc::new(AtomicU64::new(0)),
+    };
+    let me = |e: redb::Error| meta_err(name, e);
+    let db = db_builder()
+        .create_with_backend(region)
+        .map_err(|e| me(e.into()))?;
+    let tx = db.begin_write().map_err(|e| me(e.into()))?;
+    {
+        let mut c = tx.open_table(CONFIG).map_err(|e| me(e.into()))?;
+        for (k, v) in [
+            (K_EPOCH, 1u64),
+            (K_NEXT_ID, 1),
+            (K_HIGH_WATER, 0),
+            (K_USED, 0),
+            (K_NEXT_EVENT, 1),
+            (K_NEXT_OVERLAY, 1),
+        ] {
+            c.insert(k, v).map_err(|e| me(e.into()))?;
+        }
+        tx.open_table(OVERLAYS).map_err(|e| me(e.into()))?;
+        tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
+        tx.open_table(EVENTS).map_err(|e| me(e.into()))?;
+        tx.open_table(NAMES).map_err(|e| me(e.into()))?;
+        tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
+        tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
+        tx.open_table(HEADS).map_err(|e| me(e.into()))?;
+        tx.open_table(FREE).map_err(|e| me(e.into()))?;
+    }
+    tx.commit().map_err(|e| me(e.into()))?;
+    Ok(())
+}
