@@ -23,7 +23,7 @@ use crate::ops::consistent::{self, Around};
 use crate::ops::schedule;
 use crate::ops::{self, Client, CreateSpec, Request, Response};
 use crate::store::format::OnFull;
-use crate::store::{InitOptions, Store};
+use crate::store::InitOptions;
 use render::Style;
 
 /// Entry point: returns the process exit status.
@@ -167,6 +167,9 @@ fn unexpected(r: Response) -> Error {
 }
 
 /// Runs one parsed command line.
+///
+/// Long on purpose: it is the command table, one short arm per command (parse, one call,
+/// render); splitting it would scatter that table. Anything longer lives in a function below.
 pub fn run(cli: Cli) -> Result<Output> {
     let g = &cli.global;
     let st = Style {
@@ -186,27 +189,8 @@ pub fn run(cli: Cli) -> Result<Output> {
                 Some(t) => t.as_path(),
                 None => store_path(g)?,
             };
-            let chunk_size = parse_size(&chunk_size).map_err(|_| {
-                Error::Invalid(format!(
-                    "--chunk-size '{chunk_size}' is not a size; use a power of two from 4K to 1M"
-                ))
-            })?;
-            let metadata_size = metadata_size.as_deref().map(parse_size).transpose()?;
-            let on_full = match on_full {
-                OnFullArg::DropOldest => OnFull::DropOldest,
-                OnFullArg::Invalidate => OnFull::Invalidate,
-                OnFullArg::FailWrites => OnFull::FailWrites,
-            };
-            let sb = Store::init(
-                path,
-                &origin,
-                &InitOptions {
-                    chunk_size,
-                    on_full,
-                    force,
-                    metadata_size,
-                },
-            )?;
+            let opts = init_options(&chunk_size, on_full, metadata_size.as_deref(), force)?;
+            let sb = ops::init(path, &origin, &opts)?;
             Ok(render::init(st, &sb, &path.display().to_string()))
         }
         Cmd::Serve {
@@ -232,12 +216,7 @@ pub fn run(cli: Cli) -> Result<Output> {
         }
         Cmd::Upgrade => {
             let path = store_path(g)?;
-            if ops::Remote::connect(path)?.is_some() {
-                return Err(Error::Busy(
-                    "upgrade a store before serving it, not through the server".into(),
-                ));
-            }
-            let rep = Store::open_for_upgrade(path)?.upgrade()?;
+            let rep = ops::upgrade(path)?;
             Ok(render::upgraded(st, &path.display().to_string(), &rep))
         }
         Cmd::GenerateDocs { out_dir } => {
@@ -298,22 +277,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             post_hook,
             created_at,
         } => {
-            crate::names::validate(&name)?;
-            let now = chrono::Utc::now().timestamp();
-            let spec = CreateSpec {
-                name,
-                expires: expires
-                    .as_deref()
-                    .map(|e| parse_expiry(e, now))
-                    .transpose()?,
-                labels: parse_labels(&labels)?,
-                from,
-                writable,
-                created: created_at
-                    .as_deref()
-                    .map(|t| parse_now(Some(t)))
-                    .transpose()?,
-            };
+            let spec = create_spec(name, expires, &labels, from, writable, created_at)?;
             let around = Around {
                 freeze,
                 freeze_timeout: crate::names::parse_duration(&freeze_timeout).ok_or_else(|| {
@@ -422,6 +386,56 @@ pub fn run(cli: Cli) -> Result<Output> {
             }
         }
     }
+}
+
+/// `init`'s options, parsed.
+fn init_options(
+    chunk_size: &str,
+    on_full: OnFullArg,
+    metadata_size: Option<&str>,
+    force: bool,
+) -> Result<InitOptions> {
+    Ok(InitOptions {
+        chunk_size: parse_size(chunk_size).map_err(|_| {
+            Error::Invalid(format!(
+                "--chunk-size '{chunk_size}' is not a size; use a power of two from 4K to 1M"
+            ))
+        })?,
+        on_full: match on_full {
+            OnFullArg::DropOldest => OnFull::DropOldest,
+            OnFullArg::Invalidate => OnFull::Invalidate,
+            OnFullArg::FailWrites => OnFull::FailWrites,
+        },
+        force,
+        metadata_size: metadata_size.map(parse_size).transpose()?,
+    })
+}
+
+/// A new snapshot as `create`'s arguments describe it.
+fn create_spec(
+    name: String,
+    expires: Option<String>,
+    labels: &[String],
+    from: Option<String>,
+    writable: bool,
+    created_at: Option<String>,
+) -> Result<CreateSpec> {
+    crate::names::validate(&name)?;
+    let now = chrono::Utc::now().timestamp();
+    Ok(CreateSpec {
+        name,
+        expires: expires
+            .as_deref()
+            .map(|e| parse_expiry(e, now))
+            .transpose()?,
+        labels: parse_labels(labels)?,
+        from,
+        writable,
+        created: created_at
+            .as_deref()
+            .map(|t| parse_now(Some(t)))
+            .transpose()?,
+    })
 }
 
 /// The stores of the configuration, or only `-s` when given (which must be one of them).

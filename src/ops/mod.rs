@@ -233,6 +233,26 @@ pub trait Host: Sync {
     }
 }
 
+/// Formats `store` as the exception store of `origin` (never through a server: the store does
+/// not exist yet, and `Store::init` refuses one that holds snapctl data unless forced).
+pub fn init(
+    store: &std::path::Path,
+    origin: &std::path::Path,
+    opts: &crate::store::InitOptions,
+) -> Result<crate::store::format::Superblock> {
+    Store::init(store, origin, opts)
+}
+
+/// Converts a store of an older format in place; refused while a server holds it.
+pub fn upgrade(store: &std::path::Path) -> Result<crate::store::upgrade::UpgradeReport> {
+    if Remote::connect(store)?.is_some() {
+        return Err(crate::error::Error::Busy(
+            "upgrade a store before serving it, not through the server".into(),
+        ));
+    }
+    Store::open_for_upgrade(store)?.upgrade()
+}
+
 /// A descriptor passed beside a request.
 pub type Data = Option<File>;
 

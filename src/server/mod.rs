@@ -73,6 +73,9 @@ impl Listener {
 }
 
 /// Runs the server until SIGTERM/SIGINT; then finishes in-flight requests, commits, exits.
+///
+/// Long on purpose: arguments, sockets, the accept loop and the shutdown are one sequence whose
+/// order matters (refuse before touching anything; stop accepting before draining workers).
 pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     // Arguments first: a refusal touches nothing.
     if opts.listen.is_some() && !opts.allow_insecure_tcp {

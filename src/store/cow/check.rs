@@ -5,6 +5,10 @@ use super::*;
 
 impl Store {
     /// Verifies the metadata engine's checksums and every invariant of the exception store.
+    ///
+    /// Long on purpose: one read transaction and one pass over each table, every check
+    /// feeding the same ownership bitmap and counters; the passes are marked in order
+    /// (config, records and chains, overlays, snapshots, free list, accounting).
     pub(crate) fn check_inner(
         &mut self,
         data: bool,

@@ -49,6 +49,9 @@ impl Store {
     /// chunks. Origin pieces go out as one batch; saved chunks are read whole, each once, and
     /// verified against its hash before a byte of it is copied out: a chunk that fails fails
     /// the read, naming the view and the byte range.
+    ///
+    /// Long on purpose: the read path of every view in one place (map, gather, read, verify,
+    /// copy out), so that what is verified before a byte leaves is visible in one reading.
     pub(crate) fn read_batch_inner(&self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
         let sn = &self.name;
         let cs = self.sb.chunk_size;

@@ -92,6 +92,10 @@ impl Store {
     }
 
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
+    ///
+    /// Long on purpose: this is the copy-on-write step whose order is the crash argument
+    /// (DESIGN.md invariant 2: decide, allocate, read, hash, write, flush, commit); it reads top
+    /// to bottom in that order instead of across helpers.
     pub(super) fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
         // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
         // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
