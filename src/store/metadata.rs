@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::sync::Mutex;
+
 /// The metadata region's length record: 512 bytes at 4 KiB (docs/FORMAT.md).
 pub const LENBLOCK_OFFSET: u64 = 4096;
 pub(super) const LENBLOCK_MAGIC: &[u8; 8] = b"SNAPLEN\0";
@@ -40,12 +42,84 @@ pub(super) const META_CACHE_BYTES: usize = 32 << 20;
 /// redb's file, mapped onto the metadata region of the store. The logical length lives in the
 /// length block, rewritten and flushed on every resize, so a crash leaves a length that redb's
 /// recovery understands ("set by a single truncate or extend").
+///
+/// Page writes are held in memory until redb asks for durability (`sync_data`), then go to the
+/// device in one submission followed by one flush: a commit costs two submissions instead of
+/// one per page. Nothing is promised durable before `sync_data`, so holding writes until then
+/// changes no crash outcome; reads see the held writes.
 #[derive(Clone)]
 pub(super) struct Region {
     pub(super) io: Arc<dyn BlockIo>,
     pub(super) off: u64,
     pub(super) cap: u64,
     pub(super) len: Arc<AtomicU64>,
+    pub(super) held: Arc<Mutex<Held>>,
+}
+
+impl Region {
+    pub(super) fn new(io: Arc<dyn BlockIo>, off: u64, cap: u64, len: u64) -> Region {
+        Region {
+            held: Arc::new(Mutex::new(Held {
+                io: io.clone(),
+                off,
+                writes: BTreeMap::new(),
+            })),
+            io,
+            off,
+            cap,
+            len: Arc::new(AtomicU64::new(len)),
+        }
+    }
+
+    fn held(&self) -> io::Result<std::sync::MutexGuard<'_, Held>> {
+        self.held
+            .lock()
+            .map_err(|_| io::Error::other("metadata write buffer poisoned"))
+    }
+}
+
+/// Page writes not yet sent to the device, by region offset; they never overlap.
+pub(super) struct Held {
+    io: Arc<dyn BlockIo>,
+    off: u64,
+    writes: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Held {
+    /// Sends every held write to the device in one submission (no flush).
+    fn send(&mut self) -> io::Result<()> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let w = std::mem::take(&mut self.writes);
+        let reqs: Vec<(u64, &[u8])> = w
+            .iter()
+            .map(|(o, d)| (self.off + o, d.as_slice()))
+            .collect();
+        self.io.write_many(&reqs)
+    }
+
+    /// Whether a held write other than exactly `[off, off + n)` overlaps it.
+    fn overlaps_other(&self, off: u64, n: usize) -> bool {
+        let end = off + n as u64;
+        let before = self
+            .writes
+            .range(..off)
+            .next_back()
+            .is_some_and(|(o, d)| o + d.len() as u64 > off);
+        let within = self
+            .writes
+            .range(off..end)
+            .any(|(o, d)| *o != off || d.len() != n);
+        before || within
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Not durable (nothing asked for that), but not lost either.
+        let _ = self.send();
+    }
 }
 
 impl std::fmt::Debug for Region {
@@ -86,12 +160,29 @@ impl redb::StorageBackend for Region {
                 "read past the end of the metadata",
             ));
         }
-        self.io.read_at(out, self.off + offset)
+        self.io.read_at(out, self.off + offset)?;
+        let held = self.held()?;
+        let end = offset + out.len() as u64;
+        let first = held
+            .writes
+            .range(..=offset)
+            .next_back()
+            .map(|(o, _)| *o)
+            .unwrap_or(offset);
+        for (o, d) in held.writes.range(first..end) {
+            let (s, e) = ((*o).max(offset), (o + d.len() as u64).min(end));
+            if s < e {
+                out[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&d[(s - o) as usize..(e - o) as usize]);
+            }
+        }
+        Ok(())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         if len > self.cap {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
+        self.held()?.send()?;
         let old = self.len.load(Ordering::SeqCst);
         if len > old {
             // New positions must read as zero.
@@ -110,6 +201,7 @@ impl redb::StorageBackend for Region {
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
+        self.held()?.send()?;
         self.io.flush()
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -119,7 +211,12 @@ impl redb::StorageBackend for Region {
                 "write past the end of the metadata",
             ));
         }
-        self.io.write_at(data, self.off + offset)
+        let mut held = self.held()?;
+        if held.overlaps_other(offset, data.len()) {
+            held.send()?;
+        }
+        held.writes.insert(offset, data.to_vec());
+        Ok(())
     }
 }
 
@@ -153,6 +250,8 @@ impl Store {
 
     /// The writable database, upgrading the read-only handle on first use.
     pub(crate) fn wdb(&mut self) -> Result<&mut redb::Database> {
+        // Whatever a writer changes, no verified read result may survive it.
+        self.resolved.clear();
         if !matches!(self.db, Db::Rw(_)) {
             self.db = Db::Closed; // the read-only handle must be gone before a writer opens
             let db = db_builder()
@@ -178,12 +277,7 @@ pub(super) fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) 
     let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
     w(io.write_at(&encode_lenblock(0), LENBLOCK_OFFSET))?;
     w(io.flush())?;
-    let region = Region {
-        io: io.clone(),
-        off: META_OFFSET,
-        cap: meta_len,
-        len: Arc::new(AtomicU64::new(0)),
-    };
+    let region = Region::new(io.clone(), META_OFFSET, meta_len, 0);
     let me = |e: redb::Error| meta_err(name, e);
     let db = db_builder()
         .create_with_backend(region)

@@ -101,6 +101,10 @@ pub struct Store {
     pub version: u32,
     /// Overlays proven whole in this process (see `verify_overlay`).
     pub(crate) verified_overlays: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Groups resolved (record chains read and verified) since the last write transaction:
+    /// `(group, epoch) -> where each chunk is`. Cleared whenever a writer opens, so it never
+    /// outlives the metadata it was read from.
+    pub(crate) resolved: cow::ResolvedCache,
     /// A restore interrupted by a crash that opening the store finished: its target's name.
     pub resumed_restore: Option<String>,
     _lock: Option<File>,
@@ -517,12 +521,7 @@ impl Store {
                     "store {name}: the metadata length block is damaged; run `snapctl check`"
                 ))
             })?;
-        let region = Region {
-            io: io.clone(),
-            off: sb.meta_offset,
-            cap: sb.meta_len,
-            len: Arc::new(AtomicU64::new(len)),
-        };
+        let region = Region::new(io.clone(), sb.meta_offset, sb.meta_len, len);
         let db = guard_panic(&name, || {
             match db_builder().open_read_only_with_backend(region.clone()) {
                 Ok(db) => Ok(Db::Ro(db)),
@@ -546,6 +545,7 @@ impl Store {
             epoch: 0,
             events: Vec::new(),
             verified_overlays: Default::default(),
+            resolved: Default::default(),
             version: FORMAT_VERSION,
             resumed_restore: None,
             _lock: lock_file,

@@ -88,6 +88,38 @@ pub struct CheckReport {
     pub leaks: Vec<String>,
 }
 
+/// Where each chunk of a group is for a view at an epoch: a saved copy, or the origin (`None`).
+pub(crate) type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
+
+/// Resolved groups, bounded: cleared whole when full (a cache of verified metadata, never a
+/// source of truth), and whenever a writer opens.
+#[derive(Default)]
+pub(crate) struct ResolvedCache(std::sync::Mutex<HashMap<(u64, u64), Slots>>);
+
+/// At most this many groups are kept (about 6 KiB each).
+const RESOLVED_MAX: usize = 4096;
+
+impl ResolvedCache {
+    pub(crate) fn get(&self, g: u64, e: u64) -> Option<Slots> {
+        self.0.lock().ok()?.get(&(g, e)).copied()
+    }
+
+    pub(crate) fn put(&self, g: u64, e: u64, slots: Slots) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= RESOLVED_MAX {
+                m.clear();
+            }
+            m.insert((g, e), slots);
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.clear();
+        }
+    }
+}
+
 impl CheckReport {
     pub fn is_clean(&self) -> bool {
         self.corruption.is_empty() && self.leaks.is_empty()

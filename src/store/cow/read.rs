@@ -87,7 +87,6 @@ impl Store {
             let recs = t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
             let heads = t.open_table(HEADS).map_err(|e| meta_err(sn, e))?;
             let ovl = t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
-            type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
             let mut ovl_groups: HashMap<u64, Slots> = HashMap::new();
             let mut groups: HashMap<u64, Slots> = HashMap::new();
             let mut segs: Vec<Piece> = Vec::new();
@@ -123,7 +122,14 @@ impl Store {
                         let resolved = match groups.entry(g) {
                             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                             std::collections::hash_map::Entry::Vacant(v) => {
-                                v.insert(resolve_group(&recs, &heads, sn, g, e)?)
+                                match self.resolved.get(g, e) {
+                                    Some(slots) => v.insert(slots),
+                                    None => {
+                                        let slots = resolve_group(&recs, &heads, sn, g, e)?;
+                                        self.resolved.put(g, e, slots);
+                                        v.insert(slots)
+                                    }
+                                }
                             }
                         };
                         resolved[(c % GROUP_CHUNKS) as usize]
