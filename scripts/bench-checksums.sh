@@ -3,21 +3,21 @@
 # and row checks switched off (`--features bench-unhashed`), measured side by side in this run.
 #
 #   1. Through `snapctl serve` (O_DIRECT, its default) and fio --ioengine=nbd, 4 KiB at queue
-#      depth 32: the first random writes after a snapshot (every one copies a chunk and hashes
-#      it), then random reads of that snapshot over the same region (every one reads a saved
-#      chunk from the store and verifies it). Rounds alternate the builds; medians are compared.
+#      depth 32, both builds serving at once: the first random writes after a snapshot, region
+#      by region (every one copies a chunk and hashes it), then 5-second passes of random reads
+#      of the snapshot (every one reads a saved chunk from the store and verifies it). The
+#      builds alternate run by run; medians are compared.
 #   2. Open time: `list` and `create` on a fresh store and on one holding BENCH_EXCEPTIONS saved
 #      chunks (default 1,000,000: 4 GiB of store), for both builds.
 #
 #   scripts/bench-checksums.sh
-#   BENCH_SIZE_MB=256 BENCH_ROUNDS=3 BENCH_EXCEPTIONS=100000 scripts/bench-checksums.sh  # quicker
+#   BENCH_SIZE_MB=256 BENCH_ROUNDS=4 BENCH_EXCEPTIONS=100000 scripts/bench-checksums.sh  # quicker
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 SIZE_MB=${BENCH_SIZE_MB:-1024}
-ROUNDS=${BENCH_ROUNDS:-5}
+ROUNDS=${BENCH_ROUNDS:-8}
 EXC=${BENCH_EXCEPTIONS:-1000000}
-REGION_MB=$((SIZE_MB / 4))
 cargo build --release --locked --quiet
 cargo build --release --locked --quiet --features bench-unhashed --target-dir target/unhashed
 declare -A BIN=([hashed]="$PWD/target/release/snapctl" [unhashed]="$PWD/target/unhashed/release/snapctl")
@@ -35,10 +35,12 @@ log() { printf '%s\n' "$*" >&2; }
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"; }
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
-# fio RW URI -> IOPS
+# fio RW URI OFFSET_MB SIZE_MB [SECONDS] -> IOPS (time-based when SECONDS is given)
 run_fio() {
-  fio --name=b --ioengine=nbd --uri="$2" --rw="$1" --bs=4k --iodepth=32 --offset=0 \
-    --size="${REGION_MB}M" --randrepeat=1 --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+  local timing=()
+  if [ -n "${5:-}" ]; then timing=(--time_based "--runtime=$5"); fi
+  fio --name=b --ioengine=nbd --uri="$2" --rw="$1" --bs=4k --iodepth=32 --offset="$3M" \
+    --size="$4M" --randrepeat=1 "${timing[@]}" --output-format=json --output="$work/fio.json" >/dev/null 2>&1
   python3 -c '
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
@@ -46,48 +48,59 @@ side = j["write"] if j["write"]["io_bytes"] else j["read"]
 print("%.0f" % side["iops"])' "$work/fio.json"
 }
 
-log "bench: ${SIZE_MB} MiB volume, ${REGION_MB} MiB per workload, $ROUNDS rounds per build"
+# Both builds serve at once, each its own copy of the volume with one snapshot; the workloads
+# alternate between them in short runs, so drift on a shared machine falls on both alike.
+log "bench: ${SIZE_MB} MiB volume, $ROUNDS regions of $((SIZE_MB / ROUNDS)) MiB, builds alternating"
 head -c "${SIZE_MB}M" /dev/urandom > "$work/base.img"
-data_round() {
-  local build=$1 s=${BIN[$1]}
-  cp "$work/base.img" "$work/origin.img"
-  truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
-  export SNAPCTL_STORE="$work/store.img" SNAPCTL_RUN_DIR="$work/run"
-  "$s" -q init "$work/store.img" --origin "$work/origin.img" --force
-  "$s" -q create snap
-  "$s" serve --socket "$work/snapctl.sock" 2>"$work/serve.log" & pids+=($!)
-  wait_sock "$work/snapctl.sock"
-  local first read
-  first=$(run_fio randwrite "nbd+unix:///origin?socket=$work/snapctl.sock")
-  read=$(run_fio randread "nbd+unix:///snap?socket=$work/snapctl.sock")
-  record "$build" first "$first"
-  record "$build" saved-read "$read"
-  log "  $build: first writes $first IOPS, reads of saved chunks $read IOPS"
-  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
-  "$s" -q check
-  rm -f "$work/origin.img" "$work/store.img" "$work/snapctl.sock"
-}
+for b in hashed unhashed; do
+  cp "$work/base.img" "$work/$b-origin.img"
+  truncate -s "$((SIZE_MB * 2))M" "$work/$b-store.img"
+  SNAPCTL_RUN_DIR="$work/run-$b" "${BIN[$b]}" -q init "$work/$b-store.img" --origin "$work/$b-origin.img" --force
+  SNAPCTL_STORE="$work/$b-store.img" SNAPCTL_RUN_DIR="$work/run-$b" "${BIN[$b]}" -q create snap
+  SNAPCTL_STORE="$work/$b-store.img" SNAPCTL_RUN_DIR="$work/run-$b" \
+    "${BIN[$b]}" serve --socket "$work/$b.sock" 2>"$work/$b-serve.log" & pids+=($!)
+  wait_sock "$work/$b.sock"
+done
+region=$((SIZE_MB / ROUNDS))
 for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then order="hashed unhashed"; else order="unhashed hashed"; fi
-  log "round $r"
-  for b in $order; do data_round "$b"; done
+  for b in $order; do
+    iops=$(run_fio randwrite "nbd+unix:///origin?socket=$work/$b.sock" $(((r - 1) * region)) "$region")
+    record "$b" first "$iops"
+    log "  region $r $b: first writes $iops IOPS"
+  done
+done
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then order="hashed unhashed"; else order="unhashed hashed"; fi
+  for b in $order; do
+    iops=$(run_fio randread "nbd+unix:///snap?socket=$work/$b.sock" 0 "$SIZE_MB" 5)
+    record "$b" saved-read "$iops"
+    log "  pass $r $b: reads of saved chunks $iops IOPS"
+  done
+done
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+wait 2>/dev/null || true
+pids=()
+for b in hashed unhashed; do
+  SNAPCTL_STORE="$work/$b-store.img" "${BIN[$b]}" -q check
+  rm -f "$work/$b-origin.img" "$work/$b-store.img"
 done
 
-# average wall time of `snapctl ARGS...` over N runs, in microseconds
+# median wall time of `snapctl ARGS...` over N runs, in microseconds
 time_us() {
   local n=$1 t0 t1 i; shift
-  t0=$(date +%s%N)
-  for i in $(seq "$n"); do "$@" >/dev/null; done
-  t1=$(date +%s%N)
-  echo $(( (t1 - t0) / n / 1000 ))
+  for i in $(seq "$n"); do
+    t0=$(date +%s%N); "$@" >/dev/null; t1=$(date +%s%N)
+    echo $(( (t1 - t0) / 1000 ))
+  done | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 }
-# average wall time of 10 creates, in microseconds
+# median wall time of 11 creates, in microseconds
 create_us() {
   local s=$1 prefix=$2 t0 t1 i
-  t0=$(date +%s%N)
-  for i in $(seq 10); do "$s" -q create "$prefix-$i"; done
-  t1=$(date +%s%N)
-  echo $(( (t1 - t0) / 10000 ))
+  for i in $(seq 11); do
+    t0=$(date +%s%N); "$s" -q create "$prefix-$i"; t1=$(date +%s%N)
+    echo $(( (t1 - t0) / 1000 ))
+  done | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 }
 open_round() {
   local build=$1 s=${BIN[$1]} bytes=$((EXC * 4096))
@@ -96,14 +109,14 @@ open_round() {
   export SNAPCTL_STORE="$work/store.img" SNAPCTL_RUN_DIR="$work/run"
   "$s" -q init "$work/store.img" --origin "$work/origin.img" --force --chunk-size 4K
   "$s" -q create first
-  record "$build" list-0 "$(time_us 20 "$s" list)"
+  record "$build" list-0 "$(time_us 31 "$s" list)"
   record "$build" create-0 "$(create_us "$s" c0)"
   log "  $build: saving $EXC chunks"
   head -c "$bytes" /dev/zero | "$s" -q write
   local saved
   saved=$("$s" --json check | python3 -c 'import json,sys; print(json.load(sys.stdin)["check"]["used_chunks"])')
   record "$build" saved "$saved"
-  record "$build" list-n "$(time_us 20 "$s" list)"
+  record "$build" list-n "$(time_us 31 "$s" list)"
   record "$build" create-n "$(create_us "$s" cn)"
   log "  $build: $saved chunks saved"
   rm -f "$work/origin.img" "$work/store.img"

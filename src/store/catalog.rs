@@ -223,7 +223,7 @@ impl Store {
         self.epoch = snap.epoch + 1;
         self.snaps.insert(snap.id, snap.clone());
         // A new interval: every chunk must be checked against the new snapshot.
-        self.preserved.fill(0);
+        self.preserved.clear();
         Ok(snap)
     }
 
@@ -371,7 +371,7 @@ impl Store {
         }
         tx.commit().map_err(|e| meta_err(&sn, e))?;
         self.load_catalog()?;
-        self.preserved.fill(0);
+        self.preserved.clear();
         Ok(freed * self.sb.chunk_size)
     }
 

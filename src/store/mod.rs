@@ -94,7 +94,7 @@ pub struct Store {
     /// Epoch of the next write interval (E in DESIGN.md).
     pub(crate) epoch: u64,
     /// Chunks known to be preserved since the newest live snapshot: repeat writes skip the index.
-    pub(crate) preserved: Vec<u64>,
+    pub(crate) preserved: cow::Preserved,
     /// What the on-full policy did during this process, for the caller to log.
     pub events: Vec<Event>,
     /// The format version on disk (older only while `snapctl upgrade` converts it).
@@ -182,6 +182,25 @@ fn lock(file: &File, name: &str, timeout: Duration) -> Result<File> {
 
 /// A stable identity for the origin: which file or device it is, not what it holds (the data
 /// changes; `init` must not write to it). See docs/FORMAT.md.
+/// Gives a store file all its blocks now: a copy-on-write must never find the file system
+/// full, and copies into allocated blocks skip the file system's allocation on the write path.
+/// A file system that cannot preallocate (EOPNOTSUPP) is left to allocate as it writes.
+fn preallocate(file: &File, size: u64, name: &str) -> Result<()> {
+    // SAFETY: fallocate on a descriptor we own; mode 0 allocates without changing any byte.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        Some(libc::ENOSPC) => Err(Error::NoSpace(format!(
+            "the file system holding {name} has no room for its {size} bytes (a store file is allocated whole at init); free space or use a smaller file"
+        ))),
+        _ => Err(Error::io(format!("store {name}: allocate"), e)),
+    }
+}
+
 pub fn origin_fingerprint(path: &Path) -> Result<[u8; 32]> {
     let meta = std::fs::metadata(path).map_err(|e| open_err("origin", path, e))?;
     let mut h = blake3::Hasher::new();
@@ -317,6 +336,11 @@ impl Store {
         )?;
         let lock_file = lock(&sdev.file, &name, timeout)?;
         let store_size = sdev.size;
+        let store_is_file = !sdev.is_block;
+        let store_file = sdev
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(format!("store {name}"), e))?;
         let io = engine_for(sdev, EngineChoice::from_env())
             .map_err(|e| Error::io(format!("store {name}: I/O engine"), e))?;
         let mut first = vec![0u8; SUPERBLOCK_SIZE];
@@ -359,6 +383,10 @@ impl Store {
             created: now(),
             origin_path: origin_str,
         };
+        if store_is_file {
+            preallocate(&store_file, store_size, &name)?;
+        }
+        drop(store_file);
         let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
         // Crash argument: the superblock is written last. Until it is durable the store reads as
         // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
@@ -534,7 +562,7 @@ impl Store {
             }
         })?;
         let mut store = Store {
-            preserved: vec![0; sb.origin_chunks().div_ceil(64) as usize],
+            preserved: Default::default(),
             sb,
             name,
             dev: io,

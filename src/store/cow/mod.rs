@@ -94,17 +94,17 @@ pub(crate) type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
 /// Resolved groups, bounded: cleared whole when full (a cache of verified metadata, never a
 /// source of truth), and whenever a writer opens.
 #[derive(Default)]
-pub(crate) struct ResolvedCache(std::sync::Mutex<HashMap<(u64, u64), Slots>>);
+pub(crate) struct ResolvedCache(std::sync::Mutex<HashMap<(u64, u64), std::sync::Arc<Slots>>>);
 
 /// At most this many groups are kept (about 6 KiB each).
 const RESOLVED_MAX: usize = 4096;
 
 impl ResolvedCache {
-    pub(crate) fn get(&self, g: u64, e: u64) -> Option<Slots> {
-        self.0.lock().ok()?.get(&(g, e)).copied()
+    pub(crate) fn get(&self, g: u64, e: u64) -> Option<std::sync::Arc<Slots>> {
+        self.0.lock().ok()?.get(&(g, e)).cloned()
     }
 
-    pub(crate) fn put(&self, g: u64, e: u64, slots: Slots) {
+    pub(crate) fn put(&self, g: u64, e: u64, slots: std::sync::Arc<Slots>) {
         if let Ok(mut m) = self.0.lock() {
             if m.len() >= RESOLVED_MAX {
                 m.clear();
@@ -126,12 +126,43 @@ impl CheckReport {
     }
 }
 
+/// Chunks known to be preserved since the newest live snapshot, one bit each, in pages of
+/// [`Preserved::PAGE`] chunks allocated on first use: nothing for a command that never writes,
+/// memory in proportion to what was written, and clearing (at every create and delete) costs
+/// the pages in use, not the size of the origin.
+#[derive(Default)]
+pub(crate) struct Preserved {
+    pages: HashMap<u64, Box<[u64; 64]>>,
+}
+
+impl Preserved {
+    const PAGE: u64 = 64 * 64;
+
+    pub(crate) fn get(&self, c: u64) -> bool {
+        self.pages
+            .get(&(c / Self::PAGE))
+            .is_some_and(|p| p[((c % Self::PAGE) / 64) as usize] & (1 << (c % 64)) != 0)
+    }
+
+    pub(crate) fn set(&mut self, c: u64) {
+        let p = self
+            .pages
+            .entry(c / Self::PAGE)
+            .or_insert_with(|| Box::new([0; 64]));
+        p[((c % Self::PAGE) / 64) as usize] |= 1 << (c % 64);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.pages.clear();
+    }
+}
+
 impl Store {
     pub(super) fn bit(&self, c: u64) -> bool {
-        self.preserved[(c / 64) as usize] & (1 << (c % 64)) != 0
+        self.preserved.get(c)
     }
     pub(super) fn set_bit(&mut self, c: u64) {
-        self.preserved[(c / 64) as usize] |= 1 << (c % 64);
+        self.preserved.set(c);
     }
 
     /// Bytes of origin chunk `c` inside the origin: the chunk size, or less for a partial last

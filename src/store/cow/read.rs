@@ -88,7 +88,7 @@ impl Store {
             let heads = t.open_table(HEADS).map_err(|e| meta_err(sn, e))?;
             let ovl = t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
             let mut ovl_groups: HashMap<u64, Slots> = HashMap::new();
-            let mut groups: HashMap<u64, Slots> = HashMap::new();
+            let mut groups: HashMap<u64, std::sync::Arc<Slots>> = HashMap::new();
             let mut segs: Vec<Piece> = Vec::new();
             let mut pos = 0usize;
             while pos < r.buf.len() {
@@ -125,8 +125,10 @@ impl Store {
                                 match self.resolved.get(g, e) {
                                     Some(slots) => v.insert(slots),
                                     None => {
-                                        let slots = resolve_group(&recs, &heads, sn, g, e)?;
-                                        self.resolved.put(g, e, slots);
+                                        let slots = std::sync::Arc::new(resolve_group(
+                                            &recs, &heads, sn, g, e,
+                                        )?);
+                                        self.resolved.put(g, e, slots.clone());
                                         v.insert(slots)
                                     }
                                 }

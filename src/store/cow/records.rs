@@ -15,14 +15,52 @@ pub(super) fn bad_overlay(store: &str, k: (u32, u64)) -> Error {
     ))
 }
 
+type Verified = HashMap<(&'static str, Vec<u8>), (Vec<u8>, Record)>;
+
+thread_local! {
+    /// Record values this thread verified (or wrote), by table and key. A value read again that
+    /// is byte for byte the one verified is the same record: a comparison instead of a hash.
+    /// Any change to its bytes (a flipped bit) makes it unequal, and it is verified afresh.
+    static VERIFIED: std::cell::RefCell<Verified> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// At most this many values are remembered per thread (about 6 KiB each at most).
+const VERIFIED_MAX: usize = 2048;
+
+fn remember(table: &'static str, key: Vec<u8>, value: Vec<u8>, rec: Record) {
+    VERIFIED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= VERIFIED_MAX {
+            c.clear();
+        }
+        c.insert((table, key), (value, rec));
+    });
+}
+
+/// Decodes a record value of `table`, verifying its checksum unless these very bytes were
+/// verified before.
+fn decode_verified(table: &'static str, key: Vec<u8>, v: &[u8]) -> Option<Record> {
+    let known = VERIFIED.with(|c| {
+        c.borrow()
+            .get(&(table, key.clone()))
+            .and_then(|(bytes, rec)| (bytes.as_slice() == v).then(|| rec.clone()))
+    });
+    if known.is_some() {
+        return known;
+    }
+    let rec = decode_record(table, &key, v)?;
+    remember(table, key, v.to_vec(), rec.clone());
+    Some(rec)
+}
+
 /// Decodes an exception record, refusing one whose checksum (over key and value) fails.
 pub(crate) fn record_of(store: &str, k: (u32, u64, u64), v: &[u8]) -> Result<Record> {
-    decode_record("records", &record_key(k), v).ok_or_else(|| bad_record(store, k))
+    decode_verified("records", record_key(k), v).ok_or_else(|| bad_record(store, k))
 }
 
 /// Decodes an overlay record, refusing one whose checksum fails.
 pub(crate) fn overlay_of(store: &str, k: (u32, u64), v: &[u8]) -> Result<Record> {
-    decode_record("overlays", &overlay_key(k), v).ok_or_else(|| bad_overlay(store, k))
+    decode_verified("overlays", overlay_key(k), v).ok_or_else(|| bad_overlay(store, k))
 }
 
 pub(crate) fn put_record(
@@ -31,8 +69,10 @@ pub(crate) fn put_record(
     k: (u32, u64, u64),
     r: &Record,
 ) -> Result<()> {
-    t.insert(k, encode_record("records", &record_key(k), r).as_slice())
-        .map_err(|e| meta_err(store, e))?;
+    let key = record_key(k);
+    let v = encode_record("records", &key, r);
+    t.insert(k, v.as_slice()).map_err(|e| meta_err(store, e))?;
+    remember("records", key, v, r.clone());
     Ok(())
 }
 
@@ -42,8 +82,10 @@ pub(crate) fn put_overlay(
     k: (u32, u64),
     r: &Record,
 ) -> Result<()> {
-    t.insert(k, encode_record("overlays", &overlay_key(k), r).as_slice())
-        .map_err(|e| meta_err(store, e))?;
+    let key = overlay_key(k);
+    let v = encode_record("overlays", &key, r);
+    t.insert(k, v.as_slice()).map_err(|e| meta_err(store, e))?;
+    remember("overlays", key, v, r.clone());
     Ok(())
 }
 

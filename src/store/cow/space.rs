@@ -50,7 +50,7 @@ impl Store {
         )?;
         tx.commit().map_err(|e| meta_err(&sn, e))?;
         self.load_catalog()?;
-        self.preserved.fill(0);
+        self.preserved.clear();
         Ok(())
     }
 
