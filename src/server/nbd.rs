@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use super::state::Shared;
 use crate::error::Error;
+use crate::io::AlignedBuf;
 use crate::store::cow::ReadReq;
 use crate::store::{SnapState, Store};
 
@@ -329,7 +330,9 @@ struct Request {
     cookie: u64,
     offset: u64,
     length: u32,
-    data: Vec<u8>,
+    /// A write's payload, read from the socket straight into a buffer aligned for O_DIRECT, so
+    /// the engine writes it without a bounce copy.
+    data: Option<AlignedBuf>,
 }
 
 fn read_request<R: Read>(rd: &mut R) -> io::Result<Request> {
@@ -344,14 +347,15 @@ fn read_request<R: Read>(rd: &mut R) -> io::Result<Request> {
     let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8]));
     let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or([0; 8]));
     let length = be32(24);
-    let mut data = Vec::new();
+    let mut data = None;
     if kind == CMD_WRITE {
         if length > MAX_REQUEST {
             // The payload cannot be skipped safely: the spec allows closing here.
             return Err(protocol("write larger than the maximum request size"));
         }
-        data = vec![0u8; length as usize];
-        rd.read_exact(&mut data)?;
+        let mut b = AlignedBuf::new(length as usize);
+        rd.read_exact(b.as_mut_slice())?;
+        data = Some(b);
     }
     Ok(Request {
         flags,
@@ -485,7 +489,7 @@ where
 fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Result<Vec<u8>> {
     let size = export.size;
     let mut errors = vec![0u32; batch.len()];
-    let mut read_bufs: Vec<Option<Vec<u8>>> = (0..batch.len()).map(|_| None).collect();
+    let mut read_bufs: Vec<Option<AlignedBuf>> = (0..batch.len()).map(|_| None).collect();
     {
         let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
         // Validate, and collect the writes (up to each flush) and the reads.
@@ -541,9 +545,10 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
             }
         }
         flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
-        let mut bufs: Vec<Vec<u8>> = reads
+        // Aligned, so origin pieces are read straight into them with O_DIRECT.
+        let mut bufs: Vec<AlignedBuf> = reads
             .iter()
-            .map(|&i| vec![0u8; batch[i].length as usize])
+            .map(|&i| AlignedBuf::new(batch[i].length as usize))
             .collect();
         let ok = {
             let mut reqs: Vec<ReadReq> = reads
@@ -552,7 +557,7 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
                 .map(|(&i, b)| ReadReq {
                     view: &export.name,
                     off: batch[i].offset,
-                    buf: b,
+                    buf: b.as_mut_slice(),
                 })
                 .collect();
             store.read_batch(&mut reqs)
@@ -560,7 +565,7 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
         if let Err(e) = ok {
             // Find out which read failed.
             for (&i, b) in reads.iter().zip(bufs.iter_mut()) {
-                if let Err(e2) = store.read_view(&export.name, batch[i].offset, b) {
+                if let Err(e2) = store.read_view(&export.name, batch[i].offset, b.as_mut_slice()) {
                     errors[i] = errno_of(&e2);
                 }
             }
@@ -581,7 +586,7 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
         out.extend_from_slice(&errors[i].to_be_bytes());
         out.extend_from_slice(&r.cookie.to_be_bytes());
         if let Some(b) = &read_bufs[i] {
-            out.extend_from_slice(b);
+            out.extend_from_slice(b.as_slice());
         }
     }
     Ok(out)
@@ -616,7 +621,7 @@ fn flush_writes(
             (
                 r.offset,
                 if r.kind == CMD_WRITE {
-                    r.data.as_slice()
+                    r.data.as_ref().map(|d| d.as_slice()).unwrap_or(&[])
                 } else {
                     z.as_slice()
                 },

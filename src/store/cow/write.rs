@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// From this many copies on, they are hashed on a second thread while they are written.
+const HASH_BESIDE: usize = 8;
+
 impl Store {
     /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
     /// touches whose old content a live snapshot still needs is copied to the store, the copy
@@ -166,14 +169,18 @@ impl Store {
                 .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
         }
         // The hash of each copy, from the buffer already in memory: a chunk's bytes inside the
-        // origin (the last chunk may be partial).
-        let mut hashes = Vec::with_capacity(need.len());
-        for ((first, n), buf) in runs.iter().zip(&bufs) {
-            for i in 0..*n {
-                let len = self.chunk_len(need[first + i]);
-                hashes.push(chunk_hash(&buf.as_slice()[i * cs..i * cs + len]));
+        // origin (the last chunk may be partial). Hashing reads the buffers the copy writes
+        // read too, so it runs beside the write and its flush instead of before them.
+        let hash_all = || {
+            let mut hashes = Vec::with_capacity(need.len());
+            for ((first, n), buf) in runs.iter().zip(&bufs) {
+                for i in 0..*n {
+                    let len = self.chunk_len(need[first + i]);
+                    hashes.push(chunk_hash(&buf.as_slice()[i * cs..i * cs + len]));
+                }
             }
-        }
+            hashes
+        };
         let writes: Vec<(u64, &[u8])> = runs
             .iter()
             .zip(&bufs)
@@ -184,7 +191,20 @@ impl Store {
                 )
             })
             .collect();
-        self.write_durable(&writes)?;
+        let hashes = if need.len() >= HASH_BESIDE {
+            std::thread::scope(|s| {
+                let hasher = s.spawn(hash_all);
+                let written = self.write_durable(&writes);
+                let hashes = hasher
+                    .join()
+                    .map_err(|_| Error::Internal("hashing the copies failed".into()));
+                written.and(hashes)
+            })?
+        } else {
+            let h = hash_all();
+            self.write_durable(&writes)?;
+            h
+        };
         let mut exclusive = 0u64;
         {
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
