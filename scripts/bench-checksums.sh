@@ -32,7 +32,7 @@ trap cleanup EXIT
 results="$work/results.tsv"
 : > "$results"
 log() { printf '%s\n' "$*" >&2; }
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-0}" >> "$results"; }
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
 # fio RW URI OFFSET_MB SIZE_MB [SECONDS] -> IOPS (time-based when SECONDS is given)
@@ -66,7 +66,7 @@ for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then order="hashed unhashed"; else order="unhashed hashed"; fi
   for b in $order; do
     iops=$(run_fio randwrite "nbd+unix:///origin?socket=$work/$b.sock" $(((r - 1) * region)) "$region")
-    record "$b" first "$iops"
+    record "$b" first "$iops" "$r"
     log "  region $r $b: first writes $iops IOPS"
   done
 done
@@ -74,7 +74,7 @@ for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then order="hashed unhashed"; else order="unhashed hashed"; fi
   for b in $order; do
     iops=$(run_fio randread "nbd+unix:///snap?socket=$work/$b.sock" 0 "$SIZE_MB" 5)
-    record "$b" saved-read "$iops"
+    record "$b" saved-read "$iops" "$r"
     log "  pass $r $b: reads of saved chunks $iops IOPS"
   done
 done
@@ -129,12 +129,21 @@ python3 - "$results" "$EXC" <<'EOF'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 v = {}
-for b, k, x in rows:
+by_round = {}
+for b, k, x, r in rows:
     v.setdefault((b, k), []).append(float(x))
+    by_round.setdefault((k, r), {})[b] = float(x)
 med = {k: statistics.median(x) for k, x in v.items()}
+# The builds ran back to back on the same region (or pass): the ratio of each such pair cancels
+# the drift of a shared machine, and their median is the figure compared with the target.
+pair = {}
+for (k, r), d in by_round.items():
+    if "hashed" in d and "unhashed" in d and d["unhashed"] > 0:
+        pair.setdefault(k, []).append(d["hashed"] / d["unhashed"])
 print(f"\n{'':<34}{'hashed':>12}{'unhashed':>12}")
 for k, label, unit in [("first", "first write after a snapshot", "IOPS"), ("saved-read", "random read of saved chunks", "IOPS")]:
-    print(f"{label:<34}{med[('hashed', k)]:>12.0f}{med[('unhashed', k)]:>12.0f}  {unit}, median of {len(v[('hashed', k)])}")
+    print(f"{label:<34}{med[('hashed', k)]:>12.0f}{med[('unhashed', k)]:>12.0f}  {unit}, median of {len(v[('hashed', k)])}"
+          f"; pair ratios {' '.join(f'{x:.2f}' for x in pair[k])}")
 n = int(med[("hashed", "saved")])
 for k, label in [("list-0", "list, fresh store"), ("create-0", "create, fresh store"),
                  ("list-n", f"list, {n:,} saved chunks"), ("create-n", f"create, {n:,} saved chunks")]:
@@ -143,8 +152,8 @@ print("(process start included in list and create)\n")
 def ratio(name, x, target, higher=True):
     ok = x >= target if higher else x <= target
     print(f"{name:<58}{x:6.2f}x  target {'>=' if higher else '<='} {target}  {'ok' if ok else 'MISSED'}")
-ratio("first write after a snapshot, hashed vs unhashed", med[("hashed", "first")] / med[("unhashed", "first")], 0.95)
-ratio("random read of saved chunks, hashed vs unhashed", med[("hashed", "saved-read")] / med[("unhashed", "saved-read")], 0.95)
+ratio("first write after a snapshot, hashed vs unhashed (median pair)", statistics.median(pair["first"]), 0.95)
+ratio("random read of saved chunks, hashed vs unhashed (median pair)", statistics.median(pair["saved-read"]), 0.95)
 ratio(f"list with {n:,} saved chunks vs fresh store", med[("hashed", "list-n")] / med[("hashed", "list-0")], 1.2, higher=False)
 ratio(f"create with {n:,} saved chunks vs fresh store", med[("hashed", "create-n")] / med[("hashed", "create-0")], 1.2, higher=False)
 ratio(f"list with {n:,} saved chunks, hashed vs unhashed", med[("hashed", "list-n")] / med[("unhashed", "list-n")], 1.2, higher=False)
