@@ -391,6 +391,25 @@ impl Store {
     }
 
     /// Valid snapshots of branch 0, by epoch.
+    /// The newest live epoch and the one before it (distinct), without building the list.
+    pub(crate) fn newest_epochs(&self) -> (Option<u64>, Option<u64>) {
+        let mut top: (Option<u64>, Option<u64>) = (None, None);
+        for s in self.snaps.values() {
+            if s.state != SnapState::Valid || s.branch != 0 {
+                continue;
+            }
+            let e = s.epoch;
+            match top {
+                (Some(a), _) if e == a => {}
+                (Some(a), b) if e > a => top = (Some(e), Some(a).max(b)),
+                (Some(_), Some(b)) if e <= b => {}
+                (Some(a), _) => top = (Some(a), Some(e)),
+                (None, _) => top = (Some(e), None),
+            }
+        }
+        top
+    }
+
     pub(crate) fn live_epochs(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
             .snaps

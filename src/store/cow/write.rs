@@ -105,11 +105,11 @@ impl Store {
         if chunks.iter().all(|&c| self.bit(c)) {
             return Ok(Preserve::Done);
         }
-        let live = self.live_epochs();
-        let Some(&e_max) = live.last() else {
+        // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
+        // number of snapshots.
+        let (Some(e_max), e_prev) = self.newest_epochs() else {
             return Ok(Preserve::Done);
         };
-        let e_prev = live.len().checked_sub(2).map(|i| live[i]);
         let epoch = self.epoch;
         let sn = self.name.clone();
         let tx = self.wtx()?;
