@@ -17,32 +17,30 @@ pub(super) fn bad_overlay(store: &str, k: (u32, u64)) -> Error {
 
 type Verified = HashMap<(&'static str, Vec<u8>), (Vec<u8>, Record)>;
 
-thread_local! {
-    /// Record values this thread verified (or wrote), by table and key. A value read again that
-    /// is byte for byte the one verified is the same record: a comparison instead of a hash.
-    /// Any change to its bytes (a flipped bit) makes it unequal, and it is verified afresh.
-    static VERIFIED: std::cell::RefCell<Verified> = std::cell::RefCell::new(HashMap::new());
-}
+/// Record values this process verified (or wrote), by table and key. A value read again that
+/// is byte for byte the one verified is the same record: a comparison instead of a hash. Any
+/// change to its bytes (a flipped bit) makes it unequal, and it is verified afresh. One for the
+/// process, so its memory does not grow with the number of connections.
+static VERIFIED: std::sync::LazyLock<std::sync::Mutex<Verified>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
 
-/// At most this many values are remembered per thread (about 6 KiB each at most).
+/// At most this many values are remembered (about 6 KiB each at most: 12 MiB).
 const VERIFIED_MAX: usize = 2048;
 
 fn remember(table: &'static str, key: Vec<u8>, value: Vec<u8>, rec: Record) {
-    VERIFIED.with(|c| {
-        let mut c = c.borrow_mut();
+    if let Ok(mut c) = VERIFIED.lock() {
         if c.len() >= VERIFIED_MAX {
             c.clear();
         }
         c.insert((table, key), (value, rec));
-    });
+    }
 }
 
 /// Decodes a record value of `table`, verifying its checksum unless these very bytes were
 /// verified before.
 fn decode_verified(table: &'static str, key: Vec<u8>, v: &[u8]) -> Option<Record> {
-    let known = VERIFIED.with(|c| {
-        c.borrow()
-            .get(&(table, key.clone()))
+    let known = VERIFIED.lock().ok().and_then(|c| {
+        c.get(&(table, key.clone()))
             .and_then(|(bytes, rec)| (bytes.as_slice() == v).then(|| rec.clone()))
     });
     if known.is_some() {
