@@ -9,54 +9,64 @@
 # file through fio's io_uring engine with --direct=1. Regions of a volume of V = BENCH_SIZE_MB
 # random bytes, R = BENCH_REGION_MB: A = [0, R) for random I/O, C = [V/2, V/2 + R) sequential.
 #
-#   row                             snapctl                            baseline
-#   first write after a snapshot    randwrite over A once, right       qemu-nbd on a qcow2 with 64 KiB
-#                                   after `snapctl create`             clusters and an internal snapshot
-#                                                                      (`qemu-img snapshot -c`), and
-#                                                                      qemu-nbd on the raw file; both
-#                                                                      --cache=none --aio=io_uring
-#                                                                      (native where io_uring fails)
-#   overwrite, random read          randwrite, randread over A again   fio io_uring --direct=1 on a file
-#                                                                      of the volume's size, same fs
-#   1 MiB seq write, iodepth 8      over C before any snapshot, and    qemu-nbd raw, cache=none, over C
-#                                   over C again after the snapshot
-#   4 connections                   fio numjobs=4, each job its own    the same with one connection
-#                                   connection and quarter of A        over all of A
-#                                   (--offset_increment)
-#   create, 256 GiB origin          `snapctl create`, no server,       the same on a 256 MiB origin
-#                                   process start included; both origins sparse, same store size;
-#                                   4 batches of 5, alternating
-#   first write at BENCH_MANY       two stores served at once, one holding 1 snapshot and one
-#   snapshots                       BENCH_MANY (a loop of `snapctl create`); A written by quarters,
-#                                   alternately in each
-#   list, create, delete at         no server, process start           (list: absolute, 1 s) create
-#   BENCH_LIST snapshots            included; averages                 and delete at 0 snapshots
-#   server RSS                      VmHWM of `snapctl serve` holding BENCH_EXCEPTIONS saved 4 KiB
-#                                   chunks (`head -c | snapctl write` after a create), after a random
-#                                   read pass over all of them through the snapshot's export
+#   row                           snapctl                          baseline
+#   first write after a snapshot  randwrite over A once, right     qemu-nbd on a qcow2 with 64 KiB
+#                                 after `snapctl create`           clusters and an internal snapshot
+#                                                                  (`qemu-img snapshot -c`), and
+#                                                                  qemu-nbd on the raw file; both
+#                                                                  --cache=none --aio=io_uring
+#                                                                  (native where io_uring fails)
+#   overwrite, random read        randwrite, randread over A       fio io_uring --direct=1 on a
+#                                 again                            file of the volume's size
+#   1 MiB seq write, iodepth 8    over C before any snapshot,      qemu-nbd raw, cache=none, over C
+#                                 and once after the snapshot
+#   4 connections                 fio numjobs=4, each job its      the same with one connection
+#                                 own connection and quarter of    over all of A
+#                                 A (--offset_increment)
+#   create, 256 GiB origin        `snapctl create`, no server,     the same on a 256 MiB origin
+#                                 process start included; both origins sparse, same store size
+#   first write at BENCH_MANY     a store holding BENCH_MANY       a store holding 1 snapshot
+#   snapshots                     snapshots (a loop of `snapctl create`), both served at once
+#   list, create, delete at       no server, process start         (list: absolute, 1 s) create
+#   BENCH_LIST snapshots          included                         and delete at 0 snapshots
+#   server RSS                    VmHWM of `snapctl serve` holding BENCH_EXCEPTIONS saved 4 KiB
+#                                 chunks (`head -c | snapctl write` after a create), after a
+#                                 random read pass over all of them (the snapshot's export)
 #
-# Overwrite, read and 4-connection runs are timed (BENCH_RUNTIME seconds over the same region);
-# first-write and sequential runs are one pass over their region (a second pass would not be a
-# first write). Every server (snapctl serve, qemu-nbd) is killed on exit. A missing fio, qemu-img
-# or qemu-nbd is reported and its rows show "-".
+# This machine is shared and its disk drifts by 2x from one minute to the next, so the two sides
+# of every ratio are measured interleaved: all servers run at once and the runs alternate (order
+# reversed or rotated each round); first writes go by quarters of A, alternating; creates,
+# deletes and lists go in alternating batches of 5 (4 batches a side). A rate measured in parts
+# is the total work over the total time; a time per command is the median of its batches'
+# averages (one fsync stall of this disk would otherwise decide it). Repeatable runs (overwrite,
+# read, 4 connections, sequential writes before the snapshot) are timed: BENCH_ROUNDS rounds of
+# BENCH_RUNTIME seconds each. First writes, including the sequential pass over C after the
+# snapshot, cover their region once (a second pass would not be a first write). Every server
+# (snapctl serve, qemu-nbd) is killed on exit. A missing fio, qemu-img or qemu-nbd is reported
+# and its rows show "-".
 #
-#   BENCH_QUICK=1 scripts/bench.sh   # 256 MiB volume, 64 MiB regions, 3 s timed runs,
-#                                    # BENCH_MANY=200, BENCH_LIST=2000, BENCH_EXCEPTIONS=100000
-#                                    # QUICK_TIME
-#   scripts/bench.sh                 # 1 GiB volume, 256 MiB regions, 10 s timed runs,
-#                                    # BENCH_MANY=10000, BENCH_LIST=LIST_DEFAULT,
-#                                    # BENCH_EXCEPTIONS=1000000: FULL_TIME
-#   BENCH_LIST=100000 scripts/bench.sh   # the issue's list count: LIST_FULL_TIME
+#   BENCH_QUICK=1 scripts/bench.sh   # 256 MiB volume, 64 MiB regions, 3 rounds of 2 s,
+#                                    # BENCH_MANY=200, BENCH_LIST=2000, BENCH_EXCEPTIONS=100000:
+#                                    # about 1 min 45 s on this machine (2 cores), plus the build
+#   scripts/bench.sh                 # the issue's counts: 1 GiB volume, 256 MiB regions, 4 rounds
+#                                    # of 5 s, BENCH_MANY=10000, BENCH_LIST=100000,
+#                                    # BENCH_EXCEPTIONS=1000000 (4 GiB origin + 4.6 GiB store):
+#                                    # about 15-20 min here, estimated from quick runs' rates
+#   BENCH_LIST=20000 scripts/bench.sh    # shorter, should creates be slower on your machine
 #
 # Snapshots are created one `snapctl create` process each, through the control socket of the
-# server holding the store (RATE_NOTE); the rates are printed with the raw figures.
-# Other knobs: BENCH_SIZE_MB, BENCH_REGION_MB (4 MiB to a quarter of the volume), BENCH_RUNTIME,
-# BENCH_BIN (measure this snapctl binary instead of building one).
+# server holding the store, and the time per create is logged every fifth of the way. Quick
+# runs here measured 3.5-7 ms per create (varying from run to run with the disk), with no growth
+# from 0 to 2,000 snapshots within a run: 10,000 take about 1 min and 100,000 7-12 min if it
+# stays flat, the larger part of the full run. Without a server every command loads the whole
+# catalog, so create, delete and list cost more there, growing with the count.
+# Other knobs: BENCH_SIZE_MB, BENCH_REGION_MB (4 MiB to a quarter of the volume), BENCH_ROUNDS,
+# BENCH_RUNTIME, BENCH_BIN (measure this snapctl binary instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '%s\n' "$*" >&2; }
 have() { command -v "$1" >/dev/null 2>&1; }
-scripts/setup.sh >/dev/null || log "bench: scripts/setup.sh failed: rows that need a missing tool show -"
+scripts/setup.sh >/dev/null || log "bench: scripts/setup.sh failed: rows needing a missing tool show -"
 if [ -n "${BENCH_BIN:-}" ]; then
   SNAPCTL=$BENCH_BIN
 else
@@ -66,9 +76,9 @@ fi
 have python3 || { log "bench: python3 is needed to read fio's output"; exit 1; }
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
-  d_size=256 d_many=200 d_list=2000 d_exc=100000 d_runtime=3
+  d_size=256 d_many=200 d_list=2000 d_exc=100000 d_runtime=2 d_rounds=3
 else
-  d_size=1024 d_many=10000 d_list=20000 d_exc=1000000 d_runtime=10
+  d_size=1024 d_many=10000 d_list=100000 d_exc=1000000 d_runtime=5 d_rounds=4
 fi
 SIZE_MB=${BENCH_SIZE_MB:-$d_size}
 REGION_MB=${BENCH_REGION_MB:-$((SIZE_MB / 4))}
@@ -76,6 +86,7 @@ MANY=${BENCH_MANY:-$d_many}
 LIST=${BENCH_LIST:-$d_list}
 EXC=${BENCH_EXCEPTIONS:-$d_exc}
 RUNTIME=${BENCH_RUNTIME:-$d_runtime}
+ROUNDS=${BENCH_ROUNDS:-$d_rounds}
 if [ $((REGION_MB * 4)) -gt "$SIZE_MB" ] || [ "$REGION_MB" -lt 4 ]; then
   log "bench: BENCH_REGION_MB must be 4 MiB or more and at most a quarter of BENCH_SIZE_MB"; exit 2
 fi
@@ -106,7 +117,7 @@ done
 
 # ---- helpers
 
-# wait_sock SOCKET PID: until the socket answers; fails when PID exits first or after 10 s
+# wait_sock SOCKET PID: until the socket exists; fails when PID exits first or after 10 s
 wait_sock() {
   for _ in $(seq 200); do
     [ -S "$1" ] && return 0
@@ -147,9 +158,6 @@ RAND=(--bs=4k --iodepth=32)
 SEQ=(--rw=write --bs=1M --iodepth=8)
 TIMED=(--time_based --runtime="$RUNTIME")
 region() { echo "--offset=${1}k" "--size=${R_K}k"; }   # region OFFSET_K -> fio args
-nbd() { echo "--ioengine=nbd" "--uri=nbd+unix:///$1?socket=$2"; }   # nbd EXPORT SOCKET
-# 4 jobs, each its own connection and its own quarter of the region at OFFSET_K
-quarters() { echo "--numjobs=4" "--offset=${1}k" "--size=$((R_K / 4))k" "--offset_increment=$((R_K / 4))k"; }
 
 # start_snapctl STORE SOCKET: serves STORE (log in SOCKET.log), sets srv; returns once both its
 # NBD and control sockets listen (it says "serving" after binding both)
@@ -168,20 +176,21 @@ start_snapctl() {
 hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
-# start_qemu FORMAT FILE CACHE: qemu-nbd on FILE, sets srv and qemu_aio; fails when it cannot
+# start_qemu FORMAT FILE CACHE SOCKET: qemu-nbd on FILE, sets srv and, with cache=none,
+# qemu_aio (io_uring, else native); fails when it cannot start
 qemu_aio=-
 start_qemu() {
-  local fmt=$1 file=$2 cache=$3 aio
+  local fmt=$1 file=$2 cache=$3 sock=$4 aio
   local modes=(io_uring native)
   [ "$cache" = none ] || modes=(threads)
   for aio in "${modes[@]}"; do
-    rm -f "$work/qemu.sock"
-    qemu-nbd --persistent --socket="$work/qemu.sock" -f "$fmt" --cache="$cache" --aio="$aio" \
+    rm -f "$sock"
+    qemu-nbd --persistent --socket="$sock" -f "$fmt" --cache="$cache" --aio="$aio" \
       "$file" 2>>"$work/qemu.log" & srv=$!
     pids+=("$srv")
-    if wait_sock "$work/qemu.sock" "$srv"; then
-      sleep 0.2   # bound is not yet listening
-      [ "$cache" = none ] && qemu_aio=$aio
+    if wait_sock "$sock" "$srv"; then
+      sleep 0.2   # the socket exists once bound, perhaps before it listens
+      if [ "$cache" = none ]; then qemu_aio=$aio; fi
       return 0
     fi
     stop "$srv"
@@ -202,82 +211,118 @@ deletes() { local i; for i in $(seq "$per"); do "$SNAPCTL" -q delete "$1-$i"; do
 lists() { local i; for i in $(seq "$per"); do "$SNAPCTL" list >/dev/null; done; }
 
 # fill FROM TO PREFIX: one `snapctl create` each until the store holds TO; records the rate
+# overall and logs it for each fifth of the way (the cost of a create may grow with the count)
 fill() {
-  local from=$1 to=$2 t0 t1 i
-  t0=$(date +%s%N)
-  for ((i = from; i < to; i++)); do "$SNAPCTL" -q create "$3-$i"; done
-  t1=$(date +%s%N)
-  if [ "$to" -gt "$from" ]; then
-    local rate
-    rate=$(awk -v a="$t0" -v b="$t1" -v n="$((to - from))" 'BEGIN { printf "%.0f", n / ((b - a) / 1e9) }')
-    record "$3.fill_per_s" "$rate"
-    log "  $((to - from)) creates at $rate per second"
-  fi
+  local from=$1 to=$2 step t0 t1 ts i
+  [ "$to" -gt "$from" ] || return 0
+  step=$(( (to - from + 4) / 5 ))
+  t0=$(date +%s%N); ts=$t0
+  for ((i = from; i < to; i++)); do
+    "$SNAPCTL" -q create "$3-$i"
+    if [ $(( (i + 1 - from) % step )) = 0 ] || [ $((i + 1)) = "$to" ]; then
+      t1=$(date +%s%N)
+      log "  $((i + 1)) snapshots: $(awk -v a="$ts" -v b="$t1" -v n="$(( (i - from) % step + 1 ))" 'BEGIN { printf "%.1f", (b - a) / n / 1e6 }') ms per create"
+      ts=$t1
+    fi
+  done
+  record "$3.fill_per_s" "$(awk -v a="$t0" -v b="$t1" -v n="$((to - from))" 'BEGIN { printf "%.1f", n / ((b - a) / 1e9) }')"
 }
+# got KEY: the last figure recorded under KEY
+got() { awk -F '\t' -v k="$1" '$1 == k { x = $2 } END { print x }' "$results"; }
 snap_count() { "$SNAPCTL" --json info | python3 -c 'import json,sys; print(json.load(sys.stdin)["store"]["snapshot_count"])'; }
 
 log "bench: ${SIZE_MB} MiB volume, ${REGION_MB} MiB regions, ${RUNTIME} s timed runs, $MANY snapshots, $LIST listed, $EXC saved chunks"
 head -c "${SIZE_MB}M" /dev/urandom > "$work/base.img"
 
-# ---- 1. snapctl serve: sequential without a snapshot; after a snapshot first writes,
-#         overwrites, reads, 4 connections, sequential
-log "bench: snapctl serve"
+# ---- 1. the data path: snapctl serve, qemu-nbd on the qcow2 (cache=none, and writeback as a
+#         raw figure), qemu-nbd on the raw file and the raw file itself, all at once. Runs
+#         alternate between them (the order reversed or rotated each round), so drift on a shared
+#         machine falls on both sides of every ratio; a figure measured in parts is combined as
+#         total work over total time.
+log "bench: data path: snapctl serve, qemu-nbd (qcow2, raw), raw file; $ROUNDS rounds of ${RUNTIME} s timed runs"
+declare -A ENG=()   # target -> its fio engine arguments (none: the target is missing)
 cp "$work/base.img" "$work/origin.img"
 truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
 "$SNAPCTL" -q init "$work/store.img" --origin "$work/origin.img" --force
 start_snapctl "$work/store.img" "$work/snapctl.sock"
+srv_snap=$srv
 sock="$work/snapctl.sock"
+ENG[snap]="--ioengine=nbd --uri=nbd+unix:///origin?socket=$sock"
 record snap.engine "$(sed -n 's/.*I\/O engine //p' "$sock.log")"
-# shellcheck disable=SC2046
-{
-  fio_run snap.seq_nosnap $(nbd origin "$sock") "${SEQ[@]}" $(region "$C_K")
-  "$SNAPCTL" -q create bench
-  fio_run snap.first $(nbd origin "$sock") --rw=randwrite "${RAND[@]}" $(region "$A_K")
-  fio_run snap.overwrite $(nbd origin "$sock") --rw=randwrite "${RAND[@]}" $(region "$A_K") "${TIMED[@]}"
-  fio_run snap.randread $(nbd origin "$sock") --rw=randread "${RAND[@]}" $(region "$A_K") "${TIMED[@]}"
-  fio_run snap.read4 $(nbd origin "$sock") --rw=randread "${RAND[@]}" $(quarters "$A_K") "${TIMED[@]}"
-  fio_run snap.overwrite4 $(nbd origin "$sock") --rw=randwrite "${RAND[@]}" $(quarters "$A_K") "${TIMED[@]}"
-  fio_run snap.seq_snap $(nbd origin "$sock") "${SEQ[@]}" $(region "$C_K")
-}
-record snap.hwm_mib "$(hwm_mib "$srv")"
-stop "$srv"
-"$SNAPCTL" -q check || log "bench: snapctl check failed on the benchmarked store (exit $?)"
-rm -f "$work/origin.img" "$work/store.img"
-
-# ---- 2. baselines: qemu-nbd on a qcow2 with an internal snapshot, qemu-nbd raw, the raw file
-# shellcheck disable=SC2046
 if have qemu-img && have qemu-nbd; then
-  log "bench: qemu-nbd, qcow2 with 64 KiB clusters and an internal snapshot"
-  for cache in none writeback; do
-    key=qcow; [ "$cache" = none ] || key=qcow_wb
-    qemu-img convert -O qcow2 -o cluster_size=64k "$work/base.img" "$work/vol.qcow2"
-    qemu-img snapshot -c bench "$work/vol.qcow2"
-    if start_qemu qcow2 "$work/vol.qcow2" "$cache"; then
-      fio_run "$key.first" $(nbd "" "$work/qemu.sock") --rw=randwrite "${RAND[@]}" $(region "$A_K")
-      stop "$srv"
+  for t in qcow:none qcow_wb:writeback; do
+    qemu-img convert -O qcow2 -o cluster_size=64k "$work/base.img" "$work/${t%%:*}.qcow2"
+    qemu-img snapshot -c bench "$work/${t%%:*}.qcow2"
+    if start_qemu qcow2 "$work/${t%%:*}.qcow2" "${t#*:}" "$work/${t%%:*}.sock"; then
+      ENG[${t%%:*}]="--ioengine=nbd --uri=nbd+unix:///?socket=$work/${t%%:*}.sock"
     fi
-    rm -f "$work/vol.qcow2"
   done
-  log "bench: qemu-nbd, raw file"
-  cp "$work/base.img" "$work/raw.img"
-  if start_qemu raw "$work/raw.img" none; then
-    fio_run qraw.first $(nbd "" "$work/qemu.sock") --rw=randwrite "${RAND[@]}" $(region "$A_K")
-    fio_run qraw.seq $(nbd "" "$work/qemu.sock") "${SEQ[@]}" $(region "$C_K")
-    stop "$srv"
+  cp "$work/base.img" "$work/qraw.img"
+  if start_qemu raw "$work/qraw.img" none "$work/qraw.sock"; then
+    ENG[qraw]="--ioengine=nbd --uri=nbd+unix:///?socket=$work/qraw.sock"
   fi
-  rm -f "$work/raw.img"
 fi
-record qemu.aio "$qemu_aio"
-log "bench: raw file, fio io_uring O_DIRECT"
 cp "$work/base.img" "$work/raw.img"
-# shellcheck disable=SC2046
-{
-  fio_run raw.overwrite --ioengine=io_uring --direct=1 --filename="$work/raw.img" --rw=randwrite "${RAND[@]}" $(region "$A_K") "${TIMED[@]}"
-  fio_run raw.randread --ioengine=io_uring --direct=1 --filename="$work/raw.img" --rw=randread "${RAND[@]}" $(region "$A_K") "${TIMED[@]}"
-}
-rm -f "$work/raw.img"
+ENG[raw]="--ioengine=io_uring --direct=1 --filename=$work/raw.img"
+record qemu.aio "$qemu_aio"
 
-# ---- 3. create latency: 256 GiB sparse origin against 256 MiB (same store size), no server;
+# on TARGET KEY FIO-ARGS...: a run against TARGET recorded as TARGET.KEY; nothing if it is missing
+on() {
+  local t=$1 key=$2; shift 2
+  local -a eng
+  if [ -z "${ENG[$t]:-}" ]; then return 0; fi
+  read -ra eng <<< "${ENG[$t]}"
+  fio_run "$t.$key" "${eng[@]}" "$@"
+}
+# in_order ROUND ITEMS...: the items, reversed in even rounds
+in_order() {
+  local r=$1; shift
+  if [ $((r % 2)) = 1 ]; then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
+}
+
+# 1 MiB sequential writes before any snapshot: snapctl against qemu-nbd raw
+for r in $(seq "$ROUNDS"); do
+  for t in $(in_order "$r" snap qraw); do
+    key=seq_nosnap; [ "$t" = snap ] || key=seq
+    # shellcheck disable=SC2046
+    on "$t" "$key" "${SEQ[@]}" $(region "$C_K") "${TIMED[@]}"
+  done
+done
+# the snapshot, then first writes over A by quarters, the order rotated quarter by quarter
+"$SNAPCTL" -q create bench
+targets=(snap qcow qraw qcow_wb)
+q_k=$((R_K / 4))
+for i in 0 1 2 3; do
+  for j in 0 1 2 3; do
+    on "${targets[$(((i + j) % 4))]}" first --rw=randwrite "${RAND[@]}" --offset="$((A_K + i * q_k))k" --size="${q_k}k"
+  done
+done
+# overwrites and reads of A: snapctl against the raw file, and 4 connections against one
+for r in $(seq "$ROUNDS"); do
+  for run in $(in_order "$r" snap:overwrite raw:overwrite snap:randread raw:randread snap:read4 snap:overwrite4); do
+    case ${run#*:} in
+      overwrite) args=(--rw=randwrite) ;;
+      randread) args=(--rw=randread) ;;
+      read4) args=(--rw=randread --numjobs=4) ;;
+      overwrite4) args=(--rw=randwrite --numjobs=4) ;;
+    esac
+    # each of 4 jobs its own connection and its own quarter of A
+    case ${run#*:} in
+      *4) args+=(--offset="${A_K}k" --size="${q_k}k" --offset_increment="${q_k}k") ;;
+      *) args+=(--offset="${A_K}k" --size="${R_K}k") ;;
+    esac
+    on "${run%%:*}" "${run#*:}" "${args[@]}" "${RAND[@]}" "${TIMED[@]}"
+  done
+done
+# 1 MiB sequential writes over C after the snapshot: one pass (each write a first write)
+# shellcheck disable=SC2046
+on snap seq_snap "${SEQ[@]}" $(region "$C_K")
+record snap.hwm_mib "$(hwm_mib "$srv_snap")"
+for p in "${pids[@]}"; do stop "$p"; done
+"$SNAPCTL" -q check || log "bench: snapctl check failed on the benchmarked store (exit $?)"
+rm -f "$work"/origin.img "$work"/store.img "$work"/*.qcow2 "$work"/qraw.img "$work"/raw.img
+
+# ---- 2. create latency: 256 GiB sparse origin against 256 MiB (same store size), no server;
 #         4 batches of 5 creates, alternating, so drift falls on both alike
 log "bench: create on a 256 GiB and a 256 MiB origin"
 declare -A ORIGIN_SIZE=([small]=256M [big]=256G)
@@ -295,22 +340,18 @@ for b in 1 2 3 4; do
     record "create.${name}_ms" "$(per=5 ms_per creates "c$b")"
   done
 done
-log "  $(grep -c '^create\.' "$results") batches of 5 creates"
+log "  per create: $(got create.small_ms) ms (256 MiB), $(got create.big_ms) ms (256 GiB), last batch"
 rm -f "$work"/small.* "$work"/big.*
 
-# ---- 4. first write at 1 and at MANY snapshots: two stores served at once, the same region's
-#         quarters written alternately in each; then, on the MANY store: list, create and delete
-#         at 0 snapshots (before the fill) and at LIST snapshots, no server
+# ---- 3. first write at 1 and at MANY snapshots: two stores served at once, A written by
+#         quarters alternately in each. Then list, create and delete with no server on that
+#         store at LIST snapshots, in batches alternating with a store of 0 snapshots.
 log "bench: first write at 1 and $MANY snapshots; list, create, delete at 0 and $LIST snapshots"
 for s in one many; do
   cp "$work/base.img" "$work/origin-$s.img"
   truncate -s "$((SIZE_MB * 2))M" "$work/store-$s.img"
   "$SNAPCTL" -q init "$work/store-$s.img" --origin "$work/origin-$s.img" --force
 done
-export SNAPCTL_STORE="$work/store-many.img"
-record list.create0_ms "$(ms_per creates c0)"
-record list.delete0_ms "$(ms_per deletes c0)"
-record list.list0_s "$(per=5 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
 start_snapctl "$work/store-many.img" "$work/many.sock"
 srv_many=$srv
 fill 0 "$MANY" many
@@ -320,13 +361,11 @@ export SNAPCTL_STORE="$work/store-one.img"
 "$SNAPCTL" -q create one
 start_snapctl "$work/store-one.img" "$work/one.sock"
 srv_one=$srv
-q_k=$((R_K / 4))
 for i in 0 1 2 3; do
-  order="one many"; [ $((i % 2)) = 0 ] || order="many one"
-  for s in $order; do
+  for s in $(in_order $((i + 1)) one many); do
     key=many.first1; [ "$s" = one ] || key=many.firstn
-    # shellcheck disable=SC2046
-    fio_run "$key" $(nbd origin "$work/$s.sock") --rw=randwrite "${RAND[@]}" --offset="$((A_K + i * q_k))k" --size="${q_k}k"
+    fio_run "$key" --ioengine=nbd --uri="nbd+unix:///origin?socket=$work/$s.sock" --rw=randwrite \
+      "${RAND[@]}" --offset="$((A_K + i * q_k))k" --size="${q_k}k"
   done
 done
 stop "$srv_one"
@@ -336,13 +375,26 @@ fill "$MANY" "$LIST" list
 record list.listn_served_s "$(per=3 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
 stop "$srv_many"
 record list.count "$(snap_count)"
-record list.listn_s "$(per=3 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
-record list.createn_ms "$(ms_per creates cn)"
-record list.deleten_ms "$(ms_per deletes cn)"
-log "  at $LIST snapshots: list $(grep '^list.listn_s' "$results" | cut -f2) s; create $(grep '^list.createn_ms' "$results" | cut -f2) ms, delete $(grep '^list.deleten_ms' "$results" | cut -f2) ms"
-rm -f "$work/origin-many.img" "$work/store-many.img"
+# the store of 0 snapshots: the same sizes, a sparse origin
+truncate -s "${SIZE_MB}M" "$work/origin-zero.img"
+truncate -s "$((SIZE_MB * 2))M" "$work/store-zero.img"
+"$SNAPCTL" -q init "$work/store-zero.img" --origin "$work/origin-zero.img" --force
+declare -A LSTORE=([0]="$work/store-zero.img" [n]="$work/store-many.img")
+for b in 1 2 3 4; do
+  for t in $(in_order "$b" 0 n); do
+    export SNAPCTL_STORE=${LSTORE[$t]}
+    record "list.list${t}_s" "$(per=1 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
+    record "list.create${t}_ms" "$(per=5 ms_per creates "b$b")"
+  done
+  for t in $(in_order "$b" n 0); do
+    export SNAPCTL_STORE=${LSTORE[$t]}
+    record "list.delete${t}_ms" "$(per=5 ms_per deletes "b$b")"
+  done
+done
+log "  no server: at 0 snapshots create $(got list.create0_ms) ms, delete $(got list.delete0_ms) ms; at $LIST list $(got list.listn_s) s, create $(got list.createn_ms) ms, delete $(got list.deleten_ms) ms (last batch)"
+rm -f "$work"/origin-many.img "$work"/store-many.img "$work"/origin-zero.img "$work"/store-zero.img
 
-# ---- 5. server memory with EXC saved chunks, after a random read pass over them
+# ---- 4. server memory with EXC saved chunks, after a random read pass over them
 log "bench: server memory with $EXC saved 4 KiB chunks"
 bytes=$((EXC * 4096))
 truncate -s "$bytes" "$work/origin.img"
@@ -357,8 +409,7 @@ record rss.write_s "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) 
 record rss.saved_chunks "$("$SNAPCTL" --json info | python3 -c 'import json,sys; s = json.load(sys.stdin)["store"]; print(s["used_bytes"] // s["chunk_size"])')"
 start_snapctl "$work/store.img" "$work/snapctl.sock"
 record rss.idle_mib "$(hwm_mib "$srv")"
-# shellcheck disable=SC2046
-fio_run rss.read $(nbd saved "$sock") --rw=randread "${RAND[@]}" --offset=0 --size="$((bytes / 1024))k"
+fio_run rss.read --ioengine=nbd --uri="nbd+unix:///saved?socket=$sock" --rw=randread "${RAND[@]}" --offset=0 --size="$((bytes / 1024))k"
 record rss.hwm_mib "$(hwm_mib "$srv")"
 record rss.rss_mib "$(rss_mib "$srv")"
 stop "$srv"
@@ -367,7 +418,7 @@ record total_s "$(($(date +%s) - t_start))"
 
 # ---- the table
 python3 - "$results" "$MANY" "$LIST" "$EXC" "$SIZE_MB" "$REGION_MB" "$RUNTIME" <<'EOF'
-import sys
+import statistics, sys
 rows = [l.rstrip("\n").split("\t", 1) for l in open(sys.argv[1]) if "\t" in l]
 many, nlist, exc, size, region, runtime = sys.argv[2:8]
 seen = {}
@@ -376,8 +427,9 @@ for k, x in rows:
         seen.setdefault(k, []).append(float(x))
     except ValueError:
         seen[k] = x
-# A figure measured in parts: times are averaged; rates over equal work are combined as the
-# total work over the total time (the harmonic mean).
+# A figure measured in parts: rates over equal work are combined as the total work over the
+# total time (the harmonic mean); times per command (batches of 5) as the median batch, since
+# one fsync stall of this shared disk would otherwise decide the figure.
 v = {}
 for k, xs in seen.items():
     if isinstance(xs, str) or len(xs) == 1:
@@ -385,7 +437,7 @@ for k, xs in seen.items():
     elif k.endswith("_iops") or k.endswith("_mbps"):
         v[k] = len(xs) / sum(1 / x for x in xs) if all(x > 0 for x in xs) else 0.0
     else:
-        v[k] = sum(xs) / len(xs)
+        v[k] = statistics.median(xs)
 
 def fmt(k):
     x = v.get(k)
@@ -432,7 +484,7 @@ for label, a, b, what, op, target in table:
     print(f"{label:<{w[0]}}{fmt(a):<{w[1]}}{base:<{w[2]}}{ratio:<{w[3]}}{tgt:<{w[4]}} {verdict if op else ''}".rstrip())
 print(f"(4 KiB random at queue depth 32; {size} MiB volume, {region} MiB regions; timed runs {runtime} s;"
       f" qemu-nbd --cache=none --aio={aio}; snapctl serve I/O engine {v.get('snap.engine', '?')};"
-      " create/delete/list: average per command, no server, process start included)")
+      " create/delete/list: per command, median of 4 batches of 5, no server, process start included)")
 
 raw = [
     ("snapctl serve", [
@@ -455,7 +507,7 @@ raw = [
         ("raw.overwrite_iops", "random write, region A"),
         ("raw.randread_iops", "random read, region A"),
     ]),
-    ("create latency (no server, 4 alternating batches of 5)", [
+    ("create latency (no server; the median of 4 alternating batches of 5)", [
         ("create.small_ms", "256 MiB sparse origin"),
         ("create.big_ms", "256 GiB sparse origin"),
     ]),
@@ -481,11 +533,15 @@ raw = [
         ("rss.rss_mib", "VmRSS after the read pass"),
     ]),
 ]
-print("\nraw figures")
+print("\nraw figures (in brackets: each part, in the order measured)")
 for group, items in raw:
     print(f"  {group}")
     for k, label in items:
-        print(f"    {label:<70}{fmt(k):>14}")
+        parts = seen.get(k)
+        each = ""
+        if isinstance(parts, list) and len(parts) > 1:
+            each = "  (" + ", ".join(f"{x:.0f}" if x >= 100 else f"{x:.3g}" for x in parts) + ")"
+        print(f"    {label:<70}{fmt(k):>14}{each}")
 if isinstance(v.get("total_s"), float):
     print(f"  whole run: {int(v['total_s']) // 60} min {int(v['total_s']) % 60} s")
 EOF

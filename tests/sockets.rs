@@ -504,7 +504,7 @@ fn listen_needs_allow_insecure_tcp() {
 /// at once (true) or kept it open (false: the greeting came, or nothing came for a moment). A
 /// slow answer is not a close: only an end of stream or a reset is.
 fn closed_at_once(p: &Path, greeting: usize) -> (UnixStream, bool) {
-    closed_within(p, greeting, if greeting > 0 { 5000 } else { 300 })
+    closed_within(p, greeting, if greeting > 0 { 20_000 } else { 300 })
 }
 
 /// [`closed_at_once`] waiting up to `wait` ms: long enough for a loaded machine to close a
@@ -524,7 +524,11 @@ fn closed_within(p: &Path, greeting: usize, wait: u64) -> (UnixStream, bool) {
         match c.read_exact(&mut b) {
             Ok(()) => false,
             Err(e) => {
-                assert!(gone(&e), "no greeting and no close within {wait} ms: {e}");
+                assert!(
+                    gone(&e),
+                    "{}: no greeting and no close within {wait} ms: {e}",
+                    p.display()
+                );
                 true
             }
         }
@@ -561,7 +565,7 @@ fn connections_beyond_the_caps_are_closed() {
         assert!(open, "control connection {i} was closed");
         c.set_nonblocking(false).unwrap();
     }
-    let (_, closed) = closed_within(&ctl, 0, 5000);
+    let (_, closed) = closed_within(&ctl, 0, 20_000);
     assert!(closed, "the 33rd control connection was served");
     assert!(
         s.wait_log(n, "already 32 control connections"),

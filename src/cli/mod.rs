@@ -289,8 +289,7 @@ pub fn run(cli: Cli) -> Result<Output> {
                 post_hook,
             };
             let mut c = client(g)?;
-            let snap = consistent::create(c.as_mut(), spec, &around, g.quiet)?;
-            let cs = chunk_size(c.as_mut())?;
+            let (snap, cs) = consistent::create(c.as_mut(), spec, &around, g.quiet)?;
             Ok(render::created(st, &snap, cs))
         }
         Cmd::Info => match call(g, Request::Info, None, "")?.response {
@@ -453,13 +452,6 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
         )));
     }
     Ok(mine)
-}
-
-fn chunk_size(c: &mut dyn Client) -> Result<u64> {
-    match c.ask(Request::Info)?.response {
-        Response::Info(i) => Ok(i.chunk_size),
-        r => Err(unexpected(r)),
-    }
 }
 
 /// `export NAME [-o FILE]`: a file is written whole or not at all (into a temporary file beside

@@ -145,13 +145,14 @@ impl Around {
 
 /// pre-hook, freeze, create, thaw, post-hook: the thaw and the post-hook happen whatever the
 /// outcome once the pre-hook succeeded. `quiet` keeps a failed post-hook's line off stderr when
-/// the create failed too (the create's error is the one returned).
+/// the create failed too (the create's error is the one returned). Returns the new snapshot
+/// and the store's chunk size.
 pub fn create(
     client: &mut dyn Client,
     spec: CreateSpec,
     around: &Around,
     quiet: bool,
-) -> Result<Snapshot> {
+) -> Result<(Snapshot, u64)> {
     if let Some(cmd) = &around.pre_hook {
         run_hook("pre-hook", cmd)?;
     }
@@ -165,7 +166,10 @@ pub fn create(
         let r = client
             .ask(Request::Create(spec))
             .and_then(|reply| match reply.response {
-                Response::Snapshot { snapshot, .. } => Ok(snapshot),
+                Response::Snapshot {
+                    snapshot,
+                    chunk_size,
+                } => Ok((snapshot, chunk_size)),
                 other => Err(Error::Corrupt(format!(
                     "create was answered with {other:?}"
                 ))),
@@ -178,7 +182,7 @@ pub fn create(
                     format!(
                         "the freeze timed out ({timeout} s) before the snapshot was taken{}",
                         r.as_ref()
-                            .map(|s| format!("; snapshot '{}' may not be consistent", s.name))
+                            .map(|(s, _)| format!("; snapshot '{}' may not be consistent", s.name))
                             .unwrap_or_default()
                     ),
                     std::io::Error::from(std::io::ErrorKind::TimedOut),
@@ -190,7 +194,7 @@ pub fn create(
     if let Some(cmd) = &around.post_hook {
         if let Err(e) = run_hook("post-hook", cmd) {
             return match result {
-                Ok(s) => Err(Error::Invalid(format!(
+                Ok((s, _)) => Err(Error::Invalid(format!(
                     "{e}; snapshot '{}' was taken",
                     s.name
                 ))),
