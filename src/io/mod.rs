@@ -231,18 +231,7 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
     } else {
         None
     };
-    let (size, block_size) = if is_block {
-        let mut size = 0u64;
-        let mut ssz: libc::c_int = 0;
-        // SAFETY: the ioctls write one u64 / one c_int into the given pointers.
-        unsafe {
-            blkgetsize64(file.as_raw_fd(), &mut size).map_err(io::Error::from)?;
-            blksszget(file.as_raw_fd(), &mut ssz).map_err(io::Error::from)?;
-        }
-        (size, ssz.max(512) as usize)
-    } else {
-        (meta.len(), 512)
-    };
+    let (size, block_size) = size_and_block(&file, &meta, is_block)?;
     Ok(Device {
         file,
         tail,
@@ -268,6 +257,26 @@ pub fn open_exclusive(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Size in bytes and logical block size: a block device's from its ioctls, a file's from its
+/// metadata (512-byte blocks).
+fn size_and_block(
+    file: &File,
+    meta: &std::fs::Metadata,
+    is_block: bool,
+) -> io::Result<(u64, usize)> {
+    if !is_block {
+        return Ok((meta.len(), 512));
+    }
+    let mut size = 0u64;
+    let mut ssz: libc::c_int = 0;
+    // SAFETY: the ioctls write one u64 / one c_int into the given pointers.
+    unsafe {
+        blkgetsize64(file.as_raw_fd(), &mut size).map_err(io::Error::from)?;
+        blksszget(file.as_raw_fd(), &mut ssz).map_err(io::Error::from)?;
+    }
+    Ok((size, ssz.max(512) as usize))
+}
+
 /// A device or file someone else opened (a descriptor passed over the control socket), used
 /// as it is: buffered, without O_DIRECT.
 pub fn device_of(file: File) -> io::Result<Device> {
@@ -279,18 +288,7 @@ pub fn device_of(file: File) -> io::Result<Device> {
             "not a block device or a regular file",
         ));
     }
-    let (size, block_size) = if is_block {
-        let mut size = 0u64;
-        let mut ssz: libc::c_int = 0;
-        // SAFETY: the ioctls write one u64 / one c_int into the given pointers.
-        unsafe {
-            blkgetsize64(file.as_raw_fd(), &mut size).map_err(io::Error::from)?;
-            blksszget(file.as_raw_fd(), &mut ssz).map_err(io::Error::from)?;
-        }
-        (size, ssz.max(512) as usize)
-    } else {
-        (meta.len(), 512)
-    };
+    let (size, block_size) = size_and_block(&file, &meta, is_block)?;
     Ok(Device {
         file,
         tail: None,
