@@ -12,8 +12,13 @@ use crate::util::*;
 /// every snapshot and the origin are compared with the model after every step; `check` must
 /// find the store clean, and a delete must free exactly the snapshot's `exclusive_bytes`.
 fn model_run(seed: u64, chunk: u64, steps: usize) {
-    let size = 64 * chunk + 1536; // a partial last chunk on purpose
-    let (mut s, _o, _d) = mem_store(size, 16 << 20, chunk, OnFull::FailWrites, seed);
+    // A partial last chunk on purpose.
+    model_run_sized(seed, chunk, 64 * chunk + 1536, 16 << 20, steps)
+}
+
+/// [`model_run`] on an origin of `size` bytes (any size) and a store of `store_size` bytes.
+fn model_run_sized(seed: u64, chunk: u64, size: u64, store_size: u64, steps: usize) {
+    let (mut s, _o, _d) = mem_store(size, store_size, chunk, OnFull::FailWrites, seed);
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let mut model = read_all(&s, "origin");
     let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -198,6 +203,27 @@ fn model_run(seed: u64, chunk: u64, steps: usize) {
 fn every_snapshot_stays_exact_under_random_writes_creates_and_deletes() {
     for seed in 0..12 {
         model_run(seed, 4096, 120);
+    }
+}
+
+/// Issue 18, as a property: origins of random sizes (any byte count, as files have, or a whole
+/// number of 512-byte sectors, as devices have; smaller than one chunk, or with a partial last
+/// chunk, or a whole number of chunks) under 4 KiB, 64 KiB and 1 MiB chunks, every view exact
+/// against the model after every step.
+#[test]
+fn origins_of_any_size_are_exact_under_every_chunk_size() {
+    let mut rng = SmallRng::seed_from_u64(18);
+    for seed in 0..18u64 {
+        let chunk = [4096u64, 65536, 1 << 20][seed as usize % 3];
+        let chunks = rng.gen_range(0..6u64);
+        let size = match seed / 3 % 3 {
+            0 => chunks * chunk + rng.gen_range(1..chunk),
+            1 => chunks * chunk + 512 * rng.gen_range(1..chunk / 512),
+            _ => (chunks + 1) * chunk,
+        };
+        let store = (64 << 20) + 24 * (chunks + 1) * chunk;
+        eprintln!("seed {seed}: origin of {size} bytes, {chunk}-byte chunks");
+        model_run_sized(seed + 1800, chunk, size, store, 60);
     }
 }
 

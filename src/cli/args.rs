@@ -36,10 +36,10 @@ JSON OUTPUT (--json), schema_version 1:
   restore -> {\"schema_version\":1,\"restored\":NAME,\"backup\":NAME or null,
             \"written_bytes\":N} (with --to, also \"to\":DEVICE)
   export -> {\"schema_version\":1,\"exported\":NAME,\"bytes\":N,\"output\":PATH or null}
-  write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N}
+  write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N,\"snapshot\":NAME or null}
   check  -> {\"schema_version\":1,\"check\":{clean, data_checked, chunks_verified,
             damaged:[{snapshots:[NAME...], offset, length, store_chunk}...], snapshots,
-            records, used_chunks, free_chunks, corruption:[...], leaks:[...]}}
+            records, used_chunks, free_chunks, high_water_chunks, corruption:[...], leaks:[...]}}
   Errors -> {\"schema_version\":1,\"error\":{\"kind\":KIND,\"message\":TEXT}} on stderr, with
   KIND one of invalid-argument, not-found, already-exists, not-a-store, busy, corrupt,
   origin-mismatch, no-space, snapshot-invalid, io, internal.

@@ -357,7 +357,11 @@ pub fn run(cli: Cli) -> Result<Output> {
             let reply = call(g, Request::Write { offset, snapshot }, Some(src), "")?;
             render::events(st, &reply.events);
             match reply.response {
-                Response::Written { offset, bytes, .. } => Ok(render::written(st, offset, bytes)),
+                Response::Written {
+                    offset,
+                    bytes,
+                    snapshot,
+                } => Ok(render::written(st, offset, bytes, snapshot.as_deref())),
                 r => Err(unexpected(r)),
             }
         }

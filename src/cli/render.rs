@@ -368,10 +368,16 @@ pub fn exported(st: Style, name: &str, bytes: u64, output: Option<&str>) -> Outp
     )
 }
 
-pub fn written(st: Style, offset: u64, bytes: u64) -> Output {
-    st.pick(json!({"written_bytes": bytes, "offset": offset}), || {
+/// `write`: into the origin, or into the writable snapshot `snapshot`.
+pub fn written(st: Style, offset: u64, bytes: u64, snapshot: Option<&str>) -> Output {
+    let v = json!({"written_bytes": bytes, "offset": offset, "snapshot": snapshot});
+    st.pick(v, || {
+        let into = match snapshot {
+            Some(s) => format!("snapshot '{s}'"),
+            None => "the origin".to_string(),
+        };
         format!(
-            "wrote {} ({bytes} bytes) to the origin at offset {offset}\n",
+            "wrote {} ({bytes} bytes) to {into} at offset {offset}\n",
             human_bytes(bytes)
         )
     })

@@ -179,6 +179,9 @@ impl Store {
                 claim(p, "the free list", &mut rep);
             }
         }
+        // Free space is the free list plus the chunks never handed out yet.
+        rep.free_chunks += data_chunks.saturating_sub(hw);
+        rep.high_water_chunks = hw;
         // Overlays: each chunk owned once, each overlay owned by one snapshot with the right count.
         let ovl = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
         let mut owners: HashMap<u32, (&str, u64)> = HashMap::new();

@@ -81,7 +81,11 @@ pub struct CheckReport {
     pub snapshots: u64,
     pub records: u64,
     pub used_chunks: u64,
+    /// Chunks free for copies: the free list plus those never handed out.
     pub free_chunks: u64,
+    /// Chunks handed out at least once (the allocator's high-water mark); those past it were
+    /// never written.
+    pub high_water_chunks: u64,
     /// Damage: a chunk owned twice, a record pointing outside the store, counters that disagree.
     pub corruption: Vec<String>,
     /// Space no view can reach: reclaimable, not dangerous.
