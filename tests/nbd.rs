@@ -956,3 +956,157 @@ fn a_copy_of_a_served_store_is_never_mistaken_for_it() {
     // The served store itself still works through the server.
     s.ok(&["create", "y"]);
 }
+
+/// BLOCK_STATUS (base:allocation, structured replies): holes of a sparse origin are reported
+/// as zeros for every view that reads them from the origin, and never where a view holds its
+/// own bytes (a chunk saved before an origin write, a writable snapshot's write); nbdcopy and
+/// qemu-img skip them and copy exactly the bytes `export` gives.
+#[test]
+fn block_status_reports_holes_and_copies_skip_them() {
+    if !have("nbdinfo") || !have("nbdcopy") || !have("qemu-img") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Served { dir, child: None };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(s.p("origin.img")).unwrap();
+        f.set_len(32 * MIB).unwrap();
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut data = vec![0u8; 2 << 20];
+        rng.fill(&mut data[..]);
+        f.write_all_at(&data, 4 * MIB).unwrap();
+        f.write_all_at(&data[..8192], 20 * MIB + 4096).unwrap();
+    }
+    std::fs::File::create(s.p("store.img"))
+        .unwrap()
+        .set_len(96 * MIB)
+        .unwrap();
+    s.ok(&["init", "store.img", "--origin", "origin.img"]);
+    s.ok(&["create", "s1"]);
+    std::fs::write(s.p("w.bin"), vec![0x5a; 8192]).unwrap();
+    // Into a hole of the origin: s1 saves those two zero chunks, the origin now holds data.
+    s.ok(&["write", "--offset", &(12 * MIB).to_string(), "-i", "w.bin"]);
+    s.ok(&["create", "w", "--writable"]);
+    s.ok(&[
+        "write",
+        "--snapshot",
+        "w",
+        "--offset",
+        &(24 * MIB).to_string(),
+        "-i",
+        "w.bin",
+    ]);
+    s.spawn();
+    let size = 32 * MIB;
+    // (offset, length, reads as zeros) for each view, from nbdinfo.
+    let map = |view: &str| -> Vec<(u64, u64, bool)> {
+        let o = Command::new("nbdinfo")
+            .args(["--map", "--json", &s.uri(view)])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nbdinfo --map {view}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["offset"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["type"].as_u64().unwrap() & 2 != 0,
+                )
+            })
+            .collect()
+    };
+    let zero_at = |m: &[(u64, u64, bool)], off: u64| {
+        m.iter()
+            .find(|e| e.0 <= off && off < e.0 + e.1)
+            .map(|e| e.2)
+            .unwrap_or_else(|| panic!("no extent covers {off}: {m:?}"))
+    };
+    for view in ["origin", "s1", "w"] {
+        let m = map(view);
+        // Consecutive, covering the whole export.
+        let mut at = 0;
+        for &(off, len, _) in &m {
+            assert_eq!(off, at, "{view}: extents not consecutive: {m:?}");
+            at += len;
+        }
+        assert_eq!(at, size, "{view}: extents end at {at}: {m:?}");
+        // Every range reported as zeros reads as zeros.
+        let img = s.export(view);
+        for &(off, len, z) in &m {
+            if z {
+                let r = &img[off as usize..(off + len) as usize];
+                assert!(
+                    r.iter().all(|&b| b == 0),
+                    "{view}: {off}+{len} reported as zeros holds data"
+                );
+            }
+        }
+        // The origin's data is data in every view, and its holes far from any write are zeros.
+        assert!(!zero_at(&m, 4 * MIB + 100), "{view}: {m:?}");
+        assert!(!zero_at(&m, 20 * MIB + 4096), "{view}: {m:?}");
+        assert!(zero_at(&m, 0), "{view}: {m:?}");
+        assert!(zero_at(&m, 30 * MIB), "{view}: {m:?}");
+        // nbdcopy skips the zeros: the copy is sparse, and byte for byte the export.
+        let out = s.p(&format!("{view}.copy"));
+        let o = Command::new("nbdcopy")
+            .arg(s.uri(view))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(std::fs::read(&out).unwrap() == img, "nbdcopy of {view}");
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&out).unwrap().blocks() * 512;
+        assert!(
+            blocks < 8 * MIB,
+            "nbdcopy of {view} wrote {blocks} bytes of a 32 MiB export with 2 MiB of data"
+        );
+    }
+    // Where each view holds its own bytes, never zeros: s1 saved the two chunks at 12 MiB (as
+    // zeros) and the origin holds the write; the writable snapshot holds its write at 24 MiB,
+    // which the origin does not.
+    let (o, s1, w) = (map("origin"), map("s1"), map("w"));
+    assert!(
+        !zero_at(&o, 12 * MIB) && !zero_at(&s1, 12 * MIB),
+        "{o:?} {s1:?}"
+    );
+    assert!(
+        !zero_at(&w, 24 * MIB) && zero_at(&o, 24 * MIB),
+        "{w:?} {o:?}"
+    );
+    // qemu-img sees the same through its own client.
+    let o = Command::new("qemu-img")
+        .args(["map", "-f", "raw", "--output=json", &s.uri("s1")])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["zero"], true, "qemu-img map of s1: {v}");
+    assert_eq!(v[0]["start"], 0);
+    // A plain read on a structured connection still returns the bytes.
+    let o = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 25165824 8192",
+            &s.uri("w"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("read 8192/8192"),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

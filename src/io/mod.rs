@@ -53,6 +53,13 @@ pub trait BlockIo: Send + Sync {
         }
         Ok(())
     }
+    /// The ranges inside `off..off+len` known to read as zeros without being stored (holes of a
+    /// sparse file), in order, clipped to the range. Empty when nothing is known: a block
+    /// device, or an engine that cannot tell. Never claims a range that holds data.
+    fn holes(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        let _ = (off, len);
+        Ok(Vec::new())
+    }
     /// Many independent writes (non-overlapping), possibly in flight together.
     fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
         for (off, buf) in reqs {
@@ -161,6 +168,45 @@ fn bounced_write<R: RawIo + ?Sized>(r: &R, align: usize, buf: &[u8], off: u64) -
     }
     tmp.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
     r.raw_write(tmp.as_slice(), start)
+}
+
+/// The holes of a regular file inside `off..end` (SEEK_DATA/SEEK_HOLE), clipped to the range.
+/// A block device has none that the kernel reports: empty.
+fn file_holes(file: &File, off: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    if !file.metadata()?.is_file() {
+        return Ok(out);
+    }
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it changes only the file position, which no
+        // engine uses (every transfer is positioned).
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None), // no data (or no hole) at or after pos
+            _ => Err(e),
+        }
+    };
+    let mut pos = off;
+    while pos < end {
+        // The next hole at or after pos (the end of the file is one), then the data after it.
+        let Some(hole) = seek(pos, libc::SEEK_HOLE)? else {
+            break;
+        };
+        if hole >= end {
+            break;
+        }
+        let data = seek(hole, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+        if data > hole {
+            out.push((hole, data - hole));
+        }
+        pos = data.max(hole + 1);
+    }
+    Ok(out)
 }
 
 /// How a device or file was opened.

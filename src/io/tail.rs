@@ -76,6 +76,9 @@ macro_rules! file_engine_common {
             }
             bounced_write(self, self.align, buf, off)
         }
+        fn holes(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+            file_holes(&self.file, off, off.saturating_add(len).min(self.size))
+        }
         fn flush(&self) -> io::Result<()> {
             // One inode: fdatasync through either descriptor covers both paths' writes.
             self.file.sync_data()

@@ -31,10 +31,14 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
@@ -59,8 +63,25 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const CMD_FLAG_FUA: u16 = 1 << 0;
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const REPLY_FLAG_DONE: u16 = 1 << 0;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context served: base:allocation, with this id once selected.
+const META_BASE_ALLOCATION: &str = "base:allocation";
+const META_ALLOCATION_ID: u32 = 1;
+const STATE_HOLE: u32 = 1 << 0;
+const STATE_ZERO: u32 = 1 << 1;
+/// Chunks one BLOCK_STATUS answer looks at; the client asks again from where it stopped.
+const STATUS_MAX_CHUNKS: u64 = 1 << 16;
 
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
@@ -81,6 +102,36 @@ struct Export {
     name: String,
     size: u64,
     writable: bool,
+}
+
+/// What the handshake negotiated beyond the export.
+#[derive(Clone, Copy, Default)]
+struct Negotiated {
+    /// NBD_OPT_STRUCTURED_REPLY: reads (and block status) are answered in structured chunks.
+    structured: bool,
+    /// base:allocation was selected for the export that was entered: BLOCK_STATUS allowed.
+    block_status: bool,
+}
+
+/// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name and queries.
+fn parse_meta_queries(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let nlen = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(nlen)?)?;
+    let mut at = 4 + nlen;
+    let n = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let qlen = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        let q = data.get(at..at.checked_add(qlen)?)?;
+        at += qlen;
+        queries.push(String::from_utf8_lossy(q).to_string());
+    }
+    if at != data.len() {
+        return None;
+    }
+    Some((String::from_utf8_lossy(name).to_string(), queries))
 }
 
 fn lookup(shared: &Shared, name: &str) -> Result<Export, String> {
@@ -170,6 +221,9 @@ where
         return Err(protocol("unknown client flags"));
     }
     let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    let mut neg = Negotiated::default();
+    // The export base:allocation was last selected for (NBD_OPT_SET_META_CONTEXT).
+    let mut meta_for: Option<String> = None;
     let export = loop {
         if read_u64(&mut rd)? != IHAVEOPT {
             return Err(protocol("bad option magic"));
@@ -212,6 +266,65 @@ where
                     let mut d = (n.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(n.as_bytes());
                     opt_reply(&mut wr, opt, REP_SERVER, &d)?;
+                }
+                opt_reply(&mut wr, opt, REP_ACK, &[])?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    opt_reply(
+                        &mut wr,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
+                    continue;
+                }
+                neg.structured = true;
+                opt_reply(&mut wr, opt, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if opt == OPT_SET_META_CONTEXT {
+                    meta_for = None; // replaced, even when this one fails
+                }
+                if !neg.structured {
+                    opt_reply(
+                        &mut wr,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    )?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta_queries(&data) else {
+                    opt_reply(
+                        &mut wr,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"malformed metadata context query",
+                    )?;
+                    continue;
+                };
+                let e = match lookup(shared, &name) {
+                    Ok(e) => e,
+                    Err(msg) => {
+                        opt_reply(&mut wr, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    }
+                };
+                // Listing: no query, or "base:" (every context of the namespace), names it.
+                let listing = opt == OPT_LIST_META_CONTEXT;
+                let selected = queries
+                    .iter()
+                    .any(|q| q == META_BASE_ALLOCATION || (listing && q == "base:"))
+                    || (listing && queries.is_empty());
+                if selected {
+                    let id = if listing { 0 } else { META_ALLOCATION_ID };
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    opt_reply(&mut wr, opt, REP_META_CONTEXT, &d)?;
+                    if !listing {
+                        meta_for = Some(e.name);
+                    }
                 }
                 opt_reply(&mut wr, opt, REP_ACK, &[])?;
             }
@@ -284,7 +397,8 @@ where
         *m.entry(export.name.clone()).or_insert(0) += 1;
     }
     shared.log(&format!("client attached to export '{}'", export.name));
-    let r = transmission(shared, &export, rd, &stream, fd);
+    neg.block_status = neg.structured && meta_for.as_deref() == Some(export.name.as_str());
+    let r = transmission(shared, &export, neg, rd, &stream, fd);
     if let Ok(mut m) = shared.open_exports.lock() {
         if let Some(n) = m.get_mut(&export.name) {
             *n = n.saturating_sub(1);
@@ -382,6 +496,7 @@ fn errno_of(e: &Error) -> u32 {
 fn transmission<S: AsRawFd + Sync, R: Read + Send>(
     shared: &Shared,
     export: &Export,
+    neg: Negotiated,
     mut rd: BufReader<R>,
     stream: &S,
     fd: i32,
@@ -462,7 +577,7 @@ where
                 }
             }
             last_batch = batch.len();
-            let out = match serve_batch(shared, export, &batch) {
+            let out = match serve_batch(shared, export, neg, &batch) {
                 Ok(out) => out,
                 Err(e) => break Err(e),
             };
@@ -486,15 +601,22 @@ where
 }
 
 /// Serves one batch under the store lock; returns the replies, in one buffer.
-fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Result<Vec<u8>> {
+fn serve_batch(
+    shared: &Shared,
+    export: &Export,
+    neg: Negotiated,
+    batch: &[Request],
+) -> io::Result<Vec<u8>> {
     let size = export.size;
     let mut errors = vec![0u32; batch.len()];
     let mut read_bufs: Vec<Option<AlignedBuf>> = (0..batch.len()).map(|_| None).collect();
+    let mut statuses: Vec<Option<Vec<(u64, bool)>>> = (0..batch.len()).map(|_| None).collect();
     {
         let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
         // Validate, and collect the writes (up to each flush) and the reads.
         let mut writes: Vec<usize> = Vec::new();
         let mut reads: Vec<usize> = Vec::new();
+        let mut status_reqs: Vec<usize> = Vec::new();
         let in_range = |r: &Request| {
             r.offset
                 .checked_add(r.length as u64)
@@ -502,10 +624,10 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
         };
         for (i, r) in batch.iter().enumerate() {
             let known_flags = CMD_FLAG_FUA
-                | if r.kind == CMD_WRITE_ZEROES {
-                    CMD_FLAG_NO_HOLE
-                } else {
-                    0
+                | match r.kind {
+                    CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                    CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                    _ => 0,
                 };
             if r.flags & !known_flags != 0 {
                 errors[i] = EINVAL;
@@ -540,11 +662,33 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
                         errors[i] = errno_of(&e);
                     }
                 }
+                CMD_BLOCK_STATUS => {
+                    if !neg.block_status || r.length == 0 || !in_range(r) {
+                        errors[i] = EINVAL;
+                    } else {
+                        status_reqs.push(i);
+                    }
+                }
                 CMD_DISC => {}
                 _ => errors[i] = EINVAL,
             }
         }
         flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
+        for &i in &status_reqs {
+            let r = &batch[i];
+            match store.extents(&export.name, r.offset, r.length as u64, STATUS_MAX_CHUNKS) {
+                Ok(mut ext) => {
+                    if r.flags & CMD_FLAG_REQ_ONE != 0 {
+                        ext.truncate(1);
+                    }
+                    statuses[i] = Some(ext);
+                }
+                Err(e) => {
+                    shared.log(&format!("block status error on '{}': {e}", export.name));
+                    errors[i] = errno_of(&e);
+                }
+            }
+        }
         // Aligned, so origin pieces are read straight into them with O_DIRECT.
         let mut bufs: Vec<AlignedBuf> = reads
             .iter()
@@ -582,6 +726,12 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
         if r.kind == CMD_DISC {
             continue;
         }
+        // Structured replies, once negotiated, for reads (required) and block status (the
+        // only form it has); simple replies for the rest.
+        if neg.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS) {
+            structured_reply(&mut out, r, errors[i], &read_bufs[i], &statuses[i]);
+            continue;
+        }
         out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         out.extend_from_slice(&errors[i].to_be_bytes());
         out.extend_from_slice(&r.cookie.to_be_bytes());
@@ -590,6 +740,55 @@ fn serve_batch(shared: &Shared, export: &Export, batch: &[Request]) -> io::Resul
         }
     }
     Ok(out)
+}
+
+/// One structured reply, as a single chunk flagged done: the data of a read, the extents of a
+/// block status (base:allocation), or an error.
+fn structured_reply(
+    out: &mut Vec<u8>,
+    r: &Request,
+    error: u32,
+    data: &Option<AlignedBuf>,
+    status: &Option<Vec<(u64, bool)>>,
+) {
+    let mut chunk = |kind: u16, payload: &[&[u8]]| {
+        let len: usize = payload.iter().map(|p| p.len()).sum();
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&r.cookie.to_be_bytes());
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        for p in payload {
+            out.extend_from_slice(p);
+        }
+    };
+    if error != 0 {
+        // error, then a message length of 0
+        chunk(
+            REPLY_TYPE_ERROR,
+            &[&error.to_be_bytes(), &0u16.to_be_bytes()],
+        );
+        return;
+    }
+    match (data, status) {
+        (Some(b), _) if !b.as_slice().is_empty() => chunk(
+            REPLY_TYPE_OFFSET_DATA,
+            &[&r.offset.to_be_bytes(), b.as_slice()],
+        ),
+        (_, Some(ext)) if !ext.is_empty() => {
+            let mut p = Vec::with_capacity(4 + 8 * ext.len());
+            p.extend_from_slice(&META_ALLOCATION_ID.to_be_bytes());
+            for &(len, zero) in ext {
+                // Each extent lies inside the request, whose length is a u32.
+                let flags = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                p.extend_from_slice(&(len.min(u32::MAX as u64) as u32).to_be_bytes());
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk(REPLY_TYPE_BLOCK_STATUS, &[&p]);
+        }
+        // A read of length 0 (no data chunk can describe it).
+        _ => chunk(REPLY_TYPE_NONE, &[]),
+    }
 }
 
 /// Applies the collected writes of a batch (one preservation commit), attributing errors.

@@ -706,6 +706,20 @@ impl Store {
         guard_panic(&self.name, || self.read_batch_inner(reqs))
     }
 
+    /// What `off..off+len` of a view holds: consecutive (length, reads as zeros) extents, at
+    /// most `max_chunks` chunks' worth (see `extents_inner`).
+    pub fn extents(
+        &self,
+        view: &str,
+        off: u64,
+        len: u64,
+        max_chunks: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        guard_panic(&self.name, || {
+            self.extents_inner(view, off, len, max_chunks)
+        })
+    }
+
     /// Reads a snapshot, or the live origin for "origin".
     pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
         guard_panic(&self.name, || self.read_view_inner(view, off, buf))

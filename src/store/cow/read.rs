@@ -75,20 +75,11 @@ impl Store {
                     snap.invalid_reason.as_deref().unwrap_or("store full")
                 )));
             }
-            let e = snap.epoch;
-            let overlay = snap.overlay;
             if tx.is_none() {
                 tx = Some(self.rtx()?);
             }
             let Some(t) = tx.as_ref() else { continue };
-            if overlay != 0 {
-                self.verify_overlay(t, r.view, overlay, snap.overlay_chunks)?;
-            }
-            let recs = t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?;
-            let heads = t.open_table(HEADS).map_err(|e| meta_err(sn, e))?;
-            let ovl = t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?;
-            let mut ovl_groups: HashMap<u64, Slots> = HashMap::new();
-            let mut groups: HashMap<u64, std::sync::Arc<Slots>> = HashMap::new();
+            let mut loc = Locator::new(self, t, r.view, snap)?;
             let mut segs: Vec<Piece> = Vec::new();
             let mut pos = 0usize;
             while pos < r.buf.len() {
@@ -96,47 +87,7 @@ impl Store {
                 let c = abs / cs;
                 let within = (abs % cs) as usize;
                 let n = (cs as usize - within).min(r.buf.len() - pos);
-                let g = c / GROUP_CHUNKS;
-                // The snapshot's own overlay first, then its point in time.
-                let own = if overlay == 0 {
-                    None
-                } else {
-                    let slots = match ovl_groups.entry(g) {
-                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            let mut slots = [None; GROUP_CHUNKS as usize];
-                            let key = (overlay, g);
-                            if let Some(val) = ovl.get(key).map_err(|e| meta_err(sn, e))? {
-                                for en in overlay_of(sn, key, val.value())?.entries {
-                                    slots[en.off as usize] = Some(en);
-                                }
-                            }
-                            v.insert(slots)
-                        }
-                    };
-                    slots[(c % GROUP_CHUNKS) as usize]
-                };
-                let found = match own {
-                    Some(en) => Some(en),
-                    None => {
-                        let resolved = match groups.entry(g) {
-                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(v) => {
-                                match self.resolved.get(g, e) {
-                                    Some(slots) => v.insert(slots),
-                                    None => {
-                                        let slots = std::sync::Arc::new(resolve_group(
-                                            &recs, &heads, sn, g, e,
-                                        )?);
-                                        self.resolved.put(g, e, slots.clone());
-                                        v.insert(slots)
-                                    }
-                                }
-                            }
-                        };
-                        resolved[(c % GROUP_CHUNKS) as usize]
-                    }
-                };
+                let found = loc.entry(c)?;
                 match found {
                     Some(en) if en.loc >= self.sb.data_chunks => {
                         return Err(Error::Corrupt(format!(
@@ -255,5 +206,169 @@ impl Store {
             }
         }
         Ok(bufs)
+    }
+}
+
+/// Where each chunk of one snapshot lives: its own overlay first (a writable snapshot's
+/// writes), then the record that saved it for its point in time; `None` is the origin. Groups
+/// are looked up once per locator and resolved groups shared through the store's cache.
+pub(super) struct Locator<'s> {
+    store: &'s Store,
+    epoch: u64,
+    overlay: u32,
+    recs: redb::ReadOnlyTable<(u32, u64, u64), &'static [u8]>,
+    heads: redb::ReadOnlyTable<(u32, u64), u64>,
+    ovl: redb::ReadOnlyTable<(u32, u64), &'static [u8]>,
+    ovl_groups: HashMap<u64, Slots>,
+    groups: HashMap<u64, std::sync::Arc<Slots>>,
+}
+
+impl<'s> Locator<'s> {
+    pub(super) fn new(
+        store: &'s Store,
+        t: &redb::ReadTransaction,
+        view: &str,
+        snap: &crate::store::Snapshot,
+    ) -> Result<Self> {
+        let sn = &store.name;
+        if snap.overlay != 0 {
+            store.verify_overlay(t, view, snap.overlay, snap.overlay_chunks)?;
+        }
+        Ok(Locator {
+            store,
+            epoch: snap.epoch,
+            overlay: snap.overlay,
+            recs: t.open_table(RECORDS).map_err(|e| meta_err(sn, e))?,
+            heads: t.open_table(HEADS).map_err(|e| meta_err(sn, e))?,
+            ovl: t.open_table(OVERLAYS).map_err(|e| meta_err(sn, e))?,
+            ovl_groups: HashMap::new(),
+            groups: HashMap::new(),
+        })
+    }
+
+    /// The saved copy that holds origin chunk `c` for this view, or `None` for the origin.
+    pub(super) fn entry(&mut self, c: u64) -> Result<Option<Entry>> {
+        let sn = &self.store.name;
+        let g = c / GROUP_CHUNKS;
+        let i = (c % GROUP_CHUNKS) as usize;
+        if self.overlay != 0 {
+            let slots = match self.ovl_groups.entry(g) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let mut slots = [None; GROUP_CHUNKS as usize];
+                    let key = (self.overlay, g);
+                    if let Some(val) = self.ovl.get(key).map_err(|e| meta_err(sn, e))? {
+                        for en in overlay_of(sn, key, val.value())?.entries {
+                            slots[en.off as usize] = Some(en);
+                        }
+                    }
+                    v.insert(slots)
+                }
+            };
+            if let Some(en) = slots[i] {
+                return Ok(Some(en));
+            }
+        }
+        let resolved = match self.groups.entry(g) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match self.store.resolved.get(g, self.epoch) {
+                    Some(slots) => v.insert(slots),
+                    None => {
+                        let slots = std::sync::Arc::new(resolve_group(
+                            &self.recs,
+                            &self.heads,
+                            sn,
+                            g,
+                            self.epoch,
+                        )?);
+                        self.store.resolved.put(g, self.epoch, slots.clone());
+                        v.insert(slots)
+                    }
+                }
+            }
+        };
+        Ok(resolved[i])
+    }
+}
+
+impl Store {
+    /// What `off..off+len` of a view holds, for NBD block status: consecutive extents of
+    /// (length, reads as zeros). Zeros are claimed only where that is certain: a hole of a
+    /// sparse origin file in a chunk that the view reads from the origin. A saved chunk is
+    /// data even when its bytes are zeros. Answers at most `max_chunks` chunks' worth (a
+    /// client asks again from where the answer stopped).
+    pub(crate) fn extents_inner(
+        &self,
+        view: &str,
+        off: u64,
+        len: u64,
+        max_chunks: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        self.check_origin_range(off, len as usize)?;
+        let cs = self.sb.chunk_size;
+        let end = off + len.min(max_chunks.saturating_mul(cs).max(cs));
+        let end = end.min(off + len);
+        let holes = self
+            .origin
+            .holes(off, end - off)
+            .map_err(|e| Error::io(format!("origin {}: seek", self.sb.origin_path), e))?;
+        // Ranges that read from the origin (all of it for the origin view).
+        let mut from_origin: Vec<(u64, u64)> = Vec::new();
+        if view == "origin" {
+            from_origin.push((off, end));
+        } else {
+            let snap = self.snapshot(view)?;
+            if snap.state == SnapState::Invalid {
+                return Err(Error::InvalidSnapshot(format!(
+                    "snapshot '{view}' is invalid and cannot be read; delete it"
+                )));
+            }
+            if !holes.is_empty() {
+                let tx = self.rtx()?;
+                let mut loc = Locator::new(self, &tx, view, snap)?;
+                let mut c = off / cs;
+                while c * cs < end {
+                    let (a, b) = ((c * cs).max(off), ((c + 1) * cs).min(end));
+                    if loc.entry(c)?.is_none() {
+                        match from_origin.last_mut() {
+                            Some((_, e)) if *e == a => *e = b,
+                            _ => from_origin.push((a, b)),
+                        }
+                    }
+                    c += 1;
+                }
+            }
+        }
+        // Zero where a hole and an origin range overlap; data everywhere else.
+        let mut zero: Vec<(u64, u64)> = Vec::new();
+        for &(ho, hl) in &holes {
+            let (h0, h1) = (ho, ho + hl);
+            for &(a, b) in &from_origin {
+                let (z0, z1) = (a.max(h0), b.min(h1));
+                if z0 < z1 {
+                    zero.push((z0, z1));
+                }
+            }
+        }
+        zero.sort_unstable();
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |len: u64, z: bool| {
+            if len == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some((l, zz)) if *zz == z => *l += len,
+                _ => out.push((len, z)),
+            }
+        };
+        let mut pos = off;
+        for (z0, z1) in zero {
+            push(z0.saturating_sub(pos), false);
+            push(z1 - z0.max(pos), true);
+            pos = pos.max(z1);
+        }
+        push(end - pos, false);
+        Ok(out)
     }
 }
