@@ -195,6 +195,60 @@ pub fn decode_record(table: &str, key: &[u8], b: &[u8]) -> Option<Record> {
     Some(Record { prev, entries })
 }
 
+/// Layout version of the pending-copies value.
+const PENDING_LAYOUT: u8 = 1;
+const PENDING_HEAD: usize = 16;
+const PENDING_RUN: usize = 20;
+
+/// The copies one origin-write commit made without a flush of their own: the epoch of their
+/// records, and runs of (first origin chunk, first store chunk, count).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pending {
+    pub epoch: u64,
+    pub runs: Vec<(u64, u64, u32)>,
+}
+
+/// Encodes the `pending_copies` value (key 0).
+pub fn encode_pending(p: &Pending) -> Vec<u8> {
+    let mut v = Vec::with_capacity(PENDING_HEAD + p.runs.len() * PENDING_RUN + CHECK);
+    v.extend_from_slice(&[PENDING_LAYOUT, 0, 0, 0]);
+    v.extend_from_slice(&(p.runs.len() as u32).to_le_bytes());
+    v.extend_from_slice(&p.epoch.to_le_bytes());
+    for (c, loc, n) in &p.runs {
+        v.extend_from_slice(&c.to_le_bytes());
+        v.extend_from_slice(&loc.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    let c = check_of("pending_copies", &0u64.to_le_bytes(), &v);
+    v.extend_from_slice(&c);
+    v
+}
+
+/// Decodes the `pending_copies` value; `None` when any byte of it is not what was written.
+pub fn decode_pending(b: &[u8]) -> Option<Pending> {
+    if b.len() < PENDING_HEAD + CHECK {
+        return None;
+    }
+    let (body, check) = b.split_at(b.len() - CHECK);
+    if check != check_of("pending_copies", &0u64.to_le_bytes(), body)
+        || body[..4] != [PENDING_LAYOUT, 0, 0, 0]
+    {
+        return None;
+    }
+    let n = u32_at(body, 4) as usize;
+    if body.len() != PENDING_HEAD.checked_add(n.checked_mul(PENDING_RUN)?)? {
+        return None;
+    }
+    let runs = body[PENDING_HEAD..]
+        .chunks_exact(PENDING_RUN)
+        .map(|r| (u64_at(r, 0), u64_at(r, 8), u32_at(r, 16)))
+        .collect();
+    Some(Pending {
+        epoch: u64_at(body, 8),
+        runs,
+    })
+}
+
 const NO_EXPIRY: i64 = i64::MIN;
 const NO_REASON: u16 = u16::MAX;
 
@@ -339,6 +393,23 @@ mod tests {
             });
         }
         r
+    }
+
+    #[test]
+    fn pending_copies_round_trip_and_every_flipped_byte_is_refused() {
+        let p = Pending {
+            epoch: 7,
+            runs: vec![(3, 100, 2), (90, 4, 1)],
+        };
+        let b = encode_pending(&p);
+        assert_eq!(decode_pending(&b), Some(p));
+        for i in 0..b.len() {
+            let mut x = b.clone();
+            x[i] ^= 0x10;
+            assert_eq!(decode_pending(&x), None, "flip at {i}");
+        }
+        assert_eq!(decode_pending(&b[..b.len() - 1]), None);
+        assert_eq!(decode_pending(&[]), None);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("eve
 /// (overlay id, group) -> runs: the chunks a snapshot's overlay owns (writable snapshots write
 /// there; a snapshot of one gets a copy). See `cow/`.
 pub(crate) const OVERLAYS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("overlays");
+/// 0 -> the copies of the newest origin-write commit, not flushed before it (see
+/// `cow/write.rs`): checked, and made again from the origin, after an unclean shutdown.
+pub(crate) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending_copies");
 
 pub(crate) const K_EPOCH: &str = "epoch";
 pub(crate) const K_NEXT_ID: &str = "next_id";

@@ -550,14 +550,18 @@ impl Store {
                 ))
             })?;
         let region = Region::new(io.clone(), sb.meta_offset, sb.meta_len, len);
+        let mut unclean = false;
         let db = guard_panic(&name, || {
             match db_builder().open_read_only_with_backend(region.clone()) {
                 Ok(db) => Ok(Db::Ro(db)),
                 // The last writer did not close cleanly: recovery writes, so open writable.
-                Err(redb::DatabaseError::RepairAborted) => db_builder()
-                    .create_with_backend(region.clone())
-                    .map(Db::Rw)
-                    .map_err(|e| meta_err(&name, e)),
+                Err(redb::DatabaseError::RepairAborted) => {
+                    unclean = true;
+                    db_builder()
+                        .create_with_backend(region.clone())
+                        .map(Db::Rw)
+                        .map_err(|e| meta_err(&name, e))
+                }
                 Err(e) => Err(meta_err(&name, e)),
             }
         })?;
@@ -578,8 +582,12 @@ impl Store {
             resumed_restore: None,
             _lock: lock_file,
         };
+        let n = store.name.clone();
+        if unclean {
+            // Before anything reads a saved chunk or writes the origin.
+            guard_panic(&n, || store.settle_pending_copies())?;
+        }
         if load {
-            let n = store.name.clone();
             guard_panic(&n, || store.load_catalog())?;
         }
         Ok(store)

@@ -26,12 +26,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{meta_err, Error, Result};
 use crate::io::AlignedBuf;
 use crate::store::codec::{
-    chunk_hash, decode_record, encode_record, overlay_key, record_key, Entry, Record,
+    chunk_hash, decode_pending, decode_record, encode_pending, encode_record, overlay_key,
+    record_key, Entry, Pending, Record,
 };
 use crate::store::format::{OnFull, GROUP_CHUNKS};
 use crate::store::{
     put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, HEADS, K_EPOCH, K_HIGH_WATER,
-    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, RECORDS, SNAPS,
+    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, PENDING, RECORDS, SNAPS,
 };
 
 /// One read of a batch: `buf.len()` bytes at `off` of `view` (a snapshot name or "origin").

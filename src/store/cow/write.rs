@@ -97,8 +97,8 @@ impl Store {
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
     ///
     /// Long on purpose: this is the copy-on-write step whose order is the crash argument
-    /// (DESIGN.md invariant 2: decide, allocate, read, hash, write, flush, commit); it reads top
-    /// to bottom in that order instead of across helpers.
+    /// (DESIGN.md invariant 2: decide, allocate, read, hash, write, commit with its one flush);
+    /// it reads top to bottom in that order instead of across helpers.
     pub(super) fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
         // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
         // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
@@ -191,10 +191,21 @@ impl Store {
                 )
             })
             .collect();
+        // The copies are written, not flushed: the commit's own flush makes them durable with
+        // the records that point at them, before any origin write is issued. A crash before
+        // that flush completes may keep the commit and lose copies; the `pending_copies` row
+        // names them, and the next open after an unclean shutdown checks each against its
+        // hash and makes it again from the origin, which no write has touched since (see
+        // `settle_pending_copies`).
+        let write_copies = || {
+            self.dev
+                .write_many(&writes)
+                .map_err(|e| Error::io(format!("store {sn}: write"), e))
+        };
         let hashes = if need.len() >= HASH_BESIDE {
             std::thread::scope(|s| {
                 let hasher = s.spawn(hash_all);
-                let written = self.write_durable(&writes);
+                let written = write_copies();
                 let hashes = hasher
                     .join()
                     .map_err(|_| Error::Internal("hashing the copies failed".into()));
@@ -202,9 +213,21 @@ impl Store {
             })?
         } else {
             let h = hash_all();
-            self.write_durable(&writes)?;
+            write_copies()?;
             h
         };
+        let pending = Pending {
+            epoch,
+            runs: runs
+                .iter()
+                .map(|(first, n)| (need[*first], locs[*first], *n as u32))
+                .collect(),
+        };
+        {
+            let mut t = tx.open_table(PENDING).map_err(|e| meta_err(&sn, e))?;
+            t.insert(0, encode_pending(&pending).as_slice())
+                .map_err(|e| meta_err(&sn, e))?;
+        }
         let mut exclusive = 0u64;
         {
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
@@ -286,5 +309,109 @@ impl Store {
             self.set_bit(c);
         }
         Ok(Preserve::Done)
+    }
+}
+
+impl Store {
+    /// After an unclean shutdown: the copies of the newest origin-write commit were not flushed
+    /// before it, so the commit may have reached the disk without some of them. Each is read and
+    /// checked against the hash its record holds; one that fails is copied again from the
+    /// origin. That is exact: a chunk is copied only when its origin content is durable (a
+    /// snapshot's `create` flushes the origin first, and only the first write after it copies),
+    /// and the origin write that overwrites it is issued only after the commit's flush returned,
+    /// which did not happen if the copy is not on disk. Bounded by one batch (at most 32 MiB),
+    /// whatever the size of the store; idempotent if it is itself interrupted.
+    pub(crate) fn settle_pending_copies(&mut self) -> Result<u64> {
+        let sn = self.name.clone();
+        let cs = self.sb.chunk_size;
+        let mut items: Vec<(u64, Entry)> = Vec::new();
+        {
+            let tx = self.rtx()?;
+            let t = match tx.open_table(PENDING) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+                Err(e) => return Err(meta_err(&sn, e)),
+            };
+            let Some(v) = t.get(0).map_err(|e| meta_err(&sn, e))? else {
+                return Ok(0);
+            };
+            let p = decode_pending(v.value()).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{sn}: the row naming the newest unflushed copies is damaged; run `snapctl check`"
+                ))
+            })?;
+            let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            let mut seen: HashMap<u64, Option<Record>> = HashMap::new();
+            for (c0, loc0, n) in p.runs {
+                for i in 0..n as u64 {
+                    let (c, loc) = (c0.saturating_add(i), loc0.saturating_add(i));
+                    if c.saturating_mul(cs) >= self.sb.origin_size || loc >= self.sb.data_chunks {
+                        continue;
+                    }
+                    let g = c / GROUP_CHUNKS;
+                    if let std::collections::hash_map::Entry::Vacant(e) = seen.entry(g) {
+                        let key = (0u32, g, p.epoch);
+                        let rec = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
+                            Some(v) => Some(record_of(&sn, key, v.value())?),
+                            None => None,
+                        };
+                        e.insert(rec);
+                    }
+                    // Only copies still referenced where this commit put them: a later delete
+                    // may have freed them.
+                    if let Some(Some(rec)) = seen.get(&g) {
+                        if let Some(en) = rec.find(c % GROUP_CHUNKS).filter(|en| en.loc == loc) {
+                            items.push((c, *en));
+                        }
+                    }
+                }
+            }
+        }
+        let mut fixed = 0u64;
+        for part in items.chunks(256) {
+            let mut bufs: Vec<AlignedBuf> =
+                part.iter().map(|_| AlignedBuf::new(cs as usize)).collect();
+            {
+                let mut reads: Vec<(u64, &mut [u8])> = part
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|((_, en), b)| (self.sb.data_offset + en.loc * cs, b.as_mut_slice()))
+                    .collect();
+                self.dev
+                    .read_many(&mut reads)
+                    .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
+            }
+            let mut again: Vec<(u64, AlignedBuf)> = Vec::new();
+            for ((c, en), b) in part.iter().zip(&bufs) {
+                let len = self.chunk_len(*c);
+                if chunk_hash(&b.as_slice()[..len]) == en.hash {
+                    continue;
+                }
+                let mut o = AlignedBuf::new(cs as usize);
+                self.origin
+                    .read_at(&mut o.as_mut_slice()[..len], c * cs)
+                    .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
+                if chunk_hash(&o.as_slice()[..len]) != en.hash {
+                    // Not what was copied: leave it to fail its checksum on read and in check,
+                    // never to be served.
+                    continue;
+                }
+                again.push((self.sb.data_offset + en.loc * cs, o));
+            }
+            if !again.is_empty() {
+                let writes: Vec<(u64, &[u8])> =
+                    again.iter().map(|(off, b)| (*off, b.as_slice())).collect();
+                self.dev
+                    .write_many(&writes)
+                    .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+                fixed += again.len() as u64;
+            }
+        }
+        if fixed > 0 {
+            self.dev
+                .flush()
+                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
+        }
+        Ok(fixed)
     }
 }
