@@ -183,6 +183,19 @@ impl Store {
         rep.free_chunks += data_chunks.saturating_sub(hw);
         rep.high_water_chunks = hw;
         // Overlays: each chunk owned once, each overlay owned by one snapshot with the right count.
+        // The row naming the newest unflushed copies must decode (it is read after a crash).
+        match tx.open_table(PENDING) {
+            Ok(t) => {
+                if let Some(v) = t.get(0).map_err(|e| meta_err(&sn, e))? {
+                    if decode_pending(v.value()).is_none() {
+                        rep.corruption
+                            .push("the pending_copies row fails its row check".to_string());
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(meta_err(&sn, e)),
+        }
         let ovl = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
         let mut owners: HashMap<u32, (&str, u64)> = HashMap::new();
         for s in self.snaps.values().filter(|s| s.overlay != 0) {

@@ -335,11 +335,11 @@ impl Store {
             let Some(v) = t.get(0).map_err(|e| meta_err(&sn, e))? else {
                 return Ok(0);
             };
-            let p = decode_pending(v.value()).ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "{sn}: the row naming the newest unflushed copies is damaged; run `snapctl check`"
-                ))
-            })?;
+            // A damaged row cannot name the copies to check; every saved chunk is still checked
+            // against its hash when read, and `check` reports the row.
+            let Some(p) = decode_pending(v.value()) else {
+                return Ok(0);
+            };
             let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
             let mut seen: HashMap<u64, Option<Record>> = HashMap::new();
             for (c0, loc0, n) in p.runs {
