@@ -74,6 +74,104 @@ impl Snapshot {
     }
 }
 
+/// The snapshots in memory, with the indexes the hot paths ask: by id (creation order), by
+/// name, the live points in time (valid snapshots of branch 0, by epoch) and how many are
+/// writable. Every change goes through `insert`/`remove`/`update`, which keep them in step, so
+/// a lookup by name, the newest two epochs (every copy-on-write batch) and "is any writable"
+/// (every flush) cost the same at one snapshot or ten thousand.
+#[derive(Default)]
+pub(crate) struct Catalog {
+    by_id: BTreeMap<u64, Snapshot>,
+    by_name: std::collections::HashMap<String, u64>,
+    /// epoch -> how many valid branch-0 snapshots are at it.
+    live: BTreeMap<u64, u32>,
+    writable: usize,
+}
+
+impl Catalog {
+    fn index(&mut self, s: &Snapshot, add: bool) {
+        if add {
+            self.by_name.insert(s.name.clone(), s.id);
+        } else if self.by_name.get(&s.name) == Some(&s.id) {
+            self.by_name.remove(&s.name);
+        }
+        if s.writable {
+            if add {
+                self.writable += 1;
+            } else {
+                self.writable = self.writable.saturating_sub(1);
+            }
+        }
+        if s.state == SnapState::Valid && s.branch == 0 {
+            if add {
+                *self.live.entry(s.epoch).or_insert(0) += 1;
+            } else if let Some(n) = self.live.get_mut(&s.epoch) {
+                *n -= 1;
+                if *n == 0 {
+                    self.live.remove(&s.epoch);
+                }
+            }
+        }
+    }
+
+    /// Adds or replaces snapshot `id`.
+    pub(crate) fn insert(&mut self, id: u64, s: Snapshot) {
+        self.remove(&id);
+        self.index(&s, true);
+        self.by_id.insert(id, s);
+    }
+
+    pub(crate) fn remove(&mut self, id: &u64) -> Option<Snapshot> {
+        let old = self.by_id.remove(id)?;
+        self.index(&old, false);
+        Some(old)
+    }
+
+    /// Changes snapshot `id` in place (its name included); returns it as changed.
+    pub(crate) fn update(&mut self, id: &u64, f: impl FnOnce(&mut Snapshot)) -> Option<Snapshot> {
+        let mut s = self.remove(id)?;
+        f(&mut s);
+        self.insert(*id, s.clone());
+        Some(s)
+    }
+
+    pub(crate) fn get(&self, id: &u64) -> Option<&Snapshot> {
+        self.by_id.get(id)
+    }
+
+    pub(crate) fn by_name(&self, name: &str) -> Option<&Snapshot> {
+        self.by_name.get(name).and_then(|id| self.by_id.get(id))
+    }
+
+    pub(crate) fn values(&self) -> impl DoubleEndedIterator<Item = &Snapshot> {
+        self.by_id.values()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = Catalog::default();
+    }
+
+    pub(crate) fn any_writable(&self) -> bool {
+        self.writable > 0
+    }
+
+    /// The newest live epoch and the one before it (distinct).
+    pub(crate) fn newest_epochs(&self) -> (Option<u64>, Option<u64>) {
+        let mut it = self.live.keys().rev();
+        let a = it.next().copied();
+        (a, it.next().copied())
+    }
+
+    /// Every live epoch, ascending.
+    pub(crate) fn live_epochs(&self) -> Vec<u64> {
+        self.live.keys().copied().collect()
+    }
+}
+
 /// Something the store did on its own (the on-full policy); kept in the `events` table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
@@ -148,7 +246,7 @@ impl Store {
     }
 
     pub fn snapshot(&self, name: &str) -> Result<&Snapshot> {
-        self.snaps.values().find(|s| s.name == name).ok_or_else(|| {
+        self.snaps.by_name(name).ok_or_else(|| {
             Error::NotFound(format!(
                 "no snapshot named '{name}' in {} (see `snapctl list`)",
                 self.name
@@ -181,7 +279,7 @@ impl Store {
         created: Option<i64>,
     ) -> Result<Snapshot> {
         crate::names::validate(name)?;
-        if self.snaps.values().any(|s| s.name == name) {
+        if self.snaps.by_name(name).is_some() {
             return Err(Error::Exists(format!(
                 "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
                 self.name
@@ -242,7 +340,7 @@ impl Store {
                 "snapshot '{from}' is invalid; it cannot be snapshotted"
             )));
         }
-        if self.snaps.values().any(|s| s.name == name) {
+        if self.snaps.by_name(name).is_some() {
             return Err(Error::Exists(format!(
                 "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
                 self.name
@@ -332,7 +430,7 @@ impl Store {
         if old == new {
             return Ok(snap);
         }
-        if self.snaps.values().any(|s| s.name == new) {
+        if self.snaps.by_name(new).is_some() {
             return Err(Error::Exists(format!(
                 "a snapshot named '{new}' already exists in {}",
                 self.name
@@ -390,35 +488,13 @@ impl Store {
         Ok(())
     }
 
-    /// Valid snapshots of branch 0, by epoch.
     /// The newest live epoch and the one before it (distinct), without building the list.
     pub(crate) fn newest_epochs(&self) -> (Option<u64>, Option<u64>) {
-        let mut top: (Option<u64>, Option<u64>) = (None, None);
-        for s in self.snaps.values() {
-            if s.state != SnapState::Valid || s.branch != 0 {
-                continue;
-            }
-            let e = s.epoch;
-            match top {
-                (Some(a), _) if e == a => {}
-                (Some(a), b) if e > a => top = (Some(e), Some(a).max(b)),
-                (Some(_), Some(b)) if e <= b => {}
-                (Some(a), _) => top = (Some(a), Some(e)),
-                (None, _) => top = (Some(e), None),
-            }
-        }
-        top
+        self.snaps.newest_epochs()
     }
 
+    /// Valid snapshots of branch 0: their epochs, ascending, each once.
     pub(crate) fn live_epochs(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .snaps
-            .values()
-            .filter(|s| s.state == SnapState::Valid && s.branch == 0)
-            .map(|s| s.epoch)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        self.snaps.live_epochs()
     }
 }

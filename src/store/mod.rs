@@ -90,7 +90,7 @@ pub struct Store {
     pub(crate) db: Db,
     region: Region,
     /// Every snapshot, by id: one entry per snapshot, never per exception.
-    pub(crate) snaps: BTreeMap<u64, Snapshot>,
+    pub(crate) snaps: catalog::Catalog,
     /// Epoch of the next write interval (E in DESIGN.md).
     pub(crate) epoch: u64,
     /// Chunks known to be preserved since the newest live snapshot: repeat writes skip the index.
@@ -573,7 +573,7 @@ impl Store {
             origin,
             db,
             region,
-            snaps: BTreeMap::new(),
+            snaps: Default::default(),
             epoch: 0,
             events: Vec::new(),
             verified_overlays: Default::default(),

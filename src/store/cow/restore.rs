@@ -27,7 +27,7 @@ impl Store {
         let target_id = self.snapshot(target)?.id;
         if let Some(b) = backup {
             crate::names::validate(b)?;
-            if self.snaps.values().any(|s| s.name == b) {
+            if self.snaps.by_name(b).is_some() {
                 return Err(Error::Exists(format!(
                     "a snapshot named '{b}' already exists"
                 )));

@@ -96,10 +96,10 @@ impl Store {
         } else {
             0
         };
-        if let (Some(_), Some(s)) = (&invalid, self.snaps.get_mut(&id)) {
-            s.overlay_chunks = 0;
-            let s = s.clone();
-            put_snap(tx, &s, &sn)?;
+        if invalid.is_some() {
+            if let Some(s) = self.snaps.update(&id, |s| s.overlay_chunks = 0) {
+                put_snap(tx, &s, &sn)?;
+            }
         }
         let e = snap.epoch;
         let live = self.live_epochs();
@@ -146,10 +146,8 @@ impl Store {
             .collect();
         let n = if ids.len() == 1 { n } else { 0 };
         for id in ids {
-            if let Some(s) = self.snaps.get_mut(&id) {
-                if s.exclusive_chunks != n {
-                    s.exclusive_chunks = n;
-                    let s = s.clone();
+            if self.snaps.get(&id).is_some_and(|s| s.exclusive_chunks != n) {
+                if let Some(s) = self.snaps.update(&id, |s| s.exclusive_chunks = n) {
                     put_snap(tx, &s, &self.name)?;
                 }
             }

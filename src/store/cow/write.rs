@@ -72,7 +72,7 @@ impl Store {
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
-        if self.snaps.values().any(|s| s.writable) {
+        if self.snaps.any_writable() {
             self.dev
                 .flush()
                 .map_err(|e| Error::io(format!("store {}: flush", self.name), e))?;
