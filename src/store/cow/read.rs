@@ -177,9 +177,8 @@ impl Store {
 }
 
 impl Store {
-    /// Reads saved chunks whole and verifies each against its hash; `what` names whose they
-    /// are in the error.
-    pub(super) fn read_saved(&self, items: &[(u64, Entry)], what: &str) -> Result<Vec<AlignedBuf>> {
+    /// Reads saved chunks whole, as they are on disk (not verified: callers check the hash).
+    pub(super) fn read_chunks_unverified(&self, items: &[(u64, Entry)]) -> Result<Vec<AlignedBuf>> {
         let cs = self.sb.chunk_size;
         let mut bufs: Vec<AlignedBuf> =
             items.iter().map(|_| AlignedBuf::new(cs as usize)).collect();
@@ -193,6 +192,14 @@ impl Store {
                 .read_many(&mut reads)
                 .map_err(|e| Error::io(format!("store {}: read", self.name), e))?;
         }
+        Ok(bufs)
+    }
+
+    /// Reads saved chunks whole and verifies each against its hash; `what` names whose they
+    /// are in the error.
+    pub(super) fn read_saved(&self, items: &[(u64, Entry)], what: &str) -> Result<Vec<AlignedBuf>> {
+        let cs = self.sb.chunk_size;
+        let bufs = self.read_chunks_unverified(items)?;
         for ((c, en), b) in items.iter().zip(&bufs) {
             let len = self.chunk_len(*c);
             if chunk_hash(&b.as_slice()[..len]) != en.hash {

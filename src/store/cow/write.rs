@@ -369,18 +369,7 @@ impl Store {
         }
         let mut fixed = 0u64;
         for part in items.chunks(256) {
-            let mut bufs: Vec<AlignedBuf> =
-                part.iter().map(|_| AlignedBuf::new(cs as usize)).collect();
-            {
-                let mut reads: Vec<(u64, &mut [u8])> = part
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|((_, en), b)| (self.sb.data_offset + en.loc * cs, b.as_mut_slice()))
-                    .collect();
-                self.dev
-                    .read_many(&mut reads)
-                    .map_err(|e| Error::io(format!("store {sn}: read"), e))?;
-            }
+            let bufs = self.read_chunks_unverified(part)?;
             let mut again: Vec<(u64, AlignedBuf)> = Vec::new();
             for ((c, en), b) in part.iter().zip(&bufs) {
                 let len = self.chunk_len(*c);
