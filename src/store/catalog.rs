@@ -464,12 +464,25 @@ impl Store {
         let sn = self.name.clone();
         let tx = self.wtx()?;
         let mut freed = 0;
+        let mut done = Ok(());
         for id in &ids {
-            freed += self.drop_point(&tx, *id, None)?;
+            match self.drop_point(&tx, *id, None) {
+                Ok(n) => freed += n,
+                Err(e) => {
+                    done = Err(e);
+                    break;
+                }
+            }
         }
-        tx.commit().map_err(|e| meta_err(&sn, e))?;
-        self.load_catalog()?;
+        let done = done.and_then(|()| tx.commit().map_err(|e| meta_err(&sn, e)));
         self.preserved.clear();
+        if let Err(e) = done {
+            // drop_point changes the catalog in memory as it goes; nothing was committed, so
+            // read it back from the disk.
+            self.load_catalog()?;
+            return Err(e);
+        }
+        // Committed: the catalog in memory is in step with it (no reload, whatever the count).
         Ok(freed * self.sb.chunk_size)
     }
 
