@@ -1110,3 +1110,120 @@ fn block_status_reports_holes_and_copies_skip_them() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The negotiation rules of structured replies and metadata contexts, byte by byte: contexts
+/// only after structured replies, malformed queries refused, unknown namespaces ignored, and
+/// BLOCK_STATUS only for the export the context was selected on; a structured read carries the
+/// bytes in one chunk flagged done.
+#[test]
+fn structured_replies_and_meta_contexts_follow_the_protocol() {
+    let s = Served::start();
+    let meta = |export: &str, queries: &[&str]| {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    };
+    let mut c = Raw::hello(&s.sock());
+    // Before structured replies: refused.
+    Raw::option(&mut c, 10, &meta("origin", &["base:allocation"]));
+    assert_eq!(Raw::opt_reply(&mut c).0, 0x8000_0003);
+    Raw::option(&mut c, 8, b"x");
+    assert_eq!(
+        Raw::opt_reply(&mut c).0,
+        0x8000_0003,
+        "data with STRUCTURED_REPLY"
+    );
+    Raw::option(&mut c, 8, &[]);
+    assert_eq!(Raw::opt_reply(&mut c).0, 1);
+    // Listing with no query names base:allocation.
+    Raw::option(&mut c, 9, &meta("origin", &[]));
+    let (k, d) = Raw::opt_reply(&mut c);
+    assert_eq!((k, &d[4..]), (4, &b"base:allocation"[..]));
+    assert_eq!(Raw::opt_reply(&mut c).0, 1);
+    // A query length past the option's end; an unknown export.
+    let mut bad = meta("origin", &["base:allocation"]);
+    bad.truncate(bad.len() - 3);
+    Raw::option(&mut c, 10, &bad);
+    assert_eq!(Raw::opt_reply(&mut c).0, 0x8000_0003);
+    Raw::option(&mut c, 10, &meta("nope", &["base:allocation"]));
+    assert_eq!(Raw::opt_reply(&mut c).0, 0x8000_0006);
+    // An unknown namespace is ignored; base:allocation gets a non-zero id.
+    Raw::option(
+        &mut c,
+        10,
+        &meta("origin", &["qemu:dirty-bitmap:x", "base:allocation"]),
+    );
+    let (k, d) = Raw::opt_reply(&mut c);
+    assert_eq!(k, 4);
+    let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+    assert!(id != 0 && &d[4..] == b"base:allocation");
+    assert_eq!(Raw::opt_reply(&mut c).0, 1);
+    // GO on the origin: block status is allowed there.
+    let mut go = 6u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"origin");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    Raw::option(&mut c, 7, &go);
+    while Raw::opt_reply(&mut c).0 != 1 {}
+    let mut r = Raw {
+        s: c,
+        size: 32 << 20,
+        flags: 0,
+    };
+    // A structured reply chunk: (flags, type, cookie, payload).
+    let chunk = |r: &mut Raw| {
+        let mut h = [0u8; 20];
+        r.s.read_exact(&mut h).unwrap();
+        assert_eq!(be32(&h), 0x668e_33ef);
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let kind = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut p = vec![0u8; be32(&h[16..]) as usize];
+        r.s.read_exact(&mut p).unwrap();
+        (flags, kind, cookie, p)
+    };
+    r.request(7, 0, 9, 0, 1 << 20, &[]);
+    let (flags, kind, cookie, p) = chunk(&mut r);
+    assert_eq!((flags, kind, cookie), (1, 5, 9));
+    assert_eq!(be32(&p), id);
+    let total: u64 = p[4..].chunks_exact(8).map(|e| be32(e) as u64).sum();
+    assert!(total >= 1 && total <= 1 << 20, "{total}");
+    // REQ_ONE: exactly one extent.
+    r.request(7, 1 << 3, 10, 0, 1 << 20, &[]);
+    let (_, kind, _, p) = chunk(&mut r);
+    assert_eq!((kind, p.len()), (5, 12));
+    // Past the end: an error chunk.
+    r.request(7, 0, 11, 32 << 20, 4096, &[]);
+    let (flags, kind, cookie, p) = chunk(&mut r);
+    assert_eq!((flags, kind, cookie, be32(&p)), (1, 0x8001, 11, 22));
+    // A read: the bytes in one data chunk, at its offset.
+    r.request(0, 0, 12, 4096, 512, &[]);
+    let (flags, kind, cookie, p) = chunk(&mut r);
+    assert_eq!((flags, kind, cookie), (1, 1, 12));
+    assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 4096);
+    let img = std::fs::read(s.p("origin.img")).unwrap();
+    assert_eq!(&p[8..], &img[4096..4608]);
+    // Writes still get simple replies.
+    assert_eq!(r.write(0, &[1u8; 512]), 0);
+    // Selected for another export than the one entered: block status is refused.
+    let mut c = Raw::hello(&s.sock());
+    Raw::option(&mut c, 8, &[]);
+    assert_eq!(Raw::opt_reply(&mut c).0, 1);
+    s.ok(&["create", "snap"]);
+    Raw::option(&mut c, 10, &meta("snap", &["base:allocation"]));
+    while Raw::opt_reply(&mut c).0 != 1 {}
+    Raw::option(&mut c, 7, &go);
+    while Raw::opt_reply(&mut c).0 != 1 {}
+    let mut r = Raw {
+        s: c,
+        size: 32 << 20,
+        flags: 0,
+    };
+    r.request(7, 0, 13, 0, 4096, &[]);
+    let (_, kind, _, p) = chunk(&mut r);
+    assert_eq!((kind, be32(&p)), (0x8001, 22));
+}
