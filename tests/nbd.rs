@@ -1191,7 +1191,7 @@ fn structured_replies_and_meta_contexts_follow_the_protocol() {
     assert_eq!((flags, kind, cookie), (1, 5, 9));
     assert_eq!(be32(&p), id);
     let total: u64 = p[4..].chunks_exact(8).map(|e| be32(e) as u64).sum();
-    assert!(total >= 1 && total <= 1 << 20, "{total}");
+    assert!((1..=1 << 20).contains(&total), "{total}");
     // REQ_ONE: exactly one extent.
     r.request(7, 1 << 3, 10, 0, 1 << 20, &[]);
     let (_, kind, _, p) = chunk(&mut r);
