@@ -13,4 +13,4 @@ if [ -n "${2:-}" ]; then
 fi
 export SNAPCTL_EXPLORE_THREADS="${SNAPCTL_EXPLORE_THREADS:-$(nproc)}"
 cargo test --release --locked --test tests explore::every_crash_state -- --nocapture 2>&1 |
-    grep -E "crash states|FAILURE|test result|panicked"
+    grep --line-buffered -E "crash states|FAILURE|test result|panicked"
