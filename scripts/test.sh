@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --release --locked --all-targets -- -D warnings
-rm -f target/flip-counts.txt
+rm -f target/flip-counts.txt target/crash-states.txt
 cargo test --release --locked
 # The flip harness's counts (tests/flip.rs): detected / harmless / wrong.
 cat target/flip-counts.txt 2>/dev/null || true
+# The crash-state explorer's count (tests/explore.rs): distinct states checked, failures.
+cat target/crash-states.txt 2>/dev/null || true

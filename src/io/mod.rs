@@ -448,6 +448,51 @@ mod tests {
         assert!(d.flush().is_err());
     }
 
+    #[test]
+    fn a_recording_power_journals_writes_and_flushes_of_all_its_devices_in_order() {
+        let p = Power::recording();
+        let a = CrashIo::new(vec![0; 4096], p.clone());
+        let b = ImageIo::new(Image::zeroed(10_000), p.clone());
+        a.write_at(&[1; 8], 0).unwrap();
+        b.write_at(&[2; 3], 4094).unwrap();
+        b.flush().unwrap();
+        a.flush().unwrap();
+        let j = p.journal();
+        assert_eq!(j.len(), 4);
+        assert!(matches!(&j[0], Event::Write { dev: 0, off: 0, data } if data[..] == [1; 8]));
+        assert!(matches!(&j[1], Event::Write { dev: 1, off: 4094, data } if data[..] == [2; 3]));
+        assert!(matches!(j[2], Event::Flush { dev: 1 }));
+        assert!(matches!(j[3], Event::Flush { dev: 0 }));
+        assert_eq!(p.journal_since(3).len(), 1);
+        // Not recording: nothing kept.
+        let q = Power::new();
+        CrashIo::new(vec![0; 512], q.clone())
+            .write_at(&[1], 0)
+            .unwrap();
+        assert_eq!(q.journal_len(), 0);
+    }
+
+    #[test]
+    fn images_share_blocks_and_hash_by_content() {
+        let mut a = Image::zeroed(3 * 4096 + 100);
+        a.write(4000, &[7; 200]); // across a block boundary
+        let b = a.clone();
+        a.write(3 * 4096 + 50, &[9; 50]); // into the partial last block
+        let mut buf = [0u8; 300];
+        a.read(3950, &mut buf);
+        assert_eq!(&buf[..50], &[0; 50]);
+        assert_eq!(&buf[50..250], &[7; 200]);
+        assert_eq!(&buf[250..], &[0; 50]);
+        assert_ne!(a.hash(), b.hash());
+        let mut c = b.clone();
+        c.write(3 * 4096 + 50, &[9; 50]);
+        assert_eq!(a.hash(), c.hash(), "same bytes by another path, same hash");
+        // Writing zeros back gives the zero image's hash.
+        c.write(0, &vec![0; c.len() as usize]);
+        assert_eq!(c.hash(), Image::zeroed(c.len()).hash());
+        assert_eq!(Image::from_bytes(&a.to_vec()).hash(), a.hash());
+    }
+
     fn roundtrip(choice: EngineChoice) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dev");
