@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod docs;
 mod flip;
+mod fuzz_replay;
 mod model;
 mod nbd;
 mod ops;
