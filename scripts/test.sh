@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --release --locked --all-targets -- -D warnings
+# The fuzz targets (fuzz/, scripts/fuzz.sh) type-check on stable, without compiling libFuzzer.
+cargo check --release --locked --manifest-path fuzz/Cargo.toml --target-dir target --no-default-features --bins
 rm -f target/flip-counts.txt target/crash-states.txt
 cargo test --release --locked
 # The flip harness's counts (tests/flip.rs): detected / harmless / wrong.

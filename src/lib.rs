@@ -16,6 +16,8 @@
 
 pub mod cli;
 pub mod error;
+#[cfg(feature = "testing")]
+pub mod fuzzing;
 pub mod io;
 pub mod names;
 pub mod ops;

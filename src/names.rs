@@ -29,6 +29,29 @@ pub fn validate(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A snapshot label, from `--label KEY=VALUE` or from a control client: a key of 1–64
+/// characters of `A-Z a-z 0-9 . _ - /`, a value of at most 256 bytes and no control character.
+/// The snapshot record keeps each string in at most 64 KiB (docs/FORMAT.md); these bounds keep
+/// labels far below that. `Err` is the message, starting with "label".
+pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+    if !key_ok {
+        return Err(format!(
+            "label key '{key}' must be 1-64 characters of A-Z a-z 0-9 . _ - /"
+        ));
+    }
+    if value.len() > 256 || value.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "label value for '{key}' must be at most 256 printable characters"
+        ));
+    }
+    Ok(())
+}
+
 /// `4096`, `4K`, `4KiB`, `1M`, `1MiB`, `2G`... (binary units; `B` optional).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
@@ -137,6 +160,21 @@ mod tests {
             "é",
         ] {
             assert!(validate(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn labels_follow_the_documented_rules() {
+        validate_label("period", "daily").unwrap();
+        validate_label("a/b.c_d-e", &"v".repeat(256)).unwrap();
+        for (k, v) in [
+            ("", "v"),
+            ("a b", "v"),
+            (&"k".repeat(65) as &str, "v"),
+            ("k", &"v".repeat(257) as &str),
+            ("k", "line\nbreak"),
+        ] {
+            assert!(validate_label(k, v).is_err(), "{k}={v} accepted");
         }
     }
 

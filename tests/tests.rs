@@ -6,6 +6,7 @@ mod crash;
 mod docs;
 mod explore;
 mod flip;
+mod fuzz_replay;
 mod model;
 mod nbd;
 mod ops;

@@ -100,20 +100,7 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
         let (k, v) = l
             .split_once('=')
             .ok_or_else(|| Error::Invalid(format!("--label '{l}' is not KEY=VALUE")))?;
-        let key_ok = !k.is_empty()
-            && k.len() <= 64
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
-        if !key_ok {
-            return Err(Error::Invalid(format!(
-                "--label key '{k}' must be 1-64 characters of A-Z a-z 0-9 . _ - /"
-            )));
-        }
-        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
-            return Err(Error::Invalid(format!(
-                "--label value for '{k}' must be at most 256 printable characters"
-            )));
-        }
+        crate::names::validate_label(k, v).map_err(|m| Error::Invalid(format!("--{m}")))?;
         if out.insert(k.to_string(), v.to_string()).is_some() {
             return Err(Error::Invalid(format!("--label '{k}' is given twice")));
         }

@@ -35,6 +35,10 @@ pub fn exec(host: &dyn Host, req: Request, data: Data, progress: Progress<'_>) -
         }
         Request::Create(c) => {
             crate::names::validate(&c.name)?;
+            // The command line checks labels too, but a control client need not be snapctl.
+            for (k, v) in &c.labels {
+                crate::names::validate_label(k, v).map_err(Error::Invalid)?;
+            }
             let mut s = host.lock()?;
             let snap = match &c.from {
                 Some(f) => s.create_from(&c.name, f, c.expires, c.labels, c.writable)?,

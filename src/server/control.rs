@@ -43,7 +43,7 @@ fn wait_for_client(sock: &UnixStream, shared: &Shared) -> io::Result<bool> {
 }
 
 /// Serves one control connection until the client closes it or the server stops.
-pub(super) fn handle(
+pub(crate) fn handle(
     shared: &Shared,
     sock: UnixStream,
     served_id: Option<(u64, u64)>,

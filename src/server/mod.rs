@@ -6,7 +6,7 @@
 //! is the store's uuid, which the CLI reads from the superblock to find a running server.
 //! Only root, the server's euid and `--group`'s members may use them ([`sockets`]).
 
-mod control;
+pub(crate) mod control;
 pub mod nbd;
 mod sockets;
 pub mod state;

@@ -185,7 +185,13 @@ impl Superblock {
             && (4096..=1 << 20).contains(&sb.chunk_size)
             && sb.meta_offset >= SUPERBLOCK_SIZE as u64
             && sb.data_offset >= sb.meta_offset.saturating_add(sb.meta_len)
-            && sb.data_offset % sb.chunk_size == 0;
+            && sb.data_offset % sb.chunk_size == 0
+            // The data area must end inside 2^64 bytes: every size computed from it fits.
+            && sb
+                .data_chunks
+                .checked_mul(sb.chunk_size)
+                .and_then(|n| n.checked_add(sb.data_offset))
+                .is_some();
         if !geometry_ok {
             return Err(Error::Corrupt(format!(
                 "{what}: superblock geometry is invalid"
@@ -235,6 +241,24 @@ mod tests {
     fn superblock_round_trips() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode(), "s").unwrap(), sb);
+    }
+
+    /// Found by the `superblock` fuzz target: such a superblock opened (the size check wrapped)
+    /// and `check` then tried to allocate a bit for each of 2^63 chunks.
+    #[test]
+    fn a_data_area_ending_past_two_to_the_64_is_refused() {
+        for (offset, chunks) in [
+            (META_OFFSET + MIN_META_LEN, u64::MAX / 2),
+            (u64::MAX - 4095, 1),
+        ] {
+            let sb = Superblock {
+                data_offset: offset,
+                data_chunks: chunks,
+                ..sample()
+            };
+            let e = Superblock::decode(&sb.encode(), "s").unwrap_err();
+            assert!(e.to_string().contains("geometry"), "{e}");
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl std::fmt::Debug for Region {
     }
 }
 
-pub(super) fn encode_lenblock(len: u64) -> Vec<u8> {
+pub(crate) fn encode_lenblock(len: u64) -> Vec<u8> {
     let mut b = vec![0u8; 512];
     b[..8].copy_from_slice(LENBLOCK_MAGIC);
     b[8..16].copy_from_slice(&len.to_le_bytes());
@@ -140,7 +140,7 @@ pub(super) fn encode_lenblock(len: u64) -> Vec<u8> {
     b
 }
 
-pub(super) fn decode_lenblock(b: &[u8]) -> Option<u64> {
+pub(crate) fn decode_lenblock(b: &[u8]) -> Option<u64> {
     if b.len() < 512
         || &b[..8] != LENBLOCK_MAGIC
         || blake3::hash(&b[..480]).as_bytes() != &b[480..512]

@@ -227,10 +227,59 @@ pub fn status(stores: &[StoreConfig], connect: Connect<'_>, now: i64) -> Result<
                 period: p.name.clone(),
                 newest: newest.map(|s| s.name.clone()),
                 newest_created: newest.map(|s| s.created),
-                next_due: if taken { b + p.every } else { b },
+                // A period of centuries may end after the last representable second.
+                next_due: if taken { b.saturating_add(p.every) } else { b },
                 overdue: !taken && now > b + policy::grace(p.every),
             });
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Reply;
+
+    /// Answers `list` with one snapshot.
+    struct One(Snapshot);
+
+    impl Client for One {
+        fn call(
+            &mut self,
+            _: Request,
+            _: super::super::Data,
+            _: super::super::Progress<'_>,
+        ) -> Result<Reply> {
+            Ok(Reply {
+                response: Response::List {
+                    store: "s".into(),
+                    chunk_size: 4096,
+                    snapshots: vec![self.0.clone()],
+                },
+                events: Vec::new(),
+            })
+        }
+        fn remote(&self) -> bool {
+            false
+        }
+    }
+
+    /// A period of almost 2^63 seconds, taken: its next boundary lies past the last second an
+    /// i64 holds, and says so instead of wrapping into the past (found by the config fuzz target).
+    #[test]
+    fn the_next_due_time_of_a_period_of_centuries_saturates() {
+        let text = format!(
+            "[store.s]\npath = \"/x\"\n[[store.s.period]]\nname = \"w\"\nevery = \"{}w\"\nkeep = 1\n",
+            i64::MAX / (7 * 86400)
+        );
+        let stores = policy::parse(&text, Path::new("t.toml"), &|_: &Path| Ok(())).unwrap();
+        let labels = [("period".to_string(), "w".to_string())]
+            .into_iter()
+            .collect();
+        let snap = Snapshot::point(1, "w-1", "origin", 0, 0, 1_000_000, None, labels);
+        let connect = |_: &Path| -> Result<Box<dyn Client>> { Ok(Box::new(One(snap.clone()))) };
+        let rows = status(&stores, &connect, 1_800_000_000).unwrap();
+        assert_eq!(rows[0].next_due, i64::MAX);
+    }
 }

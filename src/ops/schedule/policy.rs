@@ -236,7 +236,8 @@ pub fn retention(p: &Period, snaps: &[Snapshot], now: i64) -> Vec<Verdict> {
         .enumerate()
         .map(|(i, s)| {
             let by_keep = p.keep.is_some_and(|k| (i as u64) < k);
-            let age = now - s.created;
+            // A control client may stamp any creation time: an age must not overflow.
+            let age = now.saturating_sub(s.created);
             let by_retain = p.retain.is_some_and(|r| age < r);
             let rule = if by_keep {
                 format!(
@@ -372,6 +373,24 @@ mod tests {
             .map(|v| v.name.as_str())
             .collect();
         assert_eq!(del, ["h4"]);
+    }
+
+    /// A control client may stamp any creation time; the age of such a snapshot saturates
+    /// instead of wrapping into "younger than its retain" (found by the config fuzz target).
+    #[test]
+    fn retention_of_snapshots_stamped_at_the_ends_of_time() {
+        let now = 1_800_000_000;
+        let snaps = [
+            snap("ancient", i64::MIN, Some("hourly")),
+            snap("future", i64::MAX, Some("hourly")),
+        ];
+        let v = retention(&hourly(None, Some(3600)), &snaps, now);
+        let del: Vec<&str> = v
+            .iter()
+            .filter(|v| v.delete)
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(del, ["ancient"]);
     }
 
     #[test]
