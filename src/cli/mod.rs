@@ -30,10 +30,18 @@ use render::Style;
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        // --help and --version: their text, as clap prints it.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return code;
+            return 0;
+        }
+        Err(e) => {
+            let json = std::env::args_os()
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            let e = Error::Invalid(usage_error(&e.to_string(), &subcommand_named()));
+            report(json, &e);
+            return e.exit_code();
         }
     };
     let json = cli.global.json;
@@ -59,6 +67,39 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// clap's usage error (several lines: the error, tips, the usage, a pointer to --help) as one
+/// line: what is wrong, the tips, and which --help to read (`command`'s).
+fn usage_error(text: &str, command: &str) -> String {
+    let (mut what, mut tips) = (Vec::new(), Vec::new());
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(tip) = line.strip_prefix("tip: ") {
+            tips.push(tip);
+        } else if !line.starts_with("Usage: ") && !line.starts_with("For more information") {
+            what.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    let mut msg = what.join(" ");
+    for t in tips {
+        msg.push_str(&format!(" ({t})"));
+    }
+    format!("{msg}; see `{command} --help`")
+}
+
+/// The (sub)command the command line names, as far as it names one: `snapctl schedule run`.
+fn subcommand_named() -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec!["snapctl".to_string()];
+    for a in std::env::args().skip(1) {
+        let Some(sub) = cmd.find_subcommand(&a).cloned() else {
+            continue;
+        };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    path.join(" ")
 }
 
 fn report(json: bool, e: &Error) {
