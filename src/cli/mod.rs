@@ -102,12 +102,23 @@ fn subcommand_named() -> String {
     path.join(" ")
 }
 
+/// An error as one line on stderr (or one JSON object). Control characters a user typed into a
+/// name (a newline, an escape sequence) are shown escaped: they must not break the line or
+/// reach the terminal.
 fn report(json: bool, e: &Error) {
+    let mut message = String::new();
+    for c in e.to_string().chars() {
+        if c.is_control() {
+            message.extend(c.escape_default());
+        } else {
+            message.push(c);
+        }
+    }
     if json {
-        let v = serde_json::json!({"schema_version": 1, "error": {"kind": e.kind(), "message": e.to_string()}});
+        let v = serde_json::json!({"schema_version": 1, "error": {"kind": e.kind(), "message": message}});
         eprintln!("{v}");
     } else {
-        eprintln!("snapctl: {e}");
+        eprintln!("snapctl: {message}");
     }
 }
 
