@@ -210,6 +210,17 @@ fn write(s: &mut Store, offset: u64, snapshot: Option<&str>, mut src: File) -> R
             "--offset {offset} is beyond the end of the origin ({size} bytes)"
         )));
     }
+    // An input of known length (a file) that cannot fit is refused before anything is written;
+    // only a stream (a pipe) can be found too long part way.
+    if let Ok(m) = src.metadata() {
+        use std::io::Seek;
+        let left = m.len().saturating_sub(src.stream_position().unwrap_or(0));
+        if m.is_file() && offset.saturating_add(left) > size {
+            return Err(Error::Invalid(format!(
+                "the input is {left} bytes: at --offset {offset} it would run past the end of the origin ({size} bytes); nothing was written"
+            )));
+        }
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = offset;
     loop {
