@@ -53,6 +53,11 @@ impl AtomicOutput {
         })
     }
 
+    /// The temporary file being written (None for a device, written in place).
+    pub fn temporary(&self) -> Option<PathBuf> {
+        self.tmp.clone()
+    }
+
     pub fn commit(mut self) -> Result<()> {
         let err = |e| Error::io(format!("output {}", self.target.display()), e);
         self.file.sync_all().map_err(err)?;

@@ -5,6 +5,7 @@
 pub mod args;
 mod docs;
 mod files;
+mod interrupt;
 pub mod render;
 
 use std::collections::BTreeMap;
@@ -524,6 +525,13 @@ fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<
         }
         None => (None, files::stdout_for_image(g.json)?),
     };
+    let tmp = pending.as_ref().and_then(|o| o.temporary());
+    let left = match output {
+        Some(p) if tmp.is_some() => format!("{} was left as it was", p.display()),
+        Some(p) => format!("{} holds part of the image", p.display()),
+        None => "the image on stdout is incomplete".into(),
+    };
+    let _watch = interrupt::Watch::start(g.json, left, tmp);
     let reply = match call(
         g,
         Request::Export { name: name.clone() },
@@ -574,6 +582,8 @@ fn restore(
     if let Some(dev) = to {
         let target = dev.display().to_string();
         let dst = files::restore_target(dev)?;
+        let left = format!("{target} holds part of the image; run the restore again");
+        let _watch = interrupt::Watch::start(g.json, left, None);
         let req = Request::RestoreTo { name, target };
         return match call(g, req, Some(dst), &what)?.response {
             Response::RestoredTo {
@@ -584,6 +594,11 @@ fn restore(
             r => Err(unexpected(r)),
         };
     }
+    let left = format!(
+        "a restore that had begun is finished by the next command on the store (`snapctl -s {} restore --resume`)",
+        store_path(g)?.display()
+    );
+    let _watch = interrupt::Watch::start(g.json, left, None);
     let reply = call(
         g,
         Request::Restore {
