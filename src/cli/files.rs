@@ -22,8 +22,15 @@ pub struct AtomicOutput {
 impl AtomicOutput {
     pub fn create(target: &Path) -> Result<AtomicOutput> {
         let err = |e| Error::io(format!("output {}", target.display()), e);
-        let special = std::fs::metadata(target).is_ok_and(|m| !m.is_file());
-        if special {
+        let meta = std::fs::metadata(target).ok();
+        if meta.as_ref().is_some_and(|m| m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "output {} is a directory; give a file name (-o {}/NAME.img)",
+                target.display(),
+                target.display().to_string().trim_end_matches('/')
+            )));
+        }
+        if meta.is_some_and(|m| !m.is_file()) {
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(target)
@@ -45,7 +52,13 @@ impl AtomicOutput {
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(err)?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound(format!(
+                    "output {}: its directory does not exist; create it first or choose another path",
+                    target.display()
+                )),
+                _ => err(e),
+            })?;
         Ok(AtomicOutput {
             file,
             target: target.to_path_buf(),
@@ -98,12 +111,21 @@ pub fn stdout_for_image(json: bool) -> Result<File> {
 /// `write`'s input: FILE, or stdin.
 pub fn input(path: Option<&Path>) -> Result<File> {
     match path {
-        Some(p) => File::open(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::NotFound(format!("input {}: no such file", p.display()))
+        Some(p) => {
+            let f = File::open(p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Error::NotFound(format!("input {}: no such file", p.display()))
+                }
+                _ => Error::io(format!("input {}", p.display()), e),
+            })?;
+            if f.metadata().is_ok_and(|m| m.is_dir()) {
+                return Err(Error::Invalid(format!(
+                    "input {} is a directory; give a file, or send the data to stdin",
+                    p.display()
+                )));
             }
-            _ => Error::io(format!("input {}", p.display()), e),
-        }),
+            Ok(f)
+        }
         None => std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
@@ -115,11 +137,29 @@ pub fn input(path: Option<&Path>) -> Result<File> {
 /// `restore --to DEVICE`: opened for writing, exclusively when it is a block device (refused
 /// while mounted).
 pub fn restore_target(dev: &Path) -> Result<File> {
+    use std::os::unix::fs::FileTypeExt;
+    let not_found = || {
+        Error::NotFound(format!(
+            "--to {}: no such file or device; give a device, or a file at least the origin's size",
+            dev.display()
+        ))
+    };
+    let meta = std::fs::metadata(dev).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => not_found(),
+        _ => Error::io(format!("--to {}", dev.display()), e),
+    })?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(Error::Invalid(format!(
+            "--to {} is not a block device or a regular file; give a device, or a file at least the origin's size",
+            dev.display()
+        )));
+    }
     crate::io::open_exclusive(dev).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOENT) => {
-            Error::NotFound(format!("--to {}: no such file or device", dev.display()))
-        }
-        Some(libc::EBUSY) => Error::Busy(format!("--to {} is in use (mounted?)", dev.display())),
+        Some(libc::ENOENT) => not_found(),
+        Some(libc::EBUSY) => Error::Busy(format!(
+            "--to {} is in use (mounted, or held by another program); unmount it or give another device",
+            dev.display()
+        )),
         _ => Error::io(format!("--to {}", dev.display()), e),
     })
 }

@@ -544,6 +544,19 @@ fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<
         {
             return Ok(render::exported(st, &name, 0, None));
         }
+        // The store does not know what the caller calls its output: name it here.
+        Err(Error::Io { message, source }) if message.starts_with("export output") => {
+            let what = output.map_or("stdout".into(), |p| p.display().to_string());
+            return Err(match source.raw_os_error() {
+                Some(libc::ENOSPC) => Error::Io {
+                    message: format!(
+                        "output {what}: no space left on its file system or device; free some space or export elsewhere"
+                    ),
+                    source,
+                },
+                _ => Error::io(format!("output {what}"), source),
+            });
+        }
         r => r?,
     };
     if let Some(out) = pending {

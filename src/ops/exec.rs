@@ -299,7 +299,12 @@ fn restore_to(
             s.sb.origin_size,
         )
     };
-    let dev = crate::io::device_of(target).map_err(|e| Error::io(format!("--to {what}"), e))?;
+    let dev = crate::io::device_of(target).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => Error::Invalid(format!(
+            "--to {what} is not a block device or a regular file; give a device, or a file at least the origin's size"
+        )),
+        _ => Error::io(format!("--to {what}"), e),
+    })?;
     let id = crate::io::file_id_of(&dev.file);
     if id.is_some() && (id == origin || id == store) {
         return Err(Error::Invalid(format!(
