@@ -73,7 +73,11 @@ impl AtomicOutput {
 
     pub fn commit(mut self) -> Result<()> {
         let err = |e| Error::io(format!("output {}", self.target.display()), e);
-        self.file.sync_all().map_err(err)?;
+        match self.file.sync_all() {
+            // A character device (/dev/null) has nothing to make durable and says EINVAL.
+            Err(e) if self.tmp.is_none() && e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => r.map_err(err)?,
+        }
         if let Some(tmp) = self.tmp.take() {
             if let Err(e) = std::fs::rename(&tmp, &self.target) {
                 let _ = std::fs::remove_file(&tmp);
