@@ -325,6 +325,17 @@ impl Store {
                 origin.display()
             )));
         }
+        // `init ORIGIN --origin STORE`, the two swapped: going ahead would format the data.
+        let mut magic = [0u8; 8];
+        let origin_is_store = File::open(&origin_abs)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|_| &magic == crate::store::format::MAGIC);
+        if origin_is_store {
+            return Err(Error::Invalid(format!(
+                "origin {} is itself a snapctl store; were STORE and --origin swapped? (snapctl init STORE --origin ORIGIN)",
+                origin.display()
+            )));
+        }
         let sdev = open_retrying(
             "store",
             &store_abs,
