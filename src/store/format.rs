@@ -145,6 +145,12 @@ impl Superblock {
         let mut v = [0u8; 4];
         v.copy_from_slice(&b[OFF_VERSION..OFF_VERSION + 4]);
         let version = u32::from_le_bytes(v);
+        if version > FORMAT_VERSION {
+            // Not damage: a newer snapctl wrote it. Nothing here can read it safely.
+            return Err(Error::Invalid(format!(
+                "{what} uses store format version {version}, written by a newer snapctl (this one reads version {FORMAT_VERSION}); use the snapctl that made it, or a newer one"
+            )));
+        }
         if version != FORMAT_VERSION && version != UPGRADABLE_VERSION {
             return Err(Error::Corrupt(format!(
                 "{what}: store format version {version} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
