@@ -124,10 +124,14 @@ fn open_err(what: &str, path: &Path, e: io::Error) -> Error {
             "{what} {} is in use (mounted, or held by another program); unmount it or stop that program",
             path.display()
         )),
-        Some(libc::EACCES) | Some(libc::EPERM) => Error::io(
-            format!("{what} {}: permission denied (run as root?)", path.display()),
-            e,
-        ),
+        // The system's words would only repeat "permission denied".
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::Io {
+            message: format!(
+                "{what} {}: permission denied; run as root, or as a user who may read and write it",
+                path.display()
+            ),
+            source: e,
+        },
         _ if e.kind() == io::ErrorKind::InvalidInput => Error::Invalid(format!(
             "{what} {}: not a block device or a regular file",
             path.display()
@@ -544,9 +548,10 @@ impl Store {
         lock_file: Option<File>,
         load: bool,
     ) -> Result<Store> {
-        if sb.data_offset + sb.data_chunks * sb.chunk_size > io.len() {
+        let want = sb.data_offset + sb.data_chunks * sb.chunk_size;
+        if want > io.len() {
             return Err(Error::Corrupt(format!(
-                "store {name} is smaller than its superblock says ({} bytes); was the device or file truncated?",
+                "store {name} is {} bytes but its superblock says {want}: was the device or file truncated? give it back its full size (or attach the right device)",
                 io.len()
             )));
         }
