@@ -463,7 +463,15 @@ fn init_options(
             OnFullArg::FailWrites => OnFull::FailWrites,
         },
         force,
-        metadata_size: metadata_size.map(parse_size).transpose()?,
+        metadata_size: metadata_size
+            .map(|m| {
+                parse_size(m).map_err(|_| {
+                    Error::Invalid(format!(
+                        "--metadata-size '{m}' is not a size; write it like 8M, 64MiB or 1G"
+                    ))
+                })
+            })
+            .transpose()?,
     })
 }
 
