@@ -224,6 +224,7 @@ fn unexpected(r: Response) -> Error {
 /// Long on purpose: it is the command table, one short arm per command (parse, one call,
 /// render); splitting it would scatter that table. Anything longer lives in a function below.
 pub fn run(cli: Cli) -> Result<Output> {
+    check_environment()?;
     let g = &cli.global;
     let st = Style {
         json: g.json,
@@ -442,6 +443,27 @@ pub fn run(cli: Cli) -> Result<Output> {
             }
         }
     }
+}
+
+/// The variables that steer every command (AFTER_HELP's ENVIRONMENT): a typo in one used to be
+/// ignored without a word (the default taken instead). Empty is the same as unset.
+fn check_environment() -> Result<()> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(v) = var("SNAPCTL_LOCK_TIMEOUT") {
+        if !v.parse::<f64>().is_ok_and(|s| s.is_finite() && s >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "SNAPCTL_LOCK_TIMEOUT='{v}' is not a number of seconds (like 5 or 0.5); fix it or unset it"
+            )));
+        }
+    }
+    if let Some(v) = var("SNAPCTL_IO_ENGINE") {
+        if !["uring", "sync", "auto"].contains(&v.as_str()) {
+            return Err(Error::Invalid(format!(
+                "SNAPCTL_IO_ENGINE='{v}' is not uring, sync or auto; fix it or unset it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `init`'s options, parsed.
