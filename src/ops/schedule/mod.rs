@@ -22,6 +22,12 @@ pub type Connect<'a> = &'a dyn Fn(&Path) -> Result<Box<dyn Client>>;
 /// The stores of `config` (each checked to be a store).
 pub fn load_config(config: &Path) -> Result<Vec<StoreConfig>> {
     policy::load(config, &|p: &Path| {
+        if !p.exists() {
+            return Err(Error::NotFound(format!(
+                "{}: no such file or device",
+                p.display()
+            )));
+        }
         crate::store::peek_superblock(p)
             .map(|_| ())
             .ok_or_else(|| Error::not_a_store(p.display()))

@@ -75,6 +75,15 @@ pub fn load(path: &Path, check_store: &dyn Fn(&Path) -> Result<()>) -> Result<Ve
             "config {}: no such file (give --config FILE or set SNAPCTL_CONFIG)",
             path.display()
         )),
+        // A directory or a binary file given by mistake: the user's to fix, not an I/O failure.
+        std::io::ErrorKind::InvalidData => Error::Invalid(format!(
+            "config {} is not UTF-8 text; give the TOML configuration file",
+            path.display()
+        )),
+        _ if e.raw_os_error() == Some(libc::EISDIR) => Error::Invalid(format!(
+            "config {} is a directory; give the TOML configuration file",
+            path.display()
+        )),
         _ => Error::io(format!("config {}", path.display()), e),
     })?;
     parse(&text, path, check_store)
@@ -91,22 +100,26 @@ pub fn parse(
     };
     let cfg: FileCfg = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-        Error::Invalid(format!("{file}:{line}: {}", e.message().trim()))
+        // The parser's message may span lines ("invalid table header\nexpected `.`, `]`").
+        let msg = e.message().trim().lines().collect::<Vec<_>>().join("; ");
+        // "invalid type: string \"three\", expected u64" does not say which key: its line does.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+        match key {
+            Some(k) => Error::Invalid(format!("{file}:{line}: {k}: {msg}")),
+            None => Error::Invalid(format!("{file}:{line}: {msg}")),
+        }
     })?;
     let mut out = Vec::new();
     for (sname, st) in cfg.store {
         let st_span = st.span();
         let st = st.into_inner();
         let spath = PathBuf::from(st.path.get_ref());
-        check_store(&spath).map_err(|e| {
-            at(
-                st.path.span(),
-                format!(
-                    "store.{sname}.path: {} is not a snapctl store ({e})",
-                    spath.display()
-                ),
-            )
-        })?;
+        check_store(&spath).map_err(|e| at(st.path.span(), format!("store.{sname}.path: {e}")))?;
         if st.period.is_empty() {
             return Err(at(
                 st_span,
