@@ -343,7 +343,8 @@ pub fn run(cli: Cli) -> Result<Output> {
                 post_hook,
             };
             let mut c = client(g)?;
-            let (snap, cs) = consistent::create(c.as_mut(), spec, &around, g.quiet)?;
+            let (snap, cs) =
+                consistent::create(c.as_mut(), store_path(g)?, spec, &around, g.quiet)?;
             Ok(render::created(st, &snap, cs))
         }
         Cmd::Info => match call(g, Request::Info, None, "")?.response {

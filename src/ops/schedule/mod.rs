@@ -162,7 +162,7 @@ pub fn run(
                 pre_hook: p.pre_hook.clone(),
                 post_hook: p.post_hook.clone(),
             };
-            match consistent::create(c.as_mut(), spec, &around, quiet) {
+            match consistent::create(c.as_mut(), &st.path, spec, &around, quiet) {
                 Ok(_) => actions.push(Action::Take {
                     name,
                     period: p.name.clone(),
