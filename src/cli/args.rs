@@ -150,6 +150,10 @@ pub enum Cmd {
         /// Run this after, whatever happened, once the pre-hook succeeded
         #[arg(long, value_name = "CMD")]
         post_hook: Option<String>,
+        /// Kill a hook still running after this long (a duration: 30s, 10m); a pre-hook killed
+        /// means no snapshot
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        hook_timeout: String,
         /// Stamp the snapshot with this creation time (RFC 3339) instead of now
         #[arg(long, value_name = "TIME", hide = true)]
         created_at: Option<String>,

@@ -329,6 +329,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             freeze_timeout,
             pre_hook,
             post_hook,
+            hook_timeout,
             created_at,
         } => {
             let spec = create_spec(name, expires, &labels, from, writable, created_at)?;
@@ -337,6 +338,11 @@ pub fn run(cli: Cli) -> Result<Output> {
                 freeze_timeout: crate::names::parse_duration(&freeze_timeout).ok_or_else(|| {
                     Error::Invalid(format!(
                         "--freeze-timeout '{freeze_timeout}' is not a duration (30s, 2m)"
+                    ))
+                })?,
+                hook_timeout: crate::names::parse_duration(&hook_timeout).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--hook-timeout '{hook_timeout}' is not a duration (30s, 10m)"
                     ))
                 })?,
                 pre_hook,

@@ -9,22 +9,59 @@ use super::{Client, CreateSpec, Request, Response};
 use crate::error::{Error, Result};
 use crate::store::Snapshot;
 
-pub fn run_hook(what: &str, cmd: &str) -> Result<()> {
-    let st = std::process::Command::new("/bin/sh")
+/// Runs `cmd` with `/bin/sh -c`, in a process group of its own so that everything it started
+/// can be ended with it: after `timeout` seconds (a hook that hangs must not hold up the
+/// snapshot, or a cron run, forever), or when SIGINT or SIGTERM reaches snapctl (the hook gets
+/// the same signal, then snapctl says so and exits 128 + the signal). Its stdin is empty.
+pub fn run_hook(what: &str, cmd: &str, timeout: i64) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let no_snapshot = if what == "pre-hook" {
+        "; no snapshot was taken"
+    } else {
+        ""
+    };
+    let catch = super::catch::Catch::new();
+    let mut child = std::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
-        .status()
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
         .map_err(|e| Error::io(format!("{what} '{cmd}'"), e))?;
+    let group = -(child.id() as i32);
+    let start = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| Error::io(format!("{what} '{cmd}'"), e))?
+        {
+            break st;
+        }
+        if let Some(sig) = catch.caught() {
+            // SAFETY: signalling the hook's own process group.
+            unsafe { libc::kill(group, sig as i32) };
+            let _ = child.wait();
+            eprintln!(
+                "snapctl: {what} '{cmd}' stopped by {}{no_snapshot}",
+                sig.as_str()
+            );
+            std::process::exit(128 + sig as i32);
+        }
+        if start.elapsed().as_secs_f64() >= timeout as f64 {
+            // SAFETY: killing the hook's own process group.
+            unsafe { libc::kill(group, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(Error::Invalid(format!(
+                "{what} '{cmd}' did not finish within {timeout} s and was killed (if it needs longer, raise --hook-timeout, or hook_timeout in the configuration){no_snapshot}"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     if st.success() {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
-            "{what} '{cmd}' failed ({st}){}",
-            if what == "pre-hook" {
-                "; no snapshot was taken"
-            } else {
-                ""
-            }
+            "{what} '{cmd}' failed ({st}){no_snapshot}"
         )))
     }
 }
@@ -205,6 +242,8 @@ pub struct Around {
     pub freeze: Vec<PathBuf>,
     /// Seconds after which the file systems are thawed whatever happens.
     pub freeze_timeout: i64,
+    /// Seconds after which a hook still running is killed.
+    pub hook_timeout: i64,
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,
 }
@@ -227,7 +266,7 @@ pub fn create(
     quiet: bool,
 ) -> Result<(Snapshot, u64)> {
     if let Some(cmd) = &around.pre_hook {
-        run_hook("pre-hook", cmd)?;
+        run_hook("pre-hook", cmd, around.hook_timeout)?;
     }
     let timeout = around.freeze_timeout;
     let result = (|| {
@@ -265,7 +304,7 @@ pub fn create(
         r
     })();
     if let Some(cmd) = &around.post_hook {
-        if let Err(e) = run_hook("post-hook", cmd) {
+        if let Err(e) = run_hook("post-hook", cmd, around.hook_timeout) {
             return match result {
                 Ok((s, _)) => Err(Error::Invalid(format!(
                     "{e}; snapshot '{}' was taken",

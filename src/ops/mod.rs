@@ -9,6 +9,7 @@
 //! (consistent create with hooks and freeze, schedule, prune) live in [`consistent`] and
 //! [`schedule`] and call a [`Client`] one request at a time, always in the caller's process.
 
+pub mod catch;
 pub mod client;
 pub mod consistent;
 mod exec;

@@ -159,6 +159,7 @@ pub fn run(
             let around = Around {
                 freeze: p.freeze.clone(),
                 freeze_timeout: 30,
+                hook_timeout: p.hook_timeout,
                 pre_hook: p.pre_hook.clone(),
                 post_hook: p.post_hook.clone(),
             };

@@ -40,6 +40,7 @@ struct PeriodCfg {
     freeze: Vec<String>,
     pre_hook: Option<String>,
     post_hook: Option<String>,
+    hook_timeout: Option<Spanned<String>>,
 }
 
 /// One snapshot period of a store.
@@ -54,7 +55,12 @@ pub struct Period {
     pub freeze: Vec<PathBuf>,
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,
+    /// Seconds after which a hook still running is killed.
+    pub hook_timeout: i64,
 }
+
+/// A hook still running after this long is killed (`hook_timeout`, `--hook-timeout`).
+pub const DEFAULT_HOOK_TIMEOUT: i64 = 600;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreConfig {
@@ -160,6 +166,18 @@ pub fn parse(
                 })?),
                 None => None,
             };
+            let hook_timeout = match &p.hook_timeout {
+                Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
+                    at(
+                        t.span(),
+                        format!(
+                            "store.{sname}.period '{name}': hook_timeout = '{}' is not a duration (30s, 10m)",
+                            t.get_ref()
+                        ),
+                    )
+                })?,
+                None => DEFAULT_HOOK_TIMEOUT,
+            };
             let keep = p.keep.as_ref().map(|k| *k.get_ref());
             if keep.is_none() && retain.is_none() {
                 return Err(at(
@@ -181,6 +199,7 @@ pub fn parse(
                 freeze: p.freeze.iter().map(PathBuf::from).collect(),
                 pre_hook: p.pre_hook,
                 post_hook: p.post_hook,
+                hook_timeout,
             });
         }
         out.push(StoreConfig {
@@ -332,6 +351,7 @@ mod tests {
             freeze: vec![],
             pre_hook: None,
             post_hook: None,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }
 
