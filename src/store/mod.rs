@@ -402,7 +402,9 @@ impl Store {
             preallocate(&store_file, store_size, &name)?;
         }
         drop(store_file);
-        let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
+        let w = |r: io::Result<()>| {
+            r.map_err(|e| crate::error::write_err(format!("store {name}: write"), e))
+        };
         // Crash argument: the superblock is written last. Until it is durable the store reads as
         // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
