@@ -133,7 +133,7 @@ fn open_err(what: &str, path: &Path, e: io::Error) -> Error {
             source: e,
         },
         _ if e.kind() == io::ErrorKind::InvalidInput => Error::Invalid(format!(
-            "{what} {}: not a block device or a regular file",
+            "{what} {} is not a block device or a regular file; give the {what}'s device or file",
             path.display()
         )),
         _ => Error::io(format!("{what} {}", path.display()), e),
@@ -454,7 +454,15 @@ impl Store {
                 exclusive: opts.write_origin || opts.exclusive_origin,
             },
             opts.lock_timeout,
-        )?;
+        )
+        .map_err(|e| match e {
+            // The user did not name it: say whose origin it is and what to do.
+            Error::NotFound(_) => Error::NotFound(format!(
+                "origin {} of store {name}: no such file or device; attach the origin at that path",
+                sb.origin_path
+            )),
+            e => e,
+        })?;
         if odev.size != sb.origin_size {
             return Err(Error::Mismatch(format!(
                 "origin {} is {} bytes but store {name} was made for {} bytes; is this the right device?",
