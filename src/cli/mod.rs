@@ -537,7 +537,12 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
     let Some(only) = g.store.as_deref() else {
         return Ok(stores);
     };
-    let mine: Vec<_> = stores.into_iter().filter(|s| s.path == only).collect();
+    // `-s store.img` from the store's directory names the configured /srv/store.img too.
+    let same = |p: &Path| {
+        p == only
+            || matches!((std::fs::canonicalize(p), std::fs::canonicalize(only)), (Ok(a), Ok(b)) if a == b)
+    };
+    let mine: Vec<_> = stores.into_iter().filter(|s| same(&s.path)).collect();
     if mine.is_empty() {
         return Err(Error::NotFound(format!(
             "store {} is not in {}",
