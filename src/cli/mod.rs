@@ -168,20 +168,23 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
             )));
         }
         if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(Error::Invalid(format!("--label '{k}' is given twice")));
+            return Err(Error::Invalid(format!(
+                "--label '{k}' is given twice; give each key once"
+            )));
         }
     }
     Ok(out)
 }
 
-fn parse_now(now: Option<&str>) -> Result<i64> {
+/// `--now` (or `--created-at`, named by `opt`): an RFC 3339 time; none means now.
+fn parse_now(opt: &str, now: Option<&str>) -> Result<i64> {
     match now {
         None => Ok(chrono::Utc::now().timestamp()),
         Some(t) => chrono::DateTime::parse_from_rfc3339(t)
             .map(|d| d.timestamp())
             .map_err(|_| {
                 Error::Invalid(format!(
-                    "'{t}' is not an RFC 3339 time (2026-11-22T10:00:00Z)"
+                    "{opt} '{t}' is not an RFC 3339 time; write it like 2026-11-22T10:00:00Z"
                 ))
             }),
     }
@@ -285,7 +288,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             now,
             config,
         } => {
-            let now = parse_now(now.as_deref())?;
+            let now = parse_now("--now", now.as_deref())?;
             let stores: Vec<PathBuf> = match &g.store {
                 Some(s) => vec![s.clone()],
                 None => schedule::load_config(&config)?
@@ -301,7 +304,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             now,
             config,
         }) => {
-            let at = parse_now(now.as_deref())?;
+            let at = parse_now("--now", now.as_deref())?;
             let stores = configured(g, &config)?;
             let ran = schedule::run(
                 &stores,
@@ -314,7 +317,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             Ok(render::schedule_ran(st, dry_run, at, &ran))
         }
         Cmd::Schedule(ScheduleCmd::Status { now, config }) => {
-            let at = parse_now(now.as_deref())?;
+            let at = parse_now("--now", now.as_deref())?;
             let stores = configured(g, &config)?;
             let rows = schedule::status(&stores, &|p| ops::connect(p, false), at)?;
             Ok(render::schedule_status(st, at, &rows))
@@ -412,8 +415,11 @@ pub fn run(cli: Cli) -> Result<Output> {
             input,
             snapshot,
         } => {
-            let offset = parse_size(&offset)
-                .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
+            let offset = parse_size(&offset).map_err(|_| {
+                Error::Invalid(format!(
+                    "--offset '{offset}' is not a byte offset; write it like 4096, 4K or 1M"
+                ))
+            })?;
             let src = files::input(input.as_deref())?;
             let reply = call(g, Request::Write { offset, snapshot }, Some(src), "")?;
             render::events(st, &reply.events);
@@ -526,7 +532,7 @@ fn create_spec(
         writable,
         created: created_at
             .as_deref()
-            .map(|t| parse_now(Some(t)))
+            .map(|t| parse_now("--created-at", Some(t)))
             .transpose()?,
     })
 }
@@ -545,7 +551,7 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
     let mine: Vec<_> = stores.into_iter().filter(|s| same(&s.path)).collect();
     if mine.is_empty() {
         return Err(Error::NotFound(format!(
-            "store {} is not in {}",
+            "store {} is not in {}; add it there, or leave out -s (and SNAPCTL_STORE)",
             only.display(),
             config.display()
         )));
