@@ -313,7 +313,7 @@ fn restore_to(
     }
     if dev.size < size {
         return Err(Error::Invalid(format!(
-            "--to {what} holds {} bytes, less than the origin's {size}",
+            "--to {what} holds {} bytes, less than the origin's {size}; give a device or file of at least {size} bytes",
             dev.size
         )));
     }

@@ -139,7 +139,7 @@ impl Superblock {
         let sum = blake3::hash(&b[..OFF_CHECKSUM]);
         if sum.as_bytes() != &b[OFF_CHECKSUM..SUPERBLOCK_SIZE] {
             return Err(Error::Corrupt(format!(
-                "{what}: superblock checksum mismatch (the first 4 KiB were damaged)"
+                "{what}: superblock checksum mismatch (the first 4 KiB were damaged); the store cannot be read: restore it from a backup, or format it again with `snapctl init --force`"
             )));
         }
         let mut v = [0u8; 4];

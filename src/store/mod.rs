@@ -177,7 +177,7 @@ fn lock(file: &File, name: &str, timeout: Duration) -> Result<File> {
         }
         if start.elapsed() >= timeout {
             return Err(Error::Busy(format!(
-                "store {name} is busy: another snapctl is using it; try again when it has finished"
+                "store {name} is busy: another snapctl (a command, or a `snapctl serve`) is using it; try again when it has finished"
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -294,7 +294,7 @@ impl Store {
         let cs = opts.chunk_size;
         if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
             return Err(Error::Invalid(format!(
-                "chunk size {cs} is not a power of two between 4 KiB and 1 MiB"
+                "--chunk-size {cs} is not a power of two between 4 KiB and 1 MiB; use 4K, 8K, 16K, ... 1M"
             )));
         }
         let origin_abs =
@@ -325,7 +325,7 @@ impl Store {
         )?;
         if odev.size == 0 {
             return Err(Error::Invalid(format!(
-                "origin {} is empty",
+                "origin {} is empty (0 bytes); give the device or file to take snapshots of",
                 origin.display()
             )));
         }
@@ -374,7 +374,7 @@ impl Store {
         };
         if meta_len < MIN_META_LEN {
             return Err(Error::Invalid(format!(
-                "metadata size {meta_len} is below the minimum of 4 MiB"
+                "--metadata-size {meta_len} is below the minimum of 4 MiB; give 4M or more, or leave it out for the default"
             )));
         }
         let data_offset = (META_OFFSET + meta_len).next_multiple_of(cs.max(1 << 20));
@@ -465,7 +465,7 @@ impl Store {
         })?;
         if odev.size != sb.origin_size {
             return Err(Error::Mismatch(format!(
-                "origin {} is {} bytes but store {name} was made for {} bytes; is this the right device?",
+                "origin {} is {} bytes but store {name} was made for {} bytes; attach the device it was made for, or give this one back its size",
                 sb.origin_path, odev.size, sb.origin_size
             )));
         }
