@@ -19,6 +19,13 @@ pub struct AtomicOutput {
     tmp: Option<PathBuf>,
 }
 
+/// The temporary file [`AtomicOutput::create`] writes for `target` (known before it exists, so
+/// that whoever must remove it after a signal knows it from the start).
+pub fn temporary_for(target: &Path) -> Option<PathBuf> {
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    Some(target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id())))
+}
+
 impl AtomicOutput {
     pub fn create(target: &Path) -> Result<AtomicOutput> {
         let err = |e| Error::io(format!("output {}", target.display()), e);
@@ -41,13 +48,9 @@ impl AtomicOutput {
                 tmp: None,
             });
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| {
-                Error::Invalid(format!("output {} is not a file name", target.display()))
-            })?;
-        let tmp = target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id()));
+        let tmp = temporary_for(target).ok_or_else(|| {
+            Error::Invalid(format!("output {} is not a file name", target.display()))
+        })?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -64,11 +67,6 @@ impl AtomicOutput {
             target: target.to_path_buf(),
             tmp: Some(tmp),
         })
-    }
-
-    /// The temporary file being written (None for a device, written in place).
-    pub fn temporary(&self) -> Option<PathBuf> {
-        self.tmp.clone()
     }
 
     pub fn commit(mut self) -> Result<()> {

@@ -562,6 +562,15 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
 /// `export NAME [-o FILE]`: a file is written whole or not at all (into a temporary file beside
 /// it, renamed over it on success); stdout and devices are written in place.
 fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<Output> {
+    // The watch comes first: a signal at any instant after the temporary file exists finds it.
+    let device = output.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()));
+    let tmp = output.filter(|_| !device).and_then(files::temporary_for);
+    let left = match output {
+        Some(p) if tmp.is_some() => format!("{} was left as it was", p.display()),
+        Some(p) => format!("{} holds part of the image", p.display()),
+        None => "the image on stdout is incomplete".into(),
+    };
+    let _watch = interrupt::Watch::start(g.json, left, tmp);
     let (pending, sink) = match output {
         Some(p) => {
             let out = files::AtomicOutput::create(p)?;
@@ -573,13 +582,6 @@ fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<
         }
         None => (None, files::stdout_for_image(g.json)?),
     };
-    let tmp = pending.as_ref().and_then(|o| o.temporary());
-    let left = match output {
-        Some(p) if tmp.is_some() => format!("{} was left as it was", p.display()),
-        Some(p) => format!("{} holds part of the image", p.display()),
-        None => "the image on stdout is incomplete".into(),
-    };
-    let _watch = interrupt::Watch::start(g.json, left, tmp);
     let reply = match call(
         g,
         Request::Export { name: name.clone() },
