@@ -18,6 +18,7 @@ EXIT STATUS:
   8  the snapshot is invalid (dropped when the store filled up)
   9  check found leaked space but no corruption
  70  internal error
+128+N  interrupted by signal N (130: SIGINT, 143: SIGTERM) during export, restore or a hook
 
 JSON OUTPUT (--json), schema_version 1:
   Every document is one object with \"schema_version\": 1, printed on stdout.
