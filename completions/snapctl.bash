@@ -211,7 +211,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__create)
-            opts="-s -q -v -h -V --expires --label --from --writable --freeze --freeze-timeout --pre-hook --post-hook --created-at --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --expires --label --from --writable --freeze --freeze-timeout --pre-hook --post-hook --hook-timeout --created-at --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -242,6 +242,10 @@ _snapctl() {
                     return 0
                     ;;
                 --post-hook)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --hook-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -77,6 +77,7 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l freeze -d 'Fr
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l freeze-timeout -d 'Thaw after this long whatever happens (a duration: 30s, 2m)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l pre-hook -d 'Run this first (with /bin/sh -c); if it fails, no snapshot is taken' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l post-hook -d 'Run this after, whatever happened, once the pre-hook succeeded' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l hook-timeout -d 'Kill a hook still running after this long (a duration: 30s, 10m); a pre-hook killed means no snapshot' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l created-at -d 'Stamp the snapshot with this creation time (RFC 3339) instead of now' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand create" -l writable -d 'Make the new snapshot writable (a clone); see set-writable'

@@ -152,6 +152,20 @@ impl Error {
     }
 }
 
+/// A failed write: a device or file that refuses every write (a read-only loop device, a
+/// write-protected disk) is named as read-only, with what to do; anything else as it is.
+pub(crate) fn write_err(ctx: String, e: io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) => Error::Io {
+            message: format!(
+                "{ctx}: the device or file is read-only ({e}); make it writable, or use another store"
+            ),
+            source: e,
+        },
+        _ => Error::io(ctx, e),
+    }
+}
+
 /// redb errors inside the metadata region are either our region running out, I/O, or damage.
 pub(crate) fn meta_err(store: &str, e: impl Into<redb::Error>) -> Error {
     let e: redb::Error = e.into();
@@ -160,7 +174,7 @@ pub(crate) fn meta_err(store: &str, e: impl Into<redb::Error>) -> Error {
         redb::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Error::NoSpace(format!(
             "{store}: the metadata region is full (re-create the store with a larger --metadata-size)"
         )),
-        redb::Error::Io(io) => Error::io(format!("{store}: metadata I/O"), io),
+        redb::Error::Io(io) => write_err(format!("{store}: metadata I/O"), io),
         redb::Error::Corrupted(_) => Error::Corrupt(format!(
             "{store}: metadata is damaged ({msg}); run `snapctl check`"
         )),

@@ -6,9 +6,17 @@ use crate::error::{Error, Result};
 /// live volume's name.
 pub fn validate(name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._-+:@".contains(c);
-    if name.is_empty() || name.len() > 128 {
+    if name.is_empty() {
+        return Err(Error::Invalid(
+            "a snapshot name must not be empty; use 1 to 128 characters".into(),
+        ));
+    }
+    if name.len() > 128 {
+        // The first characters are enough to recognise it; the line stays readable.
+        let head: String = name.chars().take(24).collect();
         return Err(Error::Invalid(format!(
-            "snapshot name '{name}' must be 1 to 128 characters long"
+            "snapshot name '{head}...' is {} bytes long; use 1 to 128 characters",
+            name.len()
         )));
     }
     if let Some(bad) = name.chars().find(|c| !ok_char(*c)) {

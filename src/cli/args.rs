@@ -18,6 +18,7 @@ EXIT STATUS:
   8  the snapshot is invalid (dropped when the store filled up)
   9  check found leaked space but no corruption
  70  internal error
+128+N  interrupted by signal N (130: SIGINT, 143: SIGTERM) during export, restore or a hook
 
 JSON OUTPUT (--json), schema_version 1:
   Every document is one object with \"schema_version\": 1, printed on stdout.
@@ -150,6 +151,10 @@ pub enum Cmd {
         /// Run this after, whatever happened, once the pre-hook succeeded
         #[arg(long, value_name = "CMD")]
         post_hook: Option<String>,
+        /// Kill a hook still running after this long (a duration: 30s, 10m); a pre-hook killed
+        /// means no snapshot
+        #[arg(long, value_name = "DURATION", default_value = "10m")]
+        hook_timeout: String,
         /// Stamp the snapshot with this creation time (RFC 3339) instead of now
         #[arg(long, value_name = "TIME", hide = true)]
         created_at: Option<String>,

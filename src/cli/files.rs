@@ -19,11 +19,25 @@ pub struct AtomicOutput {
     tmp: Option<PathBuf>,
 }
 
+/// The temporary file [`AtomicOutput::create`] writes for `target` (known before it exists, so
+/// that whoever must remove it after a signal knows it from the start).
+pub fn temporary_for(target: &Path) -> Option<PathBuf> {
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    Some(target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id())))
+}
+
 impl AtomicOutput {
     pub fn create(target: &Path) -> Result<AtomicOutput> {
         let err = |e| Error::io(format!("output {}", target.display()), e);
-        let special = std::fs::metadata(target).is_ok_and(|m| !m.is_file());
-        if special {
+        let meta = std::fs::metadata(target).ok();
+        if meta.as_ref().is_some_and(|m| m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "output {} is a directory; give a file name (-o {}/NAME.img)",
+                target.display(),
+                target.display().to_string().trim_end_matches('/')
+            )));
+        }
+        if meta.is_some_and(|m| !m.is_file()) {
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(target)
@@ -34,18 +48,20 @@ impl AtomicOutput {
                 tmp: None,
             });
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| {
-                Error::Invalid(format!("output {} is not a file name", target.display()))
-            })?;
-        let tmp = target.with_file_name(format!(".{name}.snapctl-{}.tmp", std::process::id()));
+        let tmp = temporary_for(target).ok_or_else(|| {
+            Error::Invalid(format!("output {} is not a file name", target.display()))
+        })?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(err)?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound(format!(
+                    "output {}: its directory does not exist; create it first or choose another path",
+                    target.display()
+                )),
+                _ => err(e),
+            })?;
         Ok(AtomicOutput {
             file,
             target: target.to_path_buf(),
@@ -55,7 +71,11 @@ impl AtomicOutput {
 
     pub fn commit(mut self) -> Result<()> {
         let err = |e| Error::io(format!("output {}", self.target.display()), e);
-        self.file.sync_all().map_err(err)?;
+        match self.file.sync_all() {
+            // A character device (/dev/null) has nothing to make durable and says EINVAL.
+            Err(e) if self.tmp.is_none() && e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => r.map_err(err)?,
+        }
         if let Some(tmp) = self.tmp.take() {
             if let Err(e) = std::fs::rename(&tmp, &self.target) {
                 let _ = std::fs::remove_file(&tmp);
@@ -93,12 +113,21 @@ pub fn stdout_for_image(json: bool) -> Result<File> {
 /// `write`'s input: FILE, or stdin.
 pub fn input(path: Option<&Path>) -> Result<File> {
     match path {
-        Some(p) => File::open(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::NotFound(format!("input {}: no such file", p.display()))
+        Some(p) => {
+            let f = File::open(p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Error::NotFound(format!("input {}: no such file", p.display()))
+                }
+                _ => Error::io(format!("input {}", p.display()), e),
+            })?;
+            if f.metadata().is_ok_and(|m| m.is_dir()) {
+                return Err(Error::Invalid(format!(
+                    "input {} is a directory; give a file, or send the data to stdin",
+                    p.display()
+                )));
             }
-            _ => Error::io(format!("input {}", p.display()), e),
-        }),
+            Ok(f)
+        }
         None => std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
@@ -110,11 +139,29 @@ pub fn input(path: Option<&Path>) -> Result<File> {
 /// `restore --to DEVICE`: opened for writing, exclusively when it is a block device (refused
 /// while mounted).
 pub fn restore_target(dev: &Path) -> Result<File> {
+    use std::os::unix::fs::FileTypeExt;
+    let not_found = || {
+        Error::NotFound(format!(
+            "--to {}: no such file or device; give a device, or a file at least the origin's size",
+            dev.display()
+        ))
+    };
+    let meta = std::fs::metadata(dev).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => not_found(),
+        _ => Error::io(format!("--to {}", dev.display()), e),
+    })?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(Error::Invalid(format!(
+            "--to {} is not a block device or a regular file; give a device, or a file at least the origin's size",
+            dev.display()
+        )));
+    }
     crate::io::open_exclusive(dev).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOENT) => {
-            Error::NotFound(format!("--to {}: no such file or device", dev.display()))
-        }
-        Some(libc::EBUSY) => Error::Busy(format!("--to {} is in use (mounted?)", dev.display())),
+        Some(libc::ENOENT) => not_found(),
+        Some(libc::EBUSY) => Error::Busy(format!(
+            "--to {} is in use (mounted, or held by another program); unmount it or give another device",
+            dev.display()
+        )),
         _ => Error::io(format!("--to {}", dev.display()), e),
     })
 }

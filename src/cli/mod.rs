@@ -5,6 +5,7 @@
 pub mod args;
 mod docs;
 mod files;
+mod interrupt;
 pub mod render;
 
 use std::collections::BTreeMap;
@@ -30,10 +31,18 @@ use render::Style;
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        // --help and --version: their text, as clap prints it.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return code;
+            return 0;
+        }
+        Err(e) => {
+            let json = std::env::args_os()
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            let e = Error::Invalid(usage_error(&e.to_string(), &subcommand_named()));
+            report(json, &e);
+            return e.exit_code();
         }
     };
     let json = cli.global.json;
@@ -61,12 +70,56 @@ pub fn main() -> i32 {
     }
 }
 
+/// clap's usage error (several lines: the error, tips, the usage, a pointer to --help) as one
+/// line: what is wrong, the tips, and which --help to read (`command`'s).
+fn usage_error(text: &str, command: &str) -> String {
+    let (mut what, mut tips) = (Vec::new(), Vec::new());
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(tip) = line.strip_prefix("tip: ") {
+            tips.push(tip);
+        } else if !line.starts_with("Usage: ") && !line.starts_with("For more information") {
+            what.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    let mut msg = what.join(" ");
+    for t in tips {
+        msg.push_str(&format!(" ({t})"));
+    }
+    format!("{msg}; see `{command} --help`")
+}
+
+/// The (sub)command the command line names, as far as it names one: `snapctl schedule run`.
+fn subcommand_named() -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec!["snapctl".to_string()];
+    for a in std::env::args().skip(1) {
+        let Some(sub) = cmd.find_subcommand(&a).cloned() else {
+            continue;
+        };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    path.join(" ")
+}
+
+/// An error as one line on stderr (or one JSON object). Control characters a user typed into a
+/// name (a newline, an escape sequence) are shown escaped: they must not break the line or
+/// reach the terminal.
 fn report(json: bool, e: &Error) {
+    let mut message = String::new();
+    for c in e.to_string().chars() {
+        if c.is_control() {
+            message.extend(c.escape_default());
+        } else {
+            message.push(c);
+        }
+    }
     if json {
-        let v = serde_json::json!({"schema_version": 1, "error": {"kind": e.kind(), "message": e.to_string()}});
+        let v = serde_json::json!({"schema_version": 1, "error": {"kind": e.kind(), "message": message}});
         eprintln!("{v}");
     } else {
-        eprintln!("snapctl: {e}");
+        eprintln!("snapctl: {message}");
     }
 }
 
@@ -102,20 +155,23 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
             .ok_or_else(|| Error::Invalid(format!("--label '{l}' is not KEY=VALUE")))?;
         crate::names::validate_label(k, v).map_err(|m| Error::Invalid(format!("--{m}")))?;
         if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(Error::Invalid(format!("--label '{k}' is given twice")));
+            return Err(Error::Invalid(format!(
+                "--label '{k}' is given twice; give each key once"
+            )));
         }
     }
     Ok(out)
 }
 
-fn parse_now(now: Option<&str>) -> Result<i64> {
+/// `--now` (or `--created-at`, named by `opt`): an RFC 3339 time; none means now.
+fn parse_now(opt: &str, now: Option<&str>) -> Result<i64> {
     match now {
         None => Ok(chrono::Utc::now().timestamp()),
         Some(t) => chrono::DateTime::parse_from_rfc3339(t)
             .map(|d| d.timestamp())
             .map_err(|_| {
                 Error::Invalid(format!(
-                    "'{t}' is not an RFC 3339 time (2026-11-22T10:00:00Z)"
+                    "{opt} '{t}' is not an RFC 3339 time; write it like 2026-11-22T10:00:00Z"
                 ))
             }),
     }
@@ -158,6 +214,7 @@ fn unexpected(r: Response) -> Error {
 /// Long on purpose: it is the command table, one short arm per command (parse, one call,
 /// render); splitting it would scatter that table. Anything longer lives in a function below.
 pub fn run(cli: Cli) -> Result<Output> {
+    check_environment()?;
     let g = &cli.global;
     let st = Style {
         json: g.json,
@@ -218,7 +275,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             now,
             config,
         } => {
-            let now = parse_now(now.as_deref())?;
+            let now = parse_now("--now", now.as_deref())?;
             let stores: Vec<PathBuf> = match &g.store {
                 Some(s) => vec![s.clone()],
                 None => schedule::load_config(&config)?
@@ -234,7 +291,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             now,
             config,
         }) => {
-            let at = parse_now(now.as_deref())?;
+            let at = parse_now("--now", now.as_deref())?;
             let stores = configured(g, &config)?;
             let ran = schedule::run(
                 &stores,
@@ -247,7 +304,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             Ok(render::schedule_ran(st, dry_run, at, &ran))
         }
         Cmd::Schedule(ScheduleCmd::Status { now, config }) => {
-            let at = parse_now(now.as_deref())?;
+            let at = parse_now("--now", now.as_deref())?;
             let stores = configured(g, &config)?;
             let rows = schedule::status(&stores, &|p| ops::connect(p, false), at)?;
             Ok(render::schedule_status(st, at, &rows))
@@ -262,6 +319,7 @@ pub fn run(cli: Cli) -> Result<Output> {
             freeze_timeout,
             pre_hook,
             post_hook,
+            hook_timeout,
             created_at,
         } => {
             let spec = create_spec(name, expires, &labels, from, writable, created_at)?;
@@ -272,11 +330,17 @@ pub fn run(cli: Cli) -> Result<Output> {
                         "--freeze-timeout '{freeze_timeout}' is not a duration (30s, 2m)"
                     ))
                 })?,
+                hook_timeout: crate::names::parse_duration(&hook_timeout).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--hook-timeout '{hook_timeout}' is not a duration (30s, 10m)"
+                    ))
+                })?,
                 pre_hook,
                 post_hook,
             };
             let mut c = client(g)?;
-            let (snap, cs) = consistent::create(c.as_mut(), spec, &around, g.quiet)?;
+            let (snap, cs) =
+                consistent::create(c.as_mut(), store_path(g)?, spec, &around, g.quiet)?;
             Ok(render::created(st, &snap, cs))
         }
         Cmd::Info => match call(g, Request::Info, None, "")?.response {
@@ -338,8 +402,11 @@ pub fn run(cli: Cli) -> Result<Output> {
             input,
             snapshot,
         } => {
-            let offset = parse_size(&offset)
-                .map_err(|_| Error::Invalid(format!("--offset '{offset}' is not a byte offset")))?;
+            let offset = parse_size(&offset).map_err(|_| {
+                Error::Invalid(format!(
+                    "--offset '{offset}' is not a byte offset; write it like 4096, 4K or 1M"
+                ))
+            })?;
             let src = files::input(input.as_deref())?;
             let reply = call(g, Request::Write { offset, snapshot }, Some(src), "")?;
             render::events(st, &reply.events);
@@ -378,6 +445,27 @@ pub fn run(cli: Cli) -> Result<Output> {
     }
 }
 
+/// The variables that steer every command (AFTER_HELP's ENVIRONMENT): a typo in one used to be
+/// ignored without a word (the default taken instead). Empty is the same as unset.
+fn check_environment() -> Result<()> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(v) = var("SNAPCTL_LOCK_TIMEOUT") {
+        if !v.parse::<f64>().is_ok_and(|s| s.is_finite() && s >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "SNAPCTL_LOCK_TIMEOUT='{v}' is not a number of seconds (like 5 or 0.5); fix it or unset it"
+            )));
+        }
+    }
+    if let Some(v) = var("SNAPCTL_IO_ENGINE") {
+        if !["uring", "sync", "auto"].contains(&v.as_str()) {
+            return Err(Error::Invalid(format!(
+                "SNAPCTL_IO_ENGINE='{v}' is not uring, sync or auto; fix it or unset it"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `init`'s options, parsed.
 fn init_options(
     chunk_size: &str,
@@ -397,7 +485,15 @@ fn init_options(
             OnFullArg::FailWrites => OnFull::FailWrites,
         },
         force,
-        metadata_size: metadata_size.map(parse_size).transpose()?,
+        metadata_size: metadata_size
+            .map(|m| {
+                parse_size(m).map_err(|_| {
+                    Error::Invalid(format!(
+                        "--metadata-size '{m}' is not a size; write it like 8M, 64MiB or 1G"
+                    ))
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -423,7 +519,7 @@ fn create_spec(
         writable,
         created: created_at
             .as_deref()
-            .map(|t| parse_now(Some(t)))
+            .map(|t| parse_now("--created-at", Some(t)))
             .transpose()?,
     })
 }
@@ -434,10 +530,15 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
     let Some(only) = g.store.as_deref() else {
         return Ok(stores);
     };
-    let mine: Vec<_> = stores.into_iter().filter(|s| s.path == only).collect();
+    // `-s store.img` from the store's directory names the configured /srv/store.img too.
+    let same = |p: &Path| {
+        p == only
+            || matches!((std::fs::canonicalize(p), std::fs::canonicalize(only)), (Ok(a), Ok(b)) if a == b)
+    };
+    let mine: Vec<_> = stores.into_iter().filter(|s| same(&s.path)).collect();
     if mine.is_empty() {
         return Err(Error::NotFound(format!(
-            "store {} is not in {}",
+            "store {} is not in {}; add it there, or leave out -s (and SNAPCTL_STORE)",
             only.display(),
             config.display()
         )));
@@ -448,6 +549,15 @@ fn configured(g: &Global, config: &Path) -> Result<Vec<schedule::policy::StoreCo
 /// `export NAME [-o FILE]`: a file is written whole or not at all (into a temporary file beside
 /// it, renamed over it on success); stdout and devices are written in place.
 fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<Output> {
+    // The watch comes first: a signal at any instant after the temporary file exists finds it.
+    let device = output.is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()));
+    let tmp = output.filter(|_| !device).and_then(files::temporary_for);
+    let left = match output {
+        Some(p) if tmp.is_some() => format!("{} was left as it was", p.display()),
+        Some(p) => format!("{} holds part of the image", p.display()),
+        None => "the image on stdout is incomplete".into(),
+    };
+    let _watch = interrupt::Watch::start(g.json, left, tmp);
     let (pending, sink) = match output {
         Some(p) => {
             let out = files::AtomicOutput::create(p)?;
@@ -470,6 +580,19 @@ fn export(g: &Global, st: Style, name: String, output: Option<&Path>) -> Result<
             if output.is_none() && source.kind() == std::io::ErrorKind::BrokenPipe =>
         {
             return Ok(render::exported(st, &name, 0, None));
+        }
+        // The store does not know what the caller calls its output: name it here.
+        Err(Error::Io { message, source }) if message.starts_with("export output") => {
+            let what = output.map_or("stdout".into(), |p| p.display().to_string());
+            return Err(match source.raw_os_error() {
+                Some(libc::ENOSPC) => Error::Io {
+                    message: format!(
+                        "output {what}: no space left on its file system or device; free some space or export elsewhere"
+                    ),
+                    source,
+                },
+                _ => Error::io(format!("output {what}"), source),
+            });
         }
         r => r?,
     };
@@ -509,6 +632,8 @@ fn restore(
     if let Some(dev) = to {
         let target = dev.display().to_string();
         let dst = files::restore_target(dev)?;
+        let left = format!("{target} holds part of the image; run the restore again");
+        let _watch = interrupt::Watch::start(g.json, left, None);
         let req = Request::RestoreTo { name, target };
         return match call(g, req, Some(dst), &what)?.response {
             Response::RestoredTo {
@@ -519,6 +644,11 @@ fn restore(
             r => Err(unexpected(r)),
         };
     }
+    let left = format!(
+        "a restore that had begun is finished by the next command on the store (`snapctl -s {} restore --resume`)",
+        store_path(g)?.display()
+    );
+    let _watch = interrupt::Watch::start(g.json, left, None);
     let reply = call(
         g,
         Request::Restore {

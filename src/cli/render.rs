@@ -580,9 +580,7 @@ pub fn schedule_ran(st: Style, dry_run: bool, now: i64, stores: &[Ran]) -> Outpu
                         r.store,
                         if dry_run { "would take" } else { "took" }
                     ),
-                    Action::Failed { period, error } => {
-                        format!("{}: period {period}: {error}\n", r.store)
-                    }
+                    Action::Failed { .. } => continue,
                     Action::Delete { name, reason } => format!(
                         "{}: {} '{name}' ({reason})\n",
                         r.store,
@@ -591,11 +589,22 @@ pub fn schedule_ran(st: Style, dry_run: bool, now: i64, stores: &[Ran]) -> Outpu
                 });
             }
         }
-        if text.is_empty() {
+        if text.is_empty() && code == 0 {
             text = "nothing due, nothing to delete\n".into();
         }
         text
     });
+    // A failure is an error: on stderr like every other (cron mails it, `2>>log` keeps it), even
+    // with -q; the JSON document carries it in "errors".
+    if !st.json {
+        for r in stores {
+            for a in &r.actions {
+                if let Action::Failed { period, error } = a {
+                    eprintln!("snapctl: {}: period {period}: {error}", r.store);
+                }
+            }
+        }
+    }
     out.code = code;
     out
 }

@@ -214,6 +214,17 @@ fn write(s: &mut Store, offset: u64, snapshot: Option<&str>, mut src: File) -> R
             "--offset {offset} is beyond the end of the origin ({size} bytes)"
         )));
     }
+    // An input of known length (a file) that cannot fit is refused before anything is written;
+    // only a stream (a pipe) can be found too long part way.
+    if let Ok(m) = src.metadata() {
+        use std::io::Seek;
+        let left = m.len().saturating_sub(src.stream_position().unwrap_or(0));
+        if m.is_file() && offset.saturating_add(left) > size {
+            return Err(Error::Invalid(format!(
+                "the input is {left} bytes: at --offset {offset} it would run past the end of the origin ({size} bytes); nothing was written"
+            )));
+        }
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = offset;
     loop {
@@ -292,7 +303,12 @@ fn restore_to(
             s.sb.origin_size,
         )
     };
-    let dev = crate::io::device_of(target).map_err(|e| Error::io(format!("--to {what}"), e))?;
+    let dev = crate::io::device_of(target).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => Error::Invalid(format!(
+            "--to {what} is not a block device or a regular file; give a device, or a file at least the origin's size"
+        )),
+        _ => Error::io(format!("--to {what}"), e),
+    })?;
     let id = crate::io::file_id_of(&dev.file);
     if id.is_some() && (id == origin || id == store) {
         return Err(Error::Invalid(format!(
@@ -301,7 +317,7 @@ fn restore_to(
     }
     if dev.size < size {
         return Err(Error::Invalid(format!(
-            "--to {what} holds {} bytes, less than the origin's {size}",
+            "--to {what} holds {} bytes, less than the origin's {size}; give a device or file of at least {size} bytes",
             dev.size
         )));
     }

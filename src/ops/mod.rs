@@ -9,6 +9,7 @@
 //! (consistent create with hooks and freeze, schedule, prune) live in [`consistent`] and
 //! [`schedule`] and call a [`Client`] one request at a time, always in the caller's process.
 
+pub mod catch;
 pub mod client;
 pub mod consistent;
 mod exec;
@@ -240,15 +241,23 @@ pub fn init(
     origin: &std::path::Path,
     opts: &crate::store::InitOptions,
 ) -> Result<crate::store::format::Superblock> {
+    // Its lock would only say "busy, try again later"; a server never finishes by itself.
+    if matches!(Remote::connect(store), Ok(Some(_))) {
+        return Err(crate::error::Error::Busy(format!(
+            "store {} is being served by `snapctl serve`; stop the server before formatting it",
+            store.display()
+        )));
+    }
     Store::init(store, origin, opts)
 }
 
 /// Converts a store of an older format in place; refused while a server holds it.
 pub fn upgrade(store: &std::path::Path) -> Result<crate::store::upgrade::UpgradeReport> {
     if Remote::connect(store)?.is_some() {
-        return Err(crate::error::Error::Busy(
-            "upgrade a store before serving it, not through the server".into(),
-        ));
+        return Err(crate::error::Error::Busy(format!(
+            "store {} is being served by `snapctl serve`; stop the server, then upgrade it",
+            store.display()
+        )));
     }
     Store::open_for_upgrade(store)?.upgrade()
 }

@@ -139,12 +139,18 @@ impl Superblock {
         let sum = blake3::hash(&b[..OFF_CHECKSUM]);
         if sum.as_bytes() != &b[OFF_CHECKSUM..SUPERBLOCK_SIZE] {
             return Err(Error::Corrupt(format!(
-                "{what}: superblock checksum mismatch (the first 4 KiB were damaged)"
+                "{what}: superblock checksum mismatch (the first 4 KiB were damaged); the store cannot be read: restore it from a backup, or format it again with `snapctl init --force`"
             )));
         }
         let mut v = [0u8; 4];
         v.copy_from_slice(&b[OFF_VERSION..OFF_VERSION + 4]);
         let version = u32::from_le_bytes(v);
+        if version > FORMAT_VERSION {
+            // Not damage: a newer snapctl wrote it. Nothing here can read it safely.
+            return Err(Error::Invalid(format!(
+                "{what} uses store format version {version}, written by a newer snapctl (this one reads version {FORMAT_VERSION}); use the snapctl that made it, or a newer one"
+            )));
+        }
         if version != FORMAT_VERSION && version != UPGRADABLE_VERSION {
             return Err(Error::Corrupt(format!(
                 "{what}: store format version {version} is not supported by this snapctl (it reads version {FORMAT_VERSION})"

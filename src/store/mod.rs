@@ -124,12 +124,16 @@ fn open_err(what: &str, path: &Path, e: io::Error) -> Error {
             "{what} {} is in use (mounted, or held by another program); unmount it or stop that program",
             path.display()
         )),
-        Some(libc::EACCES) | Some(libc::EPERM) => Error::io(
-            format!("{what} {}: permission denied (run as root?)", path.display()),
-            e,
-        ),
+        // The system's words would only repeat "permission denied".
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::Io {
+            message: format!(
+                "{what} {}: permission denied; run as root, or as a user who may read and write it",
+                path.display()
+            ),
+            source: e,
+        },
         _ if e.kind() == io::ErrorKind::InvalidInput => Error::Invalid(format!(
-            "{what} {}: not a block device or a regular file",
+            "{what} {} is not a block device or a regular file; give the {what}'s device or file",
             path.display()
         )),
         _ => Error::io(format!("{what} {}", path.display()), e),
@@ -173,7 +177,7 @@ fn lock(file: &File, name: &str, timeout: Duration) -> Result<File> {
         }
         if start.elapsed() >= timeout {
             return Err(Error::Busy(format!(
-                "store {name} is busy: another snapctl is using it; try again when it has finished"
+                "store {name} is busy: another snapctl (a command, or a `snapctl serve`) is using it; try again when it has finished"
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -290,7 +294,7 @@ impl Store {
         let cs = opts.chunk_size;
         if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
             return Err(Error::Invalid(format!(
-                "chunk size {cs} is not a power of two between 4 KiB and 1 MiB"
+                "--chunk-size {cs} is not a power of two between 4 KiB and 1 MiB; use 4K, 8K, 16K, ... 1M"
             )));
         }
         let origin_abs =
@@ -321,7 +325,18 @@ impl Store {
         )?;
         if odev.size == 0 {
             return Err(Error::Invalid(format!(
-                "origin {} is empty",
+                "origin {} is empty (0 bytes); give the device or file to take snapshots of",
+                origin.display()
+            )));
+        }
+        // `init ORIGIN --origin STORE`, the two swapped: going ahead would format the data.
+        let mut magic = [0u8; 8];
+        let origin_is_store = File::open(&origin_abs)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|_| &magic == crate::store::format::MAGIC);
+        if origin_is_store {
+            return Err(Error::Invalid(format!(
+                "origin {} is itself a snapctl store; were STORE and --origin swapped? (snapctl init STORE --origin ORIGIN)",
                 origin.display()
             )));
         }
@@ -359,7 +374,7 @@ impl Store {
         };
         if meta_len < MIN_META_LEN {
             return Err(Error::Invalid(format!(
-                "metadata size {meta_len} is below the minimum of 4 MiB"
+                "--metadata-size {meta_len} is below the minimum of 4 MiB; give 4M or more, or leave it out for the default"
             )));
         }
         let data_offset = (META_OFFSET + meta_len).next_multiple_of(cs.max(1 << 20));
@@ -387,7 +402,9 @@ impl Store {
             preallocate(&store_file, store_size, &name)?;
         }
         drop(store_file);
-        let w = |r: io::Result<()>| r.map_err(|e| Error::io(format!("store {name}: write"), e));
+        let w = |r: io::Result<()>| {
+            r.map_err(|e| crate::error::write_err(format!("store {name}: write"), e))
+        };
         // Crash argument: the superblock is written last. Until it is durable the store reads as
         // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
@@ -437,10 +454,18 @@ impl Store {
                 exclusive: opts.write_origin || opts.exclusive_origin,
             },
             opts.lock_timeout,
-        )?;
+        )
+        .map_err(|e| match e {
+            // The user did not name it: say whose origin it is and what to do.
+            Error::NotFound(_) => Error::NotFound(format!(
+                "origin {} of store {name}: no such file or device; attach the origin at that path",
+                sb.origin_path
+            )),
+            e => e,
+        })?;
         if odev.size != sb.origin_size {
             return Err(Error::Mismatch(format!(
-                "origin {} is {} bytes but store {name} was made for {} bytes; is this the right device?",
+                "origin {} is {} bytes but store {name} was made for {} bytes; attach the device it was made for, or give this one back its size",
                 sb.origin_path, odev.size, sb.origin_size
             )));
         }
@@ -533,9 +558,10 @@ impl Store {
         lock_file: Option<File>,
         load: bool,
     ) -> Result<Store> {
-        if sb.data_offset + sb.data_chunks * sb.chunk_size > io.len() {
+        let want = sb.data_offset + sb.data_chunks * sb.chunk_size;
+        if want > io.len() {
             return Err(Error::Corrupt(format!(
-                "store {name} is smaller than its superblock says ({} bytes); was the device or file truncated?",
+                "store {name} is {} bytes but its superblock says {want}: was the device or file truncated? give it back its full size (or attach the right device)",
                 io.len()
             )));
         }

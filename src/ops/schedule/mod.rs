@@ -22,6 +22,12 @@ pub type Connect<'a> = &'a dyn Fn(&Path) -> Result<Box<dyn Client>>;
 /// The stores of `config` (each checked to be a store).
 pub fn load_config(config: &Path) -> Result<Vec<StoreConfig>> {
     policy::load(config, &|p: &Path| {
+        if !p.exists() {
+            return Err(Error::NotFound(format!(
+                "{}: no such file or device",
+                p.display()
+            )));
+        }
         crate::store::peek_superblock(p)
             .map(|_| ())
             .ok_or_else(|| Error::not_a_store(p.display()))
@@ -153,10 +159,11 @@ pub fn run(
             let around = Around {
                 freeze: p.freeze.clone(),
                 freeze_timeout: 30,
+                hook_timeout: p.hook_timeout,
                 pre_hook: p.pre_hook.clone(),
                 post_hook: p.post_hook.clone(),
             };
-            match consistent::create(c.as_mut(), spec, &around, quiet) {
+            match consistent::create(c.as_mut(), &st.path, spec, &around, quiet) {
                 Ok(_) => actions.push(Action::Take {
                     name,
                     period: p.name.clone(),

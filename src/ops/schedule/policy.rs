@@ -40,6 +40,7 @@ struct PeriodCfg {
     freeze: Vec<String>,
     pre_hook: Option<String>,
     post_hook: Option<String>,
+    hook_timeout: Option<Spanned<String>>,
 }
 
 /// One snapshot period of a store.
@@ -54,7 +55,12 @@ pub struct Period {
     pub freeze: Vec<PathBuf>,
     pub pre_hook: Option<String>,
     pub post_hook: Option<String>,
+    /// Seconds after which a hook still running is killed.
+    pub hook_timeout: i64,
 }
+
+/// A hook still running after this long is killed (`hook_timeout`, `--hook-timeout`).
+pub const DEFAULT_HOOK_TIMEOUT: i64 = 600;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreConfig {
@@ -75,6 +81,15 @@ pub fn load(path: &Path, check_store: &dyn Fn(&Path) -> Result<()>) -> Result<Ve
             "config {}: no such file (give --config FILE or set SNAPCTL_CONFIG)",
             path.display()
         )),
+        // A directory or a binary file given by mistake: the user's to fix, not an I/O failure.
+        std::io::ErrorKind::InvalidData => Error::Invalid(format!(
+            "config {} is not UTF-8 text; give the TOML configuration file",
+            path.display()
+        )),
+        _ if e.raw_os_error() == Some(libc::EISDIR) => Error::Invalid(format!(
+            "config {} is a directory; give the TOML configuration file",
+            path.display()
+        )),
         _ => Error::io(format!("config {}", path.display()), e),
     })?;
     parse(&text, path, check_store)
@@ -91,22 +106,26 @@ pub fn parse(
     };
     let cfg: FileCfg = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-        Error::Invalid(format!("{file}:{line}: {}", e.message().trim()))
+        // The parser's message may span lines ("invalid table header\nexpected `.`, `]`").
+        let msg = e.message().trim().lines().collect::<Vec<_>>().join("; ");
+        // "invalid type: string \"three\", expected u64" does not say which key: its line does.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+        match key {
+            Some(k) => Error::Invalid(format!("{file}:{line}: {k}: {msg}")),
+            None => Error::Invalid(format!("{file}:{line}: {msg}")),
+        }
     })?;
     let mut out = Vec::new();
     for (sname, st) in cfg.store {
         let st_span = st.span();
         let st = st.into_inner();
         let spath = PathBuf::from(st.path.get_ref());
-        check_store(&spath).map_err(|e| {
-            at(
-                st.path.span(),
-                format!(
-                    "store.{sname}.path: {} is not a snapctl store ({e})",
-                    spath.display()
-                ),
-            )
-        })?;
+        check_store(&spath).map_err(|e| at(st.path.span(), format!("store.{sname}.path: {e}")))?;
         if st.period.is_empty() {
             return Err(at(
                 st_span,
@@ -147,6 +166,18 @@ pub fn parse(
                 })?),
                 None => None,
             };
+            let hook_timeout = match &p.hook_timeout {
+                Some(t) => parse_duration(t.get_ref()).ok_or_else(|| {
+                    at(
+                        t.span(),
+                        format!(
+                            "store.{sname}.period '{name}': hook_timeout = '{}' is not a duration (30s, 10m)",
+                            t.get_ref()
+                        ),
+                    )
+                })?,
+                None => DEFAULT_HOOK_TIMEOUT,
+            };
             let keep = p.keep.as_ref().map(|k| *k.get_ref());
             if keep.is_none() && retain.is_none() {
                 return Err(at(
@@ -168,6 +199,7 @@ pub fn parse(
                 freeze: p.freeze.iter().map(PathBuf::from).collect(),
                 pre_hook: p.pre_hook,
                 post_hook: p.post_hook,
+                hook_timeout,
             });
         }
         out.push(StoreConfig {
@@ -320,6 +352,7 @@ mod tests {
             freeze: vec![],
             pre_hook: None,
             post_hook: None,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }
 
