@@ -51,7 +51,10 @@
 //!
 //! `SNAPCTL_EXPLORE_STATES` sets how many distinct states to check (12,000 by default;
 //! `scripts/crash-explore.sh` runs 1,000,000); the count is printed and kept in
-//! target/crash-states.txt.
+//! target/crash-states.txt. `SNAPCTL_EXPLORE_CAP` sets the states per crash point,
+//! `SNAPCTL_EXPLORE_THREADS` the threads; to chase a failure, `SNAPCTL_EXPLORE_FIRST=i` starts
+//! at workload `i` and `SNAPCTL_EXPLORE_VERBOSE=1` prints each journal's crash points, and
+//! [`workload_named`] with [`check_state`] replays the one state a failure message names.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1474,6 +1477,11 @@ fn check_state(
     Ok(got)
 }
 
+/// The workload a failure message names (the explorer's order reaches it within 3,000).
+fn workload_named(name: &str) -> Option<Workload> {
+    (0..3000).map(workload).find(|w| w.name == name)
+}
+
 fn origin_writes(rec: &Recorded, from: usize, to: usize) -> Vec<usize> {
     (from..to)
         .filter(|&j| matches!(rec.journal[j], Event::Write { dev, .. } if dev == ORIGIN_DEV))
@@ -1484,7 +1492,8 @@ fn origin_writes(rec: &Recorded, from: usize, to: usize) -> Vec<usize> {
 /// committed first, so the next open finishes it and the origin is exactly the target.
 #[test]
 fn a_crash_halfway_through_a_restore_reopens_with_the_restore_finished() {
-    let rec = record(&sequence(&[Op::Restore], 0), &base()).expect("record");
+    let w = workload_named("Restore (flush variant 0)").expect("a workload");
+    let rec = record(&w, &base()).expect("record");
     let step = rec
         .steps
         .iter()
