@@ -4,6 +4,7 @@ mod util;
 mod cli;
 mod crash;
 mod docs;
+mod errors;
 mod explore;
 mod flip;
 mod fuzz_replay;

@@ -40,7 +40,19 @@ pub fn main() -> i32 {
             let json = std::env::args_os()
                 .take_while(|a| a != "--")
                 .any(|a| a == "--json");
-            let e = Error::Invalid(usage_error(&e.to_string(), &subcommand_named()));
+            let command = subcommand_named();
+            let help = clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
+            let e = match e.kind() {
+                // `snapctl` or `snapctl schedule` alone: the help is the answer (exit 2).
+                k if k == help && !json => {
+                    let _ = e.print();
+                    return 2;
+                }
+                k if k == help => {
+                    Error::Invalid(format!("no command given; see `{command} --help`"))
+                }
+                _ => Error::Invalid(usage_error(&e.to_string(), &command)),
+            };
             report(json, &e);
             return e.exit_code();
         }
