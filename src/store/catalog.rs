@@ -432,7 +432,7 @@ impl Store {
         }
         if self.snaps.by_name(new).is_some() {
             return Err(Error::Exists(format!(
-                "a snapshot named '{new}' already exists in {}",
+                "a snapshot named '{new}' already exists in {}; pick another name or delete it first",
                 self.name
             )));
         }
@@ -457,7 +457,9 @@ impl Store {
         for n in names {
             let id = self.snapshot(n)?.id;
             if ids.contains(&id) {
-                return Err(Error::Invalid(format!("snapshot '{n}' is named twice")));
+                return Err(Error::Invalid(format!(
+                    "snapshot '{n}' is named twice; name each snapshot once"
+                )));
             }
             ids.push(id);
         }

@@ -197,7 +197,7 @@ impl Store {
         let tx = self.wtx()?;
         let Some(extents) = self.alloc(&tx, chunks.len() as u64)? else {
             return Err(Error::NoSpace(format!(
-                "store {sn} is full: no room for what writable snapshot '{name}' writes"
+                "store {sn} is full: no room for what writable snapshot '{name}' writes; delete snapshots to make room"
             )));
         };
         let locs: Vec<u64> = extents.iter().flat_map(|(s, n)| *s..*s + *n).collect();
