@@ -19,6 +19,8 @@ secs="${FUZZ_SECONDS:-600}"
 # Slow inputs: libFuzzer's default (20 minutes) would hide a hang for too long.
 timeout_secs="${FUZZ_TIMEOUT:-60}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+# Leaks are still detected; fuzz/lsan.supp names the one false report (threads still exiting).
+export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "fuzz: needs a nightly toolchain (rustup toolchain install nightly)" >&2

@@ -530,8 +530,10 @@ where
     let Ok(reader) = client.try_clone() else {
         return;
     };
+    // Joined explicitly: a scope's own wait does not wait for the threads to exit, and a thread
+    // still exiting when LeakSanitizer looks shows glibc's bookkeeping as a leak.
     std::thread::scope(|sc| {
-        sc.spawn(move || {
+        let feeder = sc.spawn(move || {
             match frames {
                 None => {
                     let _ = (&client).write_all(input);
@@ -540,12 +542,13 @@ where
             }
             let _ = client.shutdown(std::net::Shutdown::Write);
         });
-        sc.spawn(move || {
+        let drain = sc.spawn(move || {
             let mut r = reader;
             let mut buf = vec![0u8; 1 << 16];
             while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
         });
         serve(server); // drops the server's end, which ends the reader
+        let _ = (feeder.join(), drain.join());
     });
 }
 
@@ -619,7 +622,7 @@ pub fn control(data: &[u8]) {
         return;
     };
     std::thread::scope(|sc| {
-        sc.spawn(move || {
+        let feeder = sc.spawn(move || {
             let _ = (&a).write_all(stream);
             let _ = a.shutdown(std::net::Shutdown::Write);
         });
@@ -627,6 +630,7 @@ pub fn control(data: &[u8]) {
             while protocol::recv::<Message>(&b).is_ok() {}
         }
         drop(b);
+        let _ = feeder.join();
     });
     // And each frame body as every message of the protocol.
     let mut rest = stream;

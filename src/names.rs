@@ -85,17 +85,16 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// `90m`, `12h`, `7d`, `2w`, `30s` → seconds.
 pub fn parse_duration(s: &str) -> Option<i64> {
     let t = s.trim();
-    if t.len() < 2 {
-        return None;
-    }
-    let (num, unit) = t.split_at(t.len() - 1);
+    // The unit is the last character, which need not be one byte ("3€" is not a duration).
+    let unit = t.chars().next_back()?;
+    let num = &t[..t.len() - unit.len_utf8()];
     let n: i64 = num.parse().ok().filter(|n| *n > 0)?;
     let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
         _ => return None,
     };
     n.checked_mul(mult)
@@ -207,5 +206,9 @@ mod tests {
         assert!(parse_expiry("2020-01-01T00:00:00Z", now).is_err());
         assert!(parse_expiry("soon", now).is_err());
         assert!(parse_expiry("0h", now).is_err());
+        // Found by the config fuzz target: a last character of several bytes panicked.
+        for bad in ["3€", "€", "1é", "h", ""] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }
