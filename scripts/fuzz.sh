@@ -41,7 +41,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 cargo +nightly fuzz build
-seeds="fuzz/target/x86_64-unknown-linux-gnu/release/seeds"
+seeds="fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release/seeds"
 
 failed=0
 summary=()
