@@ -76,10 +76,12 @@ fi
 
 t_start=$(date +%s)
 work=$(mktemp -d /tmp/snapctl-soak.XXXXXX)
-srv= wpid= cpid=
+srv=
 cleanup() {
   local rc=$?
-  for p in $srv $wpid $cpid; do kill -9 "$p" 2>/dev/null || true; done
+  # the writer and the churn stop between two steps; fio and nbdcopy fail once the server is gone
+  touch "$work/stop"
+  if [ -n "$srv" ]; then kill -9 "$srv" 2>/dev/null || true; fi
   wait 2>/dev/null || true
   if [ "$keep" = 1 ] || [ -e "$work/failure" ]; then
     echo "soak: work directory kept: $work" >&2
@@ -609,13 +611,18 @@ for round in $(seq "$kills"); do
   ms=$((secs * (400 + RANDOM % 601)))   # 40-100 % of the round
   sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
   touch "$work/killed"
-  kill -9 "$srv"
+  if ! kill -9 "$srv" 2>/dev/null; then
+    fail "snapctl serve exited on its own before the kill: $(tail -n 3 "$work/serve.log" | tr '\n' ' ')"
+  fi
   wait "$srv" 2>/dev/null || true
   jot "kill"
   touch "$work/stop"
   wait "$wpid" "$cpid" || true
-  wpid= cpid= srv=
+  srv=
   cp "$work/journal.log" "$work/journal-$round.log"
+  if grep -q 'panicked' "$work/serve.log"; then
+    fail "snapctl serve panicked: $(grep -m 1 'panicked' "$work/serve.log")"
+  fi
   [ ! -e "$work/failure" ] || die "$round"
   # open the crashed store: clean (0) or leaks only (9)
   rc=0; "$SNAPCTL" check > "$work/check.out" 2>&1 || rc=$?
