@@ -605,6 +605,8 @@ die() {
   exit 1
 }
 
+count() { grep -c " $1 " "$work/journal-$round.log" || true; }   # count OP: in this round
+
 start_server
 for round in $(seq "$kills"); do
   rm -f "$work/stop" "$work/killed" "$work/pause" "$work/paused"
@@ -636,7 +638,7 @@ for round in $(seq "$kills"); do
   start_server
   rc=0; out=$(python3 "$work/soak.py" settle "$round") || rc=$?
   [ "$rc" = 0 ] || die "$round" "the verification failed (exit $rc)"
-  log "soak: round $round: killed after $((ms / 1000)).$(printf '%03d' $((ms % 1000))) s, $(grep -c ' done ' "$work/journal-$round.log") fio runs done, $(grep -c ' created ' "$work/journal-$round.log") creates, check: $checked; $out"
+  log "soak: round $round: killed after $((ms / 1000)).$(printf '%03d' $((ms % 1000))) s, $(count done) fio runs done, $(count created) creates, $(count deleted) deletes, $(count restored) restores, check: $checked; $out"
 done
 # a clean stop, then every saved chunk against its checksum
 kill "$srv"; wait "$srv" || { fail "snapctl serve did not stop cleanly on SIGTERM"; die "$kills"; }
