@@ -189,7 +189,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__check)
-            opts="-s -q -v -h -V --data --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --data --repair --drop-damaged --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

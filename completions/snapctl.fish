@@ -194,6 +194,8 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand upgrade" -s h -l help -d
 complete -c snapctl -n "__fish_snapctl_using_subcommand upgrade" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l data -d 'Also read and verify every saved chunk (time proportional to the space in use)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l repair -d 'Mend leaks, indexes, counters and a damaged superblock (from its backup copy)'
+complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l drop-damaged -d 'With --repair: remove damaged rows and mark the snapshots that read them invalid'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand check" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'

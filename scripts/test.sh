@@ -13,3 +13,5 @@ cargo test --release --locked
 cat target/flip-counts.txt 2>/dev/null || true
 # The crash-state explorer's count (tests/explore.rs): distinct states checked, failures.
 cat target/crash-states.txt 2>/dev/null || true
+# A bounded slice of the SIGKILL soak (scripts/soak.sh runs 20 kills by default).
+SOAK_BIN="$PWD/target/release/snapctl" scripts/soak.sh --kills 3 --seconds-per-round 2 --size 64

@@ -321,7 +321,15 @@ fn exercise(host: &Shared) {
     for n in &names {
         let _ = ask(host, Request::Show { name: n.clone() }, None);
     }
-    let _ = ask(host, Request::Check { data: true }, None);
+    let _ = ask(
+        host,
+        Request::Check {
+            data: true,
+            repair: false,
+            drop_damaged: false,
+        },
+        None,
+    );
     // Changes, each one commit on whatever the metadata says.
     if let Ok(mut s) = host.lock() {
         let _ = s.write_origin(CHUNK / 2, &pattern(10, 3 * CHUNK as usize), true);
@@ -401,7 +409,15 @@ fn exercise(host: &Shared) {
             None,
         );
     }
-    let _ = ask(host, Request::Check { data: false }, None);
+    let _ = ask(
+        host,
+        Request::Check {
+            data: false,
+            repair: false,
+            drop_damaged: false,
+        },
+        None,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1002,16 +1002,43 @@ fn cases() -> Vec<Case> {
         std::fs::OpenOptions::new().write(true).open(w.p("store.img")).unwrap().set_len(12 * MIB).unwrap();
     }, &["list"], 6, &["store.img", "12582912", "16777216", "full size"],
         "Give the file back its size (`truncate -s` to the size the line names) or attach the whole device."));
-    v.push(case(g, "store-superblock-damaged", "The store's first 4 KiB were damaged", |w| {
+    v.push(case(
+        g,
+        "store-superblock-damaged",
+        "The store's first 4 KiB were damaged",
+        |w| {
+            w.init();
+            let mut b = superblock(w);
+            b[20] ^= 0x55;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(w.p("store.img"))
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    f.write_all(&b)
+                })
+                .unwrap();
+        },
+        &["list"],
+        6,
+        &[
+            "store.img",
+            "superblock",
+            "backup copy is whole",
+            "check --repair",
+        ],
+        "`snapctl check --repair` rewrites the superblock from its backup copy at 512 KiB.",
+    ));
+    v.push(case(g, "store-both-superblocks-damaged", "The store's superblock and its backup copy were both damaged", |w| {
         w.init();
         let mut b = superblock(w);
         b[20] ^= 0x55;
-        std::fs::OpenOptions::new().write(true).open(w.p("store.img")).and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(&b)
-        }).unwrap();
-    }, &["list"], 6, &["store.img", "superblock checksum"],
-        "The store cannot be trusted: restore it from a backup, or re-create it with `init --force`."));
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(w.p("store.img")).unwrap();
+        f.write_all_at(&b, 0).unwrap();
+        f.write_all_at(&b, 512 << 10).unwrap();
+    }, &["check", "--repair"], 6, &["store.img", "superblock checksum"],
+        "Nothing left to rebuild it from: restore the store from a backup, or re-create it with `init --force`."));
     v.push(case(
         g,
         "store-future-version",

@@ -11,6 +11,7 @@ mod fuzz_replay;
 mod model;
 mod nbd;
 mod ops;
+mod repair;
 mod schedule;
 mod sockets;
 mod tail;

@@ -17,6 +17,7 @@ EXIT STATUS:
   7  no space in the store
   8  the snapshot is invalid (dropped when the store filled up)
   9  check found leaked space but no corruption
+ 10  check --repair repaired the store, which is now clean
  70  internal error
 128+N  interrupted by signal N (130: SIGINT, 143: SIGTERM) during export, restore or a hook
 
@@ -40,7 +41,9 @@ JSON OUTPUT (--json), schema_version 1:
   write  -> {\"schema_version\":1,\"written_bytes\":N,\"offset\":N,\"snapshot\":NAME or null}
   check  -> {\"schema_version\":1,\"check\":{clean, data_checked, chunks_verified,
             damaged:[{snapshots:[NAME...], offset, length, store_chunk}...], snapshots,
-            records, used_chunks, free_chunks, high_water_chunks, corruption:[...], leaks:[...]}}
+            records, used_chunks, free_chunks, high_water_chunks, corruption:[...], leaks:[...],
+            notes:[...], repaired:[...]}} (with --repair: the state after repairing,
+            and what was done in repaired)
   Errors -> {\"schema_version\":1,\"error\":{\"kind\":KIND,\"message\":TEXT}} on stderr, with
   KIND one of invalid-argument, not-found, already-exists, not-a-store, busy, corrupt,
   origin-mismatch, no-space, snapshot-invalid, io, internal.
@@ -229,10 +232,25 @@ pub enum Cmd {
     ///
     /// Plain `check` reads the metadata only. `--data` also reads every saved chunk and
     /// verifies it against its checksum, naming each damaged snapshot and byte range.
+    ///
+    /// `--repair` mends what can be mended without losing anything: leaked chunks are freed,
+    /// the time index, record heads, name index and free list are rebuilt from the rows they
+    /// index, counters are recounted, and a damaged superblock is rewritten from its backup
+    /// copy. Damage that costs data (a record or overlay that fails its checksum, saved bytes
+    /// that fail theirs with --data) is named with the snapshots and byte ranges it affects;
+    /// with `--drop-damaged` those rows are removed and only those snapshots are marked
+    /// invalid, everything else staying readable. Exit status: 0 clean, 9 leaks only, 6
+    /// corruption (left), 10 repaired and now clean.
     Check {
         /// Also read and verify every saved chunk (time proportional to the space in use)
         #[arg(long)]
         data: bool,
+        /// Mend leaks, indexes, counters and a damaged superblock (from its backup copy)
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: remove damaged rows and mark the snapshots that read them invalid
+        #[arg(long, requires = "repair")]
+        drop_damaged: bool,
     },
     /// The byte ranges where two views differ, from metadata (TO defaults to origin)
     ///

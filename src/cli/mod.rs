@@ -447,9 +447,18 @@ pub fn run(cli: Cli) -> Result<Output> {
             to,
             resume,
         } => restore(g, st, name, !no_backup, force, to.as_deref(), resume),
-        Cmd::Check { data } => {
+        Cmd::Check {
+            data,
+            repair,
+            drop_damaged,
+        } => {
             let what = "verifying saved chunks";
-            match call(g, Request::Check { data }, None, what)?.response {
+            let req = Request::Check {
+                data,
+                repair,
+                drop_damaged,
+            };
+            match call(g, req, None, what)?.response {
                 Response::Checked { store, report } => Ok(render::check(st, &store, &report)),
                 r => Err(unexpected(r)),
             }

@@ -443,12 +443,14 @@ pub fn resumed(st: Style, restore: Option<&str>) -> Output {
     })
 }
 
-/// `check`: exit 6 on corruption, 9 on leaks only.
+/// `check`: exit 6 on corruption, 9 on leaks only, 10 when `--repair` mended everything.
 pub fn check(st: Style, store: &str, rep: &CheckReport) -> Output {
     let code = if !rep.corruption.is_empty() {
         6
     } else if !rep.leaks.is_empty() {
         9
+    } else if !rep.repaired.is_empty() {
+        10
     } else {
         0
     };
@@ -456,29 +458,39 @@ pub fn check(st: Style, store: &str, rep: &CheckReport) -> Output {
     v["clean"] = json!(rep.is_clean());
     let mut out = st.pick(json!({ "check": v }), || {
         let plural = |n: u64, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
-        let mut t = format!(
+        let mut t = String::new();
+        for r in &rep.repaired {
+            t.push_str(&format!("repaired: {r}\n"));
+        }
+        t.push_str(&format!(
             "{}: {}, {}, {} in use, {} free\n",
             store,
             plural(rep.snapshots, "snapshot"),
             plural(rep.records, "record"),
             plural(rep.used_chunks, "chunk"),
             plural(rep.free_chunks, "chunk"),
-        );
+        ));
         if rep.data_checked {
             t.push_str(&format!(
                 "{} read and verified against the checksums\n",
                 plural(rep.chunks_verified, "saved chunk")
             ));
         }
-        for c in rep.corruption.iter().take(50) {
-            t.push_str(&format!("CORRUPT: {c}\n"));
-        }
-        for l in rep.leaks.iter().take(50) {
-            t.push_str(&format!("leaked: {l}\n"));
-        }
+        let mut lines = |what: &str, all: &[String]| {
+            for c in all.iter().take(50) {
+                t.push_str(&format!("{what}{c}\n"));
+            }
+            if all.len() > 50 {
+                t.push_str(&format!("{what}... and {} more (--json lists all)\n", all.len() - 50));
+            }
+        };
+        lines("CORRUPT: ", &rep.corruption);
+        lines("leaked: ", &rep.leaks);
+        lines("note: ", &rep.notes);
         t.push_str(match code {
             0 => "clean\n",
-            9 => "leaked space found (no corruption): the space is lost, no snapshot is affected\n",
+            9 => "leaked space found (no corruption, no snapshot is affected): `snapctl check --repair` frees it\n",
+            10 => "repaired: the store is clean now\n",
             _ => "CORRUPTION found\n",
         });
         t

@@ -69,6 +69,9 @@ impl Client for Local {
             OpenOptions {
                 write_origin: how == Access::Write,
                 exclusive_origin: how != Access::Read,
+                // `check` reports a damaged superblock (and `--repair` rewrites it) instead of
+                // refusing to open the store.
+                for_check: matches!(req, Request::Check { .. }),
                 ..OpenOptions::default()
             },
         )?;

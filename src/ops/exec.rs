@@ -153,9 +153,22 @@ pub fn exec(host: &dyn Host, req: Request, data: Data, progress: Progress<'_>) -
                 written_bytes,
             }
         }
-        Request::Check { data } => {
+        Request::Check {
+            data,
+            repair,
+            drop_damaged,
+        } => {
+            if drop_damaged && !repair {
+                return Err(Error::Invalid(
+                    "--drop-damaged needs --repair: `snapctl check --repair --drop-damaged`".into(),
+                ));
+            }
             let mut s = host.lock()?;
-            let report = s.check_with(data, progress)?;
+            let report = if repair {
+                s.repair(data, drop_damaged, progress)?
+            } else {
+                s.check_with(data, progress)?
+            };
             Response::Checked {
                 store: s.name.clone(),
                 report,

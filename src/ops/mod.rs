@@ -83,6 +83,12 @@ pub enum Request {
     },
     Check {
         data: bool,
+        /// Mend what can be mended (leaks, indexes, counters, a superblock from its backup).
+        #[serde(default)]
+        repair: bool,
+        /// With `repair`: remove damaged rows, marking the snapshots that read them invalid.
+        #[serde(default)]
+        drop_damaged: bool,
     },
 }
 
@@ -120,7 +126,8 @@ impl Request {
             | Request::Export { .. }
             | Request::Diff { .. }
             | Request::RestoreTo { .. }
-            | Request::Check { .. } => Access::Read,
+            | Request::Check { repair: false, .. } => Access::Read,
+            Request::Check { repair: true, .. } => Access::Change,
             Request::Create(_)
             | Request::SetWritable { .. }
             | Request::Rename { .. }

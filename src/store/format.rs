@@ -11,6 +11,11 @@ pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version `snapctl upgrade` converts.
 pub const UPGRADABLE_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
+/// Where the backup copy of the superblock lives: in the reserved space before the metadata,
+/// far enough from offset 0 that what damages the first sectors (a partition table, another
+/// tool's signature, a stray `dd` of a few KiB) leaves it whole. Written with the superblock
+/// and never changed after (the superblock is immutable once `init` or `upgrade` wrote it).
+pub const BACKUP_OFFSET: u64 = 512 << 10;
 
 /// Where the metadata region starts: 1 MiB, so the data area can be aligned to any chunk size.
 pub const META_OFFSET: u64 = 1 << 20;

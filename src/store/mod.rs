@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{meta_err, Error, Result};
 use crate::io::{engine_for, open_device, BlockIo, EngineChoice, OpenMode};
 use crate::store::format::{
-    OnFull, Superblock, FORMAT_VERSION, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE,
+    OnFull, Superblock, BACKUP_OFFSET, FORMAT_VERSION, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE,
 };
 
 pub struct InitOptions {
@@ -50,6 +50,10 @@ pub struct OpenOptions {
     pub engine: EngineChoice,
     /// How long to wait for another snapctl to finish.
     pub lock_timeout: Duration,
+    /// Opened by `check`: a damaged superblock is read from its backup copy, and a damaged
+    /// name index is left for the check to report (and `--repair` to rebuild) instead of
+    /// refusing to open.
+    pub for_check: bool,
 }
 
 impl Default for OpenOptions {
@@ -59,6 +63,7 @@ impl Default for OpenOptions {
             exclusive_origin: false,
             engine: EngineChoice::from_env(),
             lock_timeout: lock_timeout_from_env(),
+            for_check: false,
         }
     }
 }
@@ -107,6 +112,8 @@ pub struct Store {
     pub(crate) resolved: cow::ResolvedCache,
     /// A restore interrupted by a crash that opening the store finished: its target's name.
     pub resumed_restore: Option<String>,
+    /// Opened by `check` (see [`OpenOptions::for_check`]).
+    pub(crate) for_check: bool,
     _lock: Option<File>,
 }
 
@@ -407,9 +414,11 @@ impl Store {
         };
         // Crash argument: the superblock is written last. Until it is durable the store reads as
         // "not a snapctl store", so a crash mid-init leaves nothing that could be mistaken for one.
+        // The backup is cleared too: an old store's backup must never describe the new one.
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
+        w(io.write_at(&[0u8; SUPERBLOCK_SIZE], BACKUP_OFFSET))?;
         format_metadata(&io, meta_len, &name)?;
-        w(io.write_at(&sb.encode(), 0))?;
+        w(write_superblocks(io.as_ref(), &sb))?;
         w(io.flush())?;
         drop(lock_file);
         Ok(sb)
@@ -443,7 +452,8 @@ impl Store {
         let (sb, version) = if upgrade {
             read_superblock_any(io.as_ref(), &name)?
         } else {
-            (read_superblock(io.as_ref(), &name)?, FORMAT_VERSION)
+            let sb = read_superblock_or_backup(io.as_ref(), &name, opts.for_check)?;
+            (sb, FORMAT_VERSION)
         };
         let opath = PathBuf::from(&sb.origin_path);
         let odev = open_retrying(
@@ -482,7 +492,9 @@ impl Store {
             store.version = version;
             return Ok(store);
         }
-        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), true)?;
+        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false)?;
+        store.for_check = opts.for_check;
+        guard_panic(&store.name.clone(), || store.load_catalog())?;
         if store.restore_pending()? {
             // A restore was cut short: finish it before anything reads the origin, with the
             // origin opened for writing (and exclusively) for that.
@@ -544,8 +556,9 @@ impl Store {
             origin_path: "(memory)".into(),
         };
         let e = |r: io::Result<()>| r.map_err(|e| Error::io("init", e));
+        e(dev.write_at(&[0u8; SUPERBLOCK_SIZE], BACKUP_OFFSET))?;
         format_metadata(&dev, meta_len, "init")?;
-        e(dev.write_at(&sb.encode(), 0))?;
+        e(write_superblocks(dev.as_ref(), &sb))?;
         e(dev.flush())?;
         Ok(sb)
     }
@@ -606,6 +619,7 @@ impl Store {
             resolved: Default::default(),
             version: FORMAT_VERSION,
             resumed_restore: None,
+            for_check: false,
             _lock: lock_file,
         };
         let n = store.name.clone();
@@ -774,6 +788,19 @@ impl Store {
         let n = self.name.clone();
         guard_panic(&n, || self.check_inner(data, progress))
     }
+
+    /// `check --repair`: mends what `check` finds mendable (see cow/repair.rs) and returns the
+    /// final check's report, its `repaired` saying what was done. With `drop_damaged`, damaged
+    /// rows are removed and the snapshots that read them marked invalid.
+    pub fn repair(
+        &mut self,
+        data: bool,
+        drop_damaged: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<crate::store::cow::CheckReport> {
+        let n = self.name.clone();
+        guard_panic(&n, || self.repair_inner(data, drop_damaged, progress))
+    }
 }
 
 pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
@@ -801,6 +828,49 @@ pub(crate) fn read_superblock_any(io: &dyn BlockIo, name: &str) -> Result<(Super
     io.read_at(&mut b, 0)
         .map_err(|e| Error::io(format!("store {name}: read"), e))?;
     Superblock::decode_any(&b, name)
+}
+
+/// The backup copy of the superblock: `Ok(None)` when there is none (all zero: a store made
+/// before snapctl wrote one), an error when it is there but fails its checks.
+pub(crate) fn read_backup_superblock(io: &dyn BlockIo, name: &str) -> Result<Option<Superblock>> {
+    if io.len() < BACKUP_OFFSET + SUPERBLOCK_SIZE as u64 {
+        return Ok(None);
+    }
+    let mut b = vec![0u8; SUPERBLOCK_SIZE];
+    io.read_at(&mut b, BACKUP_OFFSET)
+        .map_err(|e| Error::io(format!("store {name}: read"), e))?;
+    if b.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    Superblock::decode(&b, &format!("{name} (backup superblock)")).map(Some)
+}
+
+/// Writes the superblock and its backup copy (no flush: the caller's flush covers both).
+pub(crate) fn write_superblocks(io: &dyn BlockIo, sb: &Superblock) -> io::Result<()> {
+    let b = sb.encode();
+    io.write_at(&b, BACKUP_OFFSET)?;
+    io.write_at(&b, 0)
+}
+
+/// The superblock; when it is damaged or gone but its backup copy is whole, `check` opens the
+/// store with the backup (`fallback`) and every other command says how to repair it.
+pub(crate) fn read_superblock_or_backup(
+    io: &dyn BlockIo,
+    name: &str,
+    fallback: bool,
+) -> Result<Superblock> {
+    let e = match read_superblock(io, name) {
+        Ok(sb) => return Ok(sb),
+        Err(e @ (Error::Corrupt(_) | Error::NotAStore(_))) => e,
+        Err(e) => return Err(e),
+    };
+    match read_backup_superblock(io, name) {
+        Ok(Some(b)) if fallback => Ok(b),
+        Ok(Some(_)) => Err(Error::Corrupt(format!(
+            "store {name}: its superblock (the first 4 KiB) is damaged but the backup copy is whole; run `snapctl -s {name} check --repair` to rewrite it from the backup"
+        ))),
+        _ => Err(e),
+    }
 }
 
 pub(crate) fn read_superblock(io: &dyn BlockIo, name: &str) -> Result<Superblock> {
@@ -842,6 +912,132 @@ pub mod testing {
                 .map_err(|e| meta_err(&s.name, e))?;
         }
         tx.commit().map_err(|e| meta_err(&s.name, e))
+    }
+
+    /// Kinds of damage `check --repair` must mend or name (tests/repair.rs).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Harm {
+        /// The `n`th exception record's value fails its row check.
+        DamageRecord(usize),
+        /// The `n`th exception record vanishes (its time index entry stays).
+        RemoveRecord(usize),
+        /// The `n`th overlay record's value fails its row check.
+        DamageOverlay(usize),
+        /// The time index is emptied.
+        DropTimeIndex,
+        /// Every record head is set back to 1 (behind the newest record).
+        StaleHeads,
+        /// The name index is emptied.
+        DropNames,
+        /// The first chunk in use is also put in the free list.
+        FreeAChunkInUse,
+        /// Every snapshot's exclusive count is set to 7.
+        WrongExclusive,
+    }
+
+    type RecordRow = ((u32, u64, u64), Vec<u8>);
+
+    /// Damages the metadata as `harm` says, in one commit (redb's own checksums stay right:
+    /// this is damage only snapctl's row checks and invariants can see). Whether the thing
+    /// to damage existed.
+    pub fn harm(s: &mut Store, harm: Harm) -> Result<bool> {
+        let sn = s.name.clone();
+        let me = |e: redb::Error| meta_err(&sn, e);
+        let tx = s.wtx()?;
+        let did = {
+            let nth_record = |n: usize| -> Result<Option<RecordRow>> {
+                let t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
+                let row = t.iter().map_err(|e| me(e.into()))?.nth(n);
+                Ok(match row {
+                    Some(r) => {
+                        let (k, v) = r.map_err(|e| me(e.into()))?;
+                        Some((k.value(), v.value().to_vec()))
+                    }
+                    None => None,
+                })
+            };
+            match harm {
+                Harm::DamageRecord(n) => match nth_record(n)? {
+                    Some((k, mut v)) => {
+                        let last = v.len() - 1;
+                        v[last] ^= 0x55;
+                        let mut t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
+                        t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
+                        true
+                    }
+                    None => false,
+                },
+                Harm::RemoveRecord(n) => match nth_record(n)? {
+                    Some((k, _)) => {
+                        let mut t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
+                        t.remove(k).map_err(|e| me(e.into()))?;
+                        true
+                    }
+                    None => false,
+                },
+                Harm::DamageOverlay(n) => {
+                    let mut t = tx.open_table(OVERLAYS).map_err(|e| me(e.into()))?;
+                    let row = match t.iter().map_err(|e| me(e.into()))?.nth(n) {
+                        Some(r) => {
+                            let (k, v) = r.map_err(|e| me(e.into()))?;
+                            Some((k.value(), v.value().to_vec()))
+                        }
+                        None => None,
+                    };
+                    match row {
+                        Some((k, mut v)) => {
+                            let last = v.len() - 1;
+                            v[last] ^= 0x55;
+                            t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                Harm::DropTimeIndex => {
+                    tx.delete_table(BY_TIME).map_err(|e| me(e.into()))?;
+                    tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
+                    true
+                }
+                Harm::StaleHeads => {
+                    let mut t = tx.open_table(HEADS).map_err(|e| me(e.into()))?;
+                    let keys: Vec<(u32, u64)> = t
+                        .iter()
+                        .map_err(|e| me(e.into()))?
+                        .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+                        .collect();
+                    for k in &keys {
+                        t.insert(*k, 1).map_err(|e| me(e.into()))?;
+                    }
+                    !keys.is_empty()
+                }
+                Harm::DropNames => {
+                    tx.delete_table(NAMES).map_err(|e| me(e.into()))?;
+                    tx.open_table(NAMES).map_err(|e| me(e.into()))?;
+                    true
+                }
+                Harm::FreeAChunkInUse => match nth_record(0)? {
+                    Some((k, v)) => {
+                        let rec = crate::store::cow::record_of(&sn, k, &v)?;
+                        let loc = rec.entries.first().map(|e| e.loc).unwrap_or(0);
+                        let mut t = tx.open_table(FREE).map_err(|e| me(e.into()))?;
+                        t.insert(loc, 1).map_err(|e| me(e.into()))?;
+                        true
+                    }
+                    None => false,
+                },
+                Harm::WrongExclusive => {
+                    let snaps: Vec<Snapshot> = s.snaps.values().cloned().collect();
+                    for mut sn2 in snaps {
+                        sn2.exclusive_chunks = 7;
+                        put_snap(&tx, &sn2, &sn)?;
+                    }
+                    true
+                }
+            }
+        };
+        tx.commit().map_err(|e| me(e.into()))?;
+        Ok(did)
     }
 
     /// Sets the used-chunk counter to a wrong value: corruption.

@@ -191,8 +191,7 @@ impl Store {
             tx.commit().map_err(|e| meta_err(&sn, e))?;
         }
         // The metadata is converted and durable: now the superblock says so.
-        self.dev
-            .write_at(&self.sb.encode(), 0)
+        crate::store::write_superblocks(self.dev.as_ref(), &self.sb)
             .and_then(|_| self.dev.flush())
             .map_err(|e| Error::io(format!("store {sn}: write superblock"), e))?;
         self.version = FORMAT_VERSION;

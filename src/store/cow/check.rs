@@ -1,14 +1,78 @@
 //! `check`: every invariant of the exception store, and with `--data` every saved chunk
-//! verified against its hash.
+//! verified against its hash. Each finding that `check --repair` can mend carries its [`Fix`]
+//! (repair.rs applies them); what cannot be mended is named precisely.
 
 use super::*;
+use crate::store::format::{Superblock, SUPERBLOCK_SIZE};
+
+/// One bit per data chunk.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Self {
+        Bits(vec![0u64; n.div_ceil(64) as usize])
+    }
+    /// Sets bit `p`; whether it was set already.
+    fn set(&mut self, p: u64) -> bool {
+        let (w, b) = ((p / 64) as usize, p % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        was
+    }
+    fn get(&self, p: u64) -> bool {
+        self.0[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+}
+
+/// The records of one group seen so far, in key order.
+struct GroupWalk {
+    key: (u32, u64),
+    /// `t` of the last row (decodable or not): the `prev` the next record must name.
+    last: u64,
+    /// Per offset in the group, the `t` of the newest decodable record covering it (0: none).
+    cover: [u64; GROUP_CHUNKS as usize],
+    /// The decodable records: (t, offsets covered).
+    recs: Vec<(u64, u128)>,
+}
+
+impl GroupWalk {
+    fn new(key: (u32, u64)) -> Self {
+        GroupWalk {
+            key,
+            last: 0,
+            cover: [0; GROUP_CHUNKS as usize],
+            recs: Vec::new(),
+        }
+    }
+
+    /// The live points that may read chunks of a record at `t` whose contents are unknown
+    /// (it fails its checksum, or it vanished): every point below `t` down to the first whose
+    /// chunks the records between it and `t` cover completely. `full` has a bit for each
+    /// offset of the group inside the origin.
+    fn readers(&self, live: &[u64], t: u64, full: u128) -> Vec<u64> {
+        let mut acc = 0u128;
+        let mut i = self.recs.partition_point(|&(rt, _)| rt < t);
+        let mut out = Vec::new();
+        for &e in live[..live.partition_point(|&x| x < t)].iter().rev() {
+            while i > 0 && self.recs[i - 1].0 > e {
+                acc |= self.recs[i - 1].1;
+                i -= 1;
+            }
+            if acc & full == full {
+                break;
+            }
+            out.push(e);
+        }
+        out
+    }
+}
 
 impl Store {
     /// Verifies the metadata engine's checksums and every invariant of the exception store.
     ///
     /// Long on purpose: one read transaction and one pass over each table, every check
     /// feeding the same ownership bitmap and counters; the passes are marked in order
-    /// (config, records and chains, overlays, snapshots, free list, accounting).
+    /// (superblocks, config, records and chains, overlays, free list, snapshots, accounting).
     pub(crate) fn check_inner(
         &mut self,
         data: bool,
@@ -16,14 +80,17 @@ impl Store {
     ) -> Result<CheckReport> {
         let sn = self.name.clone();
         let mut rep = CheckReport::default();
+        self.check_superblocks(&mut rep)?;
         let ok = crate::store::guard_panic(&sn, || {
             self.wdb()?.check_integrity().map_err(|e| meta_err(&sn, e))
         })?;
         if !ok {
             rep.corruption.push(
-                "metadata pages failed their checksums (the engine repaired what it could)".into(),
+                "metadata pages failed their checksums (the engine repaired what it could; what it could not is named below, or restore the store from a backup)".into(),
             );
         }
+        // Whether the rows are sound enough to recompute the space accounting from them.
+        let mut sound = true;
         let data_chunks = self.sb.data_chunks;
         let tx = self.rtx()?;
         let config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
@@ -39,121 +106,209 @@ impl Store {
             rep.corruption.push(format!(
                 "allocation high-water mark {hw} is beyond the store's {data_chunks} chunks"
             ));
+            rep.fixes.push(Fix::RebuildFreeList);
         }
-        // Ownership: one bit per data chunk (bounded by the store's size, not by the records).
-        let mut owned = vec![0u64; data_chunks.div_ceil(64) as usize];
+        // Ownership by records and overlays: one bit per data chunk (bounded by the store's
+        // size, not by the records). The free list is compared with it afterwards.
+        let mut owned = Bits::new(data_chunks);
         let mut claim = |p: u64, what: &str, rep: &mut CheckReport| {
             if p >= data_chunks {
                 rep.corruption.push(format!(
-                    "{what} points at store chunk {p}, outside the store"
+                    "{what} points at store chunk {p}, outside the store (cannot be repaired: restore the store from a backup)"
                 ));
-                return;
+            } else if owned.set(p) {
+                rep.corruption.push(format!(
+                    "store chunk {p} is owned twice ({what}; cannot be repaired: restore the store from a backup)"
+                ));
             }
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if owned[w] & (1 << b) != 0 {
-                rep.corruption
-                    .push(format!("store chunk {p} is owned twice ({what})"));
-            }
-            owned[w] |= 1 << b;
         };
         let live = self.live_epochs();
+        let origin_chunks = self.sb.origin_chunks();
         let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
         let by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
+        let heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
         let mut record_chunks = 0u64;
         // Every saved chunk, for --data: (origin chunk, entry, who reads it).
         let mut saved: Vec<(u64, Entry, Reader)> = Vec::new();
-        let heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
-        // The chain of the group being walked (records come in key order): (group, last t).
-        let mut chain: Option<((u32, u64), u64)> = None;
-        let end_chain = |chain: Option<((u32, u64), u64)>, rep: &mut CheckReport| -> Result<()> {
-            if let Some(((b, g), last)) = chain {
-                let head = heads
-                    .get((b, g))
-                    .map_err(|e| meta_err(&sn, e))?
-                    .map(|v| v.value());
-                if head != Some(last) {
-                    rep.corruption.push(format!(
-                        "the newest record of chunks {}..{} is at epoch {last} but the head says {head:?}",
-                        g * GROUP_CHUNKS,
-                        (g + 1) * GROUP_CHUNKS
-                    ));
-                }
+        let mut reindex = false;
+        let mut walk: Option<GroupWalk> = None;
+        // Bits of the offsets of group `g` inside the origin.
+        let full_of = |g: u64| {
+            let n = origin_chunks
+                .saturating_sub(g * GROUP_CHUNKS)
+                .min(GROUP_CHUNKS);
+            if n >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << n) - 1
             }
-            Ok(())
+        };
+        let cs = self.sb.chunk_size;
+        let range = |g: u64, t: u64| {
+            format!(
+                "bytes {}..{} (epoch {t})",
+                g * GROUP_CHUNKS * cs,
+                ((g + 1) * GROUP_CHUNKS * cs).min(self.sb.origin_size)
+            )
+        };
+        // A group's chain ends at its head. A head past the last record names one that
+        // vanished: its copies are lost, and whoever read them must not be sent to the origin.
+        let end_group = |w: Option<GroupWalk>, rep: &mut CheckReport| -> Result<bool> {
+            let Some(w) = w else { return Ok(true) };
+            let head = heads
+                .get(w.key)
+                .map_err(|e| meta_err(&sn, e))?
+                .map(|v| v.value());
+            let (b, g) = w.key;
+            match head {
+                Some(h) if h == w.last => return Ok(true),
+                Some(h) if h > w.last => {
+                    let readers = w.readers(&live, h, full_of(g));
+                    let reason = format!("the exception record of {} vanished", range(g, h));
+                    rep.corruption.push(self.damage_line(&reason, &readers));
+                    rep.fixes.push(Fix::Damaged {
+                        row: DamagedRow::Missing {
+                            group: (b, g),
+                            t: h,
+                            next: None,
+                            prev: w.last,
+                        },
+                        snapshots: self.ids_at(&readers),
+                        reason,
+                    });
+                    return Ok(true);
+                }
+                _ => {}
+            }
+            rep.corruption.push(format!(
+                "the newest record of chunks {}..{} is at epoch {} but the head says {head:?}",
+                g * GROUP_CHUNKS,
+                (g + 1) * GROUP_CHUNKS,
+                w.last
+            ));
+            Ok(false)
         };
         for row in recs.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
-            let (b, g, t) = k.value();
+            let key = k.value();
+            let (b, g, t) = key;
             rep.records += 1;
-            let Ok(rec) = record_of(&sn, k.value(), v.value()) else {
-                rep.corruption
-                    .push(format!("record {:?} fails its checksum", k.value()));
-                continue;
-            };
-            let expect_prev = match chain {
-                Some((bg, last)) if bg == (b, g) => last,
-                other => {
-                    end_chain(other, &mut rep)?;
-                    0
-                }
-            };
-            if rec.prev != expect_prev {
-                rep.corruption.push(format!(
-                    "record {:?} follows epoch {} but the record before it is at {expect_prev}",
-                    k.value(),
-                    rec.prev
-                ));
+            if walk.as_ref().is_none_or(|w| w.key != (b, g)) {
+                reindex |= !end_group(walk.take(), &mut rep)?;
+                walk = Some(GroupWalk::new((b, g)));
             }
-            chain = Some(((b, g), t));
-            if t > epoch {
-                rep.corruption.push(format!(
-                    "record {:?} is from the future (epoch is {epoch})",
-                    k.value()
-                ));
-            }
+            let Some(w) = walk.as_mut() else { continue };
+            let full = full_of(g);
             if by_time
                 .get((b, t, g))
                 .map_err(|e| meta_err(&sn, e))?
                 .is_none()
             {
-                rep.corruption.push(format!(
-                    "record {:?} is missing from the time index",
-                    k.value()
-                ));
+                rep.corruption
+                    .push(format!("record {key:?} is missing from the time index"));
+                reindex = true;
             }
+            if t > epoch {
+                rep.corruption.push(format!(
+                    "record {key:?} is from the future (epoch is {epoch}; cannot be repaired: restore the store from a backup)"
+                ));
+                sound = false;
+            }
+            let Ok(rec) = record_of(&sn, key, v.value()) else {
+                sound = false;
+                let readers = w.readers(&live, t, full);
+                let reason = format!("the exception record of {} is damaged", range(g, t));
+                rep.corruption.push(self.damage_line(&reason, &readers));
+                rep.fixes.push(Fix::Damaged {
+                    row: DamagedRow::Record { key, prev: w.last },
+                    snapshots: self.ids_at(&readers),
+                    reason,
+                });
+                w.last = t;
+                continue;
+            };
+            if rec.prev != w.last {
+                sound = false;
+                if rec.prev > w.last && rec.prev < t {
+                    // The record the chain names is gone: its copies are lost.
+                    let readers = w.readers(&live, rec.prev, full);
+                    let reason = format!("the exception record of {} vanished", range(g, rec.prev));
+                    rep.corruption.push(self.damage_line(&reason, &readers));
+                    rep.fixes.push(Fix::Damaged {
+                        row: DamagedRow::Missing {
+                            group: (b, g),
+                            t: rec.prev,
+                            next: Some(key),
+                            prev: w.last,
+                        },
+                        snapshots: self.ids_at(&readers),
+                        reason,
+                    });
+                } else {
+                    rep.corruption.push(format!(
+                        "record {key:?} follows epoch {} but the record before it is at {} (cannot be repaired: restore the store from a backup)",
+                        rec.prev, w.last
+                    ));
+                }
+            }
+            w.last = t;
+            let mut mask = 0u128;
+            let mut unread = Vec::new();
             for en in &rec.entries {
                 record_chunks += 1;
-                claim(en.loc, &format!("record {:?}", k.value()), &mut rep);
-                // Reachable iff some live snapshot lies in [t_prev, t).
-                let c = g * GROUP_CHUNKS + en.off as u64;
-                let t_prev = prev_cover(&recs, &sn, b, c, t)?.unwrap_or(0);
+                claim(en.loc, &format!("record {key:?}"), &mut rep);
+                let off = en.off as usize % GROUP_CHUNKS as usize;
+                mask |= 1u128 << off;
+                // Reachable iff some live point lies in [t_prev, t). A damaged record counts as
+                // covering nothing, which only widens the interval: never a false leak.
+                let t_prev = w.cover[off];
+                w.cover[off] = t;
                 let j = live.partition_point(|&x| x < t_prev);
                 if !(j < live.len() && live[j] < t) {
                     rep.leaks.push(format!(
-                        "store chunk {} (chunk {c}, epoch {t}) is held by no snapshot",
-                        en.loc
+                        "store chunk {} (chunk {}, epoch {t}) is held by no snapshot",
+                        en.loc,
+                        g * GROUP_CHUNKS + en.off as u64
                     ));
+                    unread.push(en.off);
                 }
                 if data {
-                    saved.push((c, *en, Reader::Points(t_prev, t)));
+                    saved.push((
+                        g * GROUP_CHUNKS + en.off as u64,
+                        *en,
+                        Reader::Points(t_prev, t),
+                    ));
                 }
             }
+            if !unread.is_empty() {
+                rep.fixes.push(Fix::DropEntries(key, unread));
+            }
+            w.recs.push((t, mask));
         }
-        end_chain(chain, &mut rep)?;
+        reindex |= !end_group(walk.take(), &mut rep)?;
         for row in heads.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
             let (b, g) = k.value();
-            if recs
-                .get((b, g, v.value()))
-                .map_err(|e| meta_err(&sn, e))?
-                .is_none()
-            {
-                rep.corruption.push(format!(
-                    "the head of chunks {}..{} names epoch {}, which has no record",
-                    g * GROUP_CHUNKS,
-                    (g + 1) * GROUP_CHUNKS,
-                    v.value()
-                ));
+            let h = v.value();
+            let mut rows = recs
+                .range((b, g, 0)..=(b, g, u64::MAX))
+                .map_err(|e| meta_err(&sn, e))?;
+            if rows.next().is_none() && h > 0 {
+                // Every record of the group vanished (the walk above never saw it).
+                let readers = GroupWalk::new((b, g)).readers(&live, h, full_of(g));
+                let reason = format!("the exception records of {} vanished", range(g, h));
+                rep.corruption.push(self.damage_line(&reason, &readers));
+                rep.fixes.push(Fix::Damaged {
+                    row: DamagedRow::Missing {
+                        group: (b, g),
+                        t: h,
+                        next: None,
+                        prev: 0,
+                    },
+                    snapshots: self.ids_at(&readers),
+                    reason,
+                });
+                sound = false;
             }
         }
         for row in by_time.iter().map_err(|e| meta_err(&sn, e))? {
@@ -162,34 +317,19 @@ impl Store {
             if recs.get((b, g, t)).map_err(|e| meta_err(&sn, e))?.is_none() {
                 rep.corruption
                     .push(format!("time index entry {:?} has no record", k.value()));
+                reindex = true;
             }
         }
-        let free = tx.open_table(FREE).map_err(|e| meta_err(&sn, e))?;
-        for row in free.iter().map_err(|e| meta_err(&sn, e))? {
-            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
-            let (s, n) = (k.value(), v.value());
-            if s.checked_add(n).is_none_or(|end| end > hw) {
-                rep.corruption.push(format!(
-                    "free extent {s}+{n} is beyond the high-water mark {hw}"
-                ));
-                continue;
-            }
-            rep.free_chunks += n;
-            for p in s..s + n {
-                claim(p, "the free list", &mut rep);
-            }
-        }
-        // Free space is the free list plus the chunks never handed out yet.
-        rep.free_chunks += data_chunks.saturating_sub(hw);
-        rep.high_water_chunks = hw;
         // Overlays: each chunk owned once, each overlay owned by one snapshot with the right count.
         // The row naming the newest unflushed copies must decode (it is read after a crash).
         match tx.open_table(PENDING) {
             Ok(t) => {
                 if let Some(v) = t.get(0).map_err(|e| meta_err(&sn, e))? {
                     if decode_pending(v.value()).is_none() {
-                        rep.corruption
-                            .push("the pending_copies row fails its row check".to_string());
+                        rep.corruption.push(
+                            "the pending_copies row fails its row check (cannot be repaired: restore the store from a backup)"
+                                .to_string(),
+                        );
                     }
                 }
             }
@@ -197,59 +337,124 @@ impl Store {
             Err(e) => return Err(meta_err(&sn, e)),
         }
         let ovl = tx.open_table(OVERLAYS).map_err(|e| meta_err(&sn, e))?;
-        let mut owners: HashMap<u32, (&str, u64)> = HashMap::new();
+        let mut owners: HashMap<u32, (u64, &str, u64)> = HashMap::new();
         for s in self.snaps.values().filter(|s| s.overlay != 0) {
             if owners
-                .insert(s.overlay, (s.name.as_str(), s.overlay_chunks))
+                .insert(s.overlay, (s.id, s.name.as_str(), s.overlay_chunks))
                 .is_some()
             {
-                rep.corruption
-                    .push(format!("overlay {} is claimed by two snapshots", s.overlay));
+                rep.corruption.push(format!(
+                    "overlay {} is claimed by two snapshots (cannot be repaired: restore the store from a backup)",
+                    s.overlay
+                ));
+                sound = false;
             }
         }
         let mut counts: HashMap<u32, u64> = HashMap::new();
+        let mut damaged_overlays: Vec<u32> = Vec::new();
+        let mut orphans: Vec<u32> = Vec::new();
         for row in ovl.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
             let (id, g) = k.value();
+            let owner = owners.get(&id).copied();
             let Ok(rec) = overlay_of(&sn, k.value(), v.value()) else {
-                rep.corruption
-                    .push(format!("overlay record {:?} fails its checksum", k.value()));
+                sound = false;
+                damaged_overlays.push(id);
+                let reason = format!(
+                    "the overlay record of bytes {}..{} is damaged",
+                    g * GROUP_CHUNKS * self.sb.chunk_size,
+                    ((g + 1) * GROUP_CHUNKS * self.sb.chunk_size).min(self.sb.origin_size)
+                );
+                let readers: Vec<u64> = owner.map(|(sid, _, _)| sid).into_iter().collect();
+                rep.corruption.push(match owner {
+                    Some((_, name, _)) => format!(
+                        "snapshot '{name}': {reason}; `check --repair --drop-damaged` marks it invalid"
+                    ),
+                    None => format!("{reason} (no snapshot owns it)"),
+                });
+                rep.fixes.push(Fix::Damaged {
+                    row: DamagedRow::Overlay(k.value()),
+                    snapshots: readers,
+                    reason,
+                });
                 continue;
             };
             for en in &rec.entries {
                 record_chunks += 1;
                 *counts.entry(id).or_insert(0) += 1;
                 claim(en.loc, &format!("overlay {id}"), &mut rep);
-                if !owners.contains_key(&id) {
+                if owner.is_none() {
                     rep.leaks.push(format!(
                         "store chunk {} is held by overlay {id}, which no snapshot owns",
                         en.loc
                     ));
+                    if orphans.last() != Some(&id) {
+                        orphans.push(id);
+                    }
                 }
                 if data {
                     saved.push((g * GROUP_CHUNKS + en.off as u64, *en, Reader::Overlay(id)));
                 }
             }
         }
-        for (id, (name, n)) in &owners {
+        rep.fixes.extend(orphans.into_iter().map(Fix::DropOverlay));
+        for (id, (sid, name, n)) in &owners {
             let have = counts.get(id).copied().unwrap_or(0);
-            if have != *n {
+            if have != *n && !damaged_overlays.contains(id) {
                 rep.corruption.push(format!(
                     "snapshot '{name}' says its overlay holds {n} chunks, it holds {have}"
                 ));
+                rep.fixes.push(Fix::SetOverlayChunks(*sid, have));
             }
         }
+        // The free list: inside the high-water mark, no extent twice, nothing in use.
+        let free = tx.open_table(FREE).map_err(|e| meta_err(&sn, e))?;
+        let mut is_free = Bits::new(data_chunks);
+        let mut bad_free = false;
+        for row in free.iter().map_err(|e| meta_err(&sn, e))? {
+            let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+            let (s, n) = (k.value(), v.value());
+            if s.checked_add(n).is_none_or(|end| end > hw.min(data_chunks)) {
+                rep.corruption.push(format!(
+                    "free extent {s}+{n} is beyond the high-water mark {hw}"
+                ));
+                bad_free = true;
+                continue;
+            }
+            rep.free_chunks += n;
+            for p in s..s + n {
+                if is_free.set(p) {
+                    rep.corruption
+                        .push(format!("store chunk {p} is in the free list twice"));
+                    bad_free = true;
+                } else if owned.get(p) {
+                    rep.corruption.push(format!(
+                        "store chunk {p} is in the free list but in use: the next copy would overwrite saved data"
+                    ));
+                    bad_free = true;
+                }
+            }
+        }
+        let mut orphan_chunks = false;
+        for p in 0..hw.min(data_chunks) {
+            if !owned.get(p) && !is_free.get(p) {
+                rep.leaks
+                    .push(format!("store chunk {p} is neither in use nor free"));
+                orphan_chunks = true;
+            }
+        }
+        if (bad_free || orphan_chunks) && !rep.fixes.contains(&Fix::RebuildFreeList) {
+            rep.fixes.push(Fix::RebuildFreeList);
+        }
+        // Free space is the free list plus the chunks never handed out yet.
+        rep.free_chunks += data_chunks.saturating_sub(hw);
+        rep.high_water_chunks = hw;
         rep.used_chunks = record_chunks;
         if used != record_chunks {
             rep.corruption.push(format!(
                 "the used-chunk counter says {used} but the records hold {record_chunks}"
             ));
-        }
-        for p in 0..hw.min(data_chunks) {
-            if owned[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                rep.leaks
-                    .push(format!("store chunk {p} is neither in use nor free"));
-            }
+            rep.fixes.push(Fix::SetUsed(record_chunks));
         }
         // Catalog: names and snapshots agree.
         let names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
@@ -259,44 +464,130 @@ impl Store {
             nnames += 1;
             match self.snaps.get(&v.value()) {
                 Some(s) if s.name == k.value() => {}
-                _ => rep.corruption.push(format!(
-                    "name '{}' points at no matching snapshot",
-                    k.value()
-                )),
+                _ => {
+                    rep.corruption.push(format!(
+                        "name '{}' points at no matching snapshot",
+                        k.value()
+                    ));
+                    reindex = true;
+                }
             }
         }
         rep.snapshots = self.snaps.len() as u64;
         if nnames != rep.snapshots {
             rep.corruption
                 .push(format!("{} names for {} snapshots", nnames, rep.snapshots));
+            reindex = true;
         }
-        drop((recs, by_time, free, names, config, ovl, tx));
-        // Space accounting: recompute what each snapshot holds alone.
-        let wtx = self.wtx()?;
-        for (k, &e) in live.iter().enumerate() {
-            let prev = k.checked_sub(1).map(|i| live[i]);
-            let hi = live.get(k + 1).copied().unwrap_or(epoch);
-            let n = self.window(&wtx, prev, e, hi, false)?;
-            let at: Vec<&crate::store::Snapshot> = self
-                .snaps
-                .values()
-                .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e)
-                .collect();
-            let want = if at.len() == 1 { n } else { 0 };
-            for s in at {
-                if s.exclusive_chunks != want {
-                    rep.corruption.push(format!(
-                        "snapshot '{}' records {} exclusive chunks but holds {want}",
-                        s.name, s.exclusive_chunks
-                    ));
+        if reindex {
+            rep.fixes.push(Fix::Reindex);
+            sound = false;
+        }
+        sound &= !rep.fixes.iter().any(|f| matches!(f, Fix::Damaged { .. }));
+        drop((recs, by_time, free, names, config, ovl, heads, tx));
+        // Space accounting: recompute what each snapshot holds alone (from sound rows only).
+        if sound {
+            let wtx = self.wtx()?;
+            for (k, &e) in live.iter().enumerate() {
+                let prev = k.checked_sub(1).map(|i| live[i]);
+                let hi = live.get(k + 1).copied().unwrap_or(epoch);
+                let n = self.window(&wtx, prev, e, hi, false)?;
+                let at: Vec<&crate::store::Snapshot> = self
+                    .snaps
+                    .values()
+                    .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e)
+                    .collect();
+                let want = if at.len() == 1 { n } else { 0 };
+                if at.iter().any(|s| s.exclusive_chunks != want) {
+                    for s in at.iter().filter(|s| s.exclusive_chunks != want) {
+                        rep.corruption.push(format!(
+                            "snapshot '{}' records {} exclusive chunks but holds {want}",
+                            s.name, s.exclusive_chunks
+                        ));
+                    }
+                    rep.fixes.push(Fix::SetExclusive(e, n));
                 }
             }
+            wtx.abort().map_err(|e| meta_err(&sn, e))?;
+        } else {
+            rep.notes.push(
+                "space accounting was not verified: the damage above must be repaired first".into(),
+            );
         }
-        wtx.abort().map_err(|e| meta_err(&sn, e))?;
         if data {
             self.check_data(&saved, &mut rep, progress)?;
         }
         Ok(rep)
+    }
+
+    /// The superblock and its backup copy: the store may have been opened with the backup.
+    fn check_superblocks(&self, rep: &mut CheckReport) -> Result<()> {
+        let mut b = vec![0u8; SUPERBLOCK_SIZE];
+        self.dev
+            .read_at(&mut b, 0)
+            .map_err(|e| Error::io(format!("store {}: read", self.name), e))?;
+        let primary = Superblock::decode(&b, &self.name);
+        let backup = crate::store::read_backup_superblock(self.dev.as_ref(), &self.name);
+        match (primary, backup) {
+            (Err(_), _) => {
+                rep.corruption.push(
+                    "the superblock (the first 4 KiB) is damaged; the store was opened with its backup copy"
+                        .into(),
+                );
+                rep.fixes.push(Fix::WritePrimary);
+            }
+            (Ok(_), Ok(None)) => {
+                rep.notes.push(
+                    "the store has no backup superblock (it was made before snapctl wrote one); `check --repair` writes it".into(),
+                );
+                rep.fixes.push(Fix::WriteBackup);
+            }
+            (Ok(p), Ok(Some(bk))) if p == bk => {}
+            (Ok(_), Ok(Some(_))) => {
+                rep.corruption
+                    .push("the backup superblock differs from the superblock".into());
+                rep.fixes.push(Fix::WriteBackup);
+            }
+            (Ok(_), Err(_)) => {
+                rep.corruption
+                    .push("the backup superblock (at 512 KiB) is damaged".into());
+                rep.fixes.push(Fix::WriteBackup);
+            }
+        }
+        Ok(())
+    }
+
+    /// The valid snapshots of the origin's branch at these points.
+    fn ids_at(&self, points: &[u64]) -> Vec<u64> {
+        self.snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && points.contains(&s.epoch))
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// "snapshots 'a', 'b': REASON; ..." naming who is affected and what repairs it.
+    fn damage_line(&self, reason: &str, points: &[u64]) -> String {
+        let names: Vec<&str> = self
+            .snaps
+            .values()
+            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && points.contains(&s.epoch))
+            .map(|s| s.name.as_str())
+            .collect();
+        if names.is_empty() {
+            format!("{reason} (no snapshot reads it)")
+        } else {
+            format!(
+                "{} '{}': {reason}; `check --repair --drop-damaged` marks {} invalid",
+                if names.len() == 1 {
+                    "snapshot"
+                } else {
+                    "snapshots"
+                },
+                names.join("', '"),
+                if names.len() == 1 { "it" } else { "them" }
+            )
+        }
     }
 
     /// `check --data`: reads every saved chunk and verifies it against its hash; each chunk
@@ -374,16 +665,32 @@ impl Store {
         }
         rep.damaged = merged;
         for d in &rep.damaged {
-            rep.corruption.push(format!(
-                "{}: bytes {}..{} fail their checksum",
-                if d.snapshots.is_empty() {
-                    "no snapshot".to_string()
-                } else {
-                    format!("snapshot '{}'", d.snapshots.join("', '"))
-                },
+            let reason = format!(
+                "saved bytes {}..{} fail their checksum",
                 d.offset,
                 d.offset + d.length
+            );
+            if d.snapshots.is_empty() {
+                // No view reads it: its record entry is a leak, dropped as one.
+                rep.corruption
+                    .push(format!("{reason} (no snapshot reads them)"));
+                continue;
+            }
+            let s = if d.snapshots.len() == 1 { "" } else { "s" };
+            rep.corruption.push(format!(
+                "snapshot{s} '{}': {reason}; `check --repair --drop-damaged` marks {} invalid",
+                d.snapshots.join("', '"),
+                if d.snapshots.len() == 1 { "it" } else { "them" }
             ));
+            rep.fixes.push(Fix::Damaged {
+                row: DamagedRow::Data,
+                snapshots: d
+                    .snapshots
+                    .iter()
+                    .filter_map(|n| self.snaps.by_name(n).map(|s| s.id))
+                    .collect(),
+                reason,
+            });
         }
         Ok(())
     }

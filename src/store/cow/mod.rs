@@ -12,6 +12,7 @@ mod diff;
 mod overlay;
 mod read;
 mod records;
+mod repair;
 mod restore;
 mod space;
 mod write;
@@ -91,6 +92,66 @@ pub struct CheckReport {
     pub corruption: Vec<String>,
     /// Space no view can reach: reclaimable, not dangerous.
     pub leaks: Vec<String>,
+    /// Neither damage nor leaks: things `check --repair` improves (a missing backup superblock).
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// What `check --repair` did, in order.
+    #[serde(default)]
+    pub repaired: Vec<String>,
+    /// How `--repair` would mend what was found (repair.rs applies them); never sent anywhere.
+    #[serde(skip)]
+    pub(crate) fixes: Vec<Fix>,
+}
+
+/// A repair `check` found possible. Applied by `check --repair` (repair.rs), one class per
+/// pass and the store checked again between passes, so each fix is computed from a state in
+/// which everything it depends on is already sound.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Fix {
+    /// The superblock is damaged or gone and the store was opened with its backup copy.
+    WritePrimary,
+    /// The backup copy is missing, damaged or differs: rewrite it from the superblock.
+    WriteBackup,
+    /// Rows that fail their checksums, or a record that vanished: the snapshots that might
+    /// read them (ids) are marked invalid and the rows removed. Only with `--drop-damaged`.
+    Damaged {
+        row: DamagedRow,
+        snapshots: Vec<u64>,
+        reason: String,
+    },
+    /// The time index, the chain heads or the name index disagree with the rows they index:
+    /// rebuilt from those rows.
+    Reindex,
+    /// Record entries no view can read: dropped, their chunks freed. (record key, offsets)
+    DropEntries((u32, u64, u64), Vec<u16>),
+    /// An overlay no snapshot owns: dropped with its chunks.
+    DropOverlay(u32),
+    /// The free list disagrees with the records (leaked chunks, a chunk both free and in use,
+    /// extents past the high-water mark): rebuilt as every chunk no record or overlay owns.
+    RebuildFreeList,
+    /// Counters that disagree with what they count: set to the counted values.
+    SetUsed(u64),
+    SetExclusive(u64, u64),
+    SetOverlayChunks(u64, u64),
+}
+
+/// A damaged piece of metadata or data, by what has to go.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DamagedRow {
+    /// A record whose checksum fails; `prev` is the `t` of the record before it (0: none).
+    Record { key: (u32, u64, u64), prev: u64 },
+    /// The record of `group` at `t` vanished (a record after it names it as `prev`, or the
+    /// group's head does): the record after it (`next`), or the head, is relinked to `prev`.
+    Missing {
+        group: (u32, u64),
+        t: u64,
+        next: Option<(u32, u64, u64)>,
+        prev: u64,
+    },
+    /// An overlay record whose checksum fails.
+    Overlay((u32, u64)),
+    /// Saved bytes that fail their hash (`--data`): only the readers go.
+    Data,
 }
 
 /// Where each chunk of a group is for a view at an epoch: a saved copy, or the origin (`None`).

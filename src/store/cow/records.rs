@@ -182,31 +182,3 @@ where
     }
     Ok(out)
 }
-
-/// The newest record for chunk c of branch b with t' < t.
-pub(super) fn prev_cover<T: ReadableTable<(u32, u64, u64), &'static [u8]>>(
-    t: &T,
-    store: &str,
-    b: u32,
-    c: u64,
-    before: u64,
-) -> Result<Option<u64>> {
-    if before == 0 {
-        return Ok(None);
-    }
-    let g = c / GROUP_CHUNKS;
-    for row in t
-        .range((b, g, 0)..=(b, g, before - 1))
-        .map_err(|e| meta_err(store, e))?
-        .rev()
-    {
-        let (k, v) = row.map_err(|e| meta_err(store, e))?;
-        if record_of(store, k.value(), v.value())?
-            .find(c % GROUP_CHUNKS)
-            .is_some()
-        {
-            return Ok(Some(k.value().2));
-        }
-    }
-    Ok(None)
-}
