@@ -14,4 +14,5 @@ mod ops;
 mod schedule;
 mod sockets;
 mod tail;
+mod tls;
 mod upgrade;
