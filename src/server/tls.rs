@@ -47,7 +47,8 @@ pub struct TlsFiles {
 
 /// A PEM file larger than this is not one of ours (and /dev/zero must not hang the start).
 const MAX_PEM: u64 = 1 << 20;
-/// A client has this long to finish the TLS handshake once it sent NBD_OPT_STARTTLS.
+/// A TCP client has this long for each read of the plaintext phase (greeting and options up to
+/// NBD_OPT_STARTTLS), and again for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Once the NBD side has finished, the relay has this long to deliver the last replies.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,9 +159,28 @@ pub(crate) fn serve_connection(
     tcp: TcpStream,
     config: &Arc<ServerConfig>,
 ) -> io::Result<()> {
-    let (early, no_zeroes) = match nbd::run(shared, &tcp, TlsMode::Required, None)? {
-        Ended::Done => return Ok(()),
-        Ended::StartTls { early, no_zeroes } => (early, no_zeroes),
+    // The plaintext phase is a few round trips for a real client: one that idles in it (it
+    // is not known to be anyone yet) is sent away rather than holding a connection slot.
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let (early, no_zeroes) = match nbd::run(shared, &tcp, TlsMode::Required, None) {
+        Ok(Ended::Done) => return Ok(()),
+        Ok(Ended::StartTls { early, no_zeroes }) => (early, no_zeroes),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no TLS from {} within {} s: sent away",
+                    peer_name(&tcp),
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        Err(e) => return Err(e),
     };
     let conn = handshake(config, &tcp, &early)?;
     let (inner, outer) = UnixStream::pair()?;
@@ -173,6 +193,12 @@ pub(crate) fn serve_connection(
     r.map(|_| ())
 }
 
+fn peer_name(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "a client".into())
+}
+
 /// The TLS handshake, blocking, bounded by [`HANDSHAKE_TIMEOUT`]. A failure (a client whose
 /// certificate does not verify, one that is not speaking TLS) ends the connection: after the
 /// acknowledgement there is no going back to plaintext.
@@ -181,10 +207,7 @@ fn handshake(
     tcp: &TcpStream,
     early: &[u8],
 ) -> io::Result<ServerConnection> {
-    let peer = tcp
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "client".into());
+    let peer = peer_name(tcp);
     let failed = |e: io::Error| io::Error::new(e.kind(), format!("TLS handshake with {peer}: {e}"));
     let mut conn = ServerConnection::new(config.clone()).map_err(io::Error::other)?;
     let mut early = early;
