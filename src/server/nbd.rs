@@ -4,6 +4,9 @@
 //! is exported read-only under its name. Each connection reads requests pipelined and serves them
 //! in batches: the copies that all the batch's writes need are made and committed together (one
 //! flush and one commit for the batch), and its reads go to the devices together.
+//!
+//! TLS (doc/proto.md, "TLS support"): [`TlsMode`] says how NBD_OPT_STARTTLS is answered; on a
+//! TLS listener, [`super::tls`] runs the handshake and hands the decrypted stream back to [`run`].
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
