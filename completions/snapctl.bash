@@ -975,7 +975,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__serve)
-            opts="-s -q -v -h -V --socket --listen --allow-insecure-tcp --group --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --socket --listen --tls-cert --tls-key --tls-client-ca --no-tls --group --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -986,6 +986,18 @@ _snapctl() {
                     return 0
                     ;;
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -218,10 +218,13 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s v -l verbose
 complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c snapctl -n "__fish_snapctl_using_subcommand restore" -s V -l version -d 'Print version'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l socket -d 'Unix socket for NBD clients (a missing parent directory is created 0700, or 0710 with --group)' -r -F
-complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l listen -d 'Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1); needs --allow-insecure-tcp' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l listen -d 'Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1); needs --tls-cert and --tls-key, or --no-tls on a loopback address' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-cert -d 'The server\'s certificate chain for TLS on --listen (PEM: its certificate first)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-key -d 'The private key of --tls-cert (PEM)' -r -F
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-client-ca -d 'Require TCP clients to present a certificate signed by this CA (PEM)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l group -d 'Let the members of GROUP (a group name or numeric gid) use the sockets too: sockets 0660 and the run directory 0710, owned by GROUP' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -s s -l store -d 'The exception store (a block device or a file)' -r -F
-complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l allow-insecure-tcp -d 'Allow --listen although TCP has no authentication or encryption yet: anyone who can reach the port can read and write the origin and every snapshot'
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l no-tls -d 'Serve --listen as plain NBD, without TLS: allowed on a loopback address only (127.0.0.0/8 or ::1), where anyone on this machine who can reach the port can read and write the origin and every snapshot'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -s q -l quiet -d 'Print nothing but errors'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -s v -l verbose -d 'Say more (which I/O engine is in use, what the store did on its own)'

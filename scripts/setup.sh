@@ -14,6 +14,7 @@ have nbdkit     || need+=(nbdkit)
 have fio        || need+=(fio)
 have fusermount3 || need+=(fuse3)
 have cmp        || need+=(diffutils)
+have openssl    || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -477,6 +477,17 @@ fn inited(w: &mut World) {
     w.init();
 }
 
+/// A store, and a certificate with its key and an unrelated key (tests/fixtures/tls).
+fn with_tls_files(w: &mut World) {
+    w.init();
+    w.file("cert.pem", include_bytes!("fixtures/tls/cert.pem"));
+    w.file("key.pem", include_bytes!("fixtures/tls/key.pem"));
+    w.file(
+        "other-key.pem",
+        include_bytes!("fixtures/tls/other-key.pem"),
+    );
+}
+
 /// A second, blank file to format.
 fn blank(w: &mut World) {
     w.sized("new.img", 16 * MIB);
@@ -2020,20 +2031,104 @@ fn cases() -> Vec<Case> {
     let g = "Serving";
     v.push(case(
         g,
-        "listen-without-consent",
-        "--listen without --allow-insecure-tcp",
+        "listen-without-tls",
+        "--listen without TLS",
         inited,
         &["serve", "--listen", "10809"],
         2,
-        &["--allow-insecure-tcp"],
-        "Add --allow-insecure-tcp if you accept plain TCP.",
+        &[
+            "--listen 10809",
+            "needs TLS",
+            "--tls-cert",
+            "--tls-key",
+            "--no-tls",
+        ],
+        "Give --tls-cert and --tls-key (PEM), or --no-tls on a loopback address.",
+    ));
+    v.push(case(
+        g,
+        "no-tls-not-loopback",
+        "--no-tls on an address that is not loopback",
+        inited,
+        &["serve", "--listen", "0.0.0.0:10809", "--no-tls"],
+        2,
+        &["--no-tls", "loopback", "0.0.0.0:10809", "--tls-cert"],
+        "Give --tls-cert and --tls-key, or listen on 127.0.0.1 or ::1.",
+    ));
+    v.push(case(
+        g,
+        "tls-without-listen",
+        "TLS options without --listen",
+        with_tls_files,
+        &["serve", "--tls-cert", "cert.pem", "--tls-key", "key.pem"],
+        2,
+        &["--tls-cert and --tls-key", "only for TCP", "--listen"],
+        "Add --listen HOST:PORT, or leave the TLS options out.",
+    ));
+    v.push(case(
+        g,
+        "tls-key-missing",
+        "A --tls-key file that is not there",
+        with_tls_files,
+        &[
+            "serve",
+            "--listen",
+            "10809",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "no-such-key.pem",
+        ],
+        2,
+        &["--tls-key no-such-key.pem", "No such file"],
+        "Give the path of the certificate's private key.",
+    ));
+    v.push(case(
+        g,
+        "tls-key-mismatch",
+        "A --tls-key that is not the certificate's key",
+        with_tls_files,
+        &[
+            "serve",
+            "--listen",
+            "10809",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "other-key.pem",
+        ],
+        2,
+        &[
+            "--tls-key other-key.pem",
+            "--tls-cert cert.pem",
+            "not the private key",
+        ],
+        "Give the key the certificate was issued for.",
+    ));
+    v.push(case(
+        g,
+        "tls-cert-not-pem",
+        "A --tls-cert that is not a PEM certificate",
+        with_tls_files,
+        &[
+            "serve",
+            "--listen",
+            "10809",
+            "--tls-cert",
+            "data.bin",
+            "--tls-key",
+            "key.pem",
+        ],
+        2,
+        &["--tls-cert data.bin", "no certificate", "PEM"],
+        "Give the certificate chain in PEM form.",
     ));
     v.push(case(
         g,
         "listen-bad-address",
         "A --listen address that is not one",
         inited,
-        &["serve", "--listen", "x:y", "--allow-insecure-tcp"],
+        &["serve", "--listen", "x:y", "--no-tls"],
         2,
         &["'x:y'", "HOST:PORT"],
         "Write PORT or HOST:PORT.",

@@ -768,7 +768,7 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    // Without --allow-insecure-tcp, --listen is refused: TCP has no authentication.
+    // Without TLS or --no-tls, --listen is refused.
     let o = Command::new(bin())
         .args(["serve", "--socket"])
         .arg(s.sock())
@@ -780,7 +780,7 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("--allow-insecure-tcp") && err.contains("no authentication"),
+        err.contains("needs TLS") && err.contains("--no-tls"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -788,7 +788,7 @@ fn tcp_only_when_asked_and_on_loopback_by_default() {
     let child = Command::new(bin())
         .args(["serve", "--socket"])
         .arg(s.sock())
-        .args(["--listen", &port.to_string(), "--allow-insecure-tcp"])
+        .args(["--listen", &port.to_string(), "--no-tls"])
         .env("SNAPCTL_STORE", s.p("store.img"))
         .env("SNAPCTL_RUN_DIR", s.p("run"))
         .stderr(log)

@@ -1,6 +1,6 @@
 //! `snapctl serve`'s local sockets: owner-only modes, the run directory, the peer-credential
 //! check, connection caps, what is (and is never) removed at a socket's path, and `--listen`
-//! needing `--allow-insecure-tcp`. Runs as root; other users are played with setpriv.
+//! needing TLS (or `--no-tls`). Runs as root; other users are played with setpriv.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -482,15 +482,13 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
 }
 
 #[test]
-fn listen_needs_allow_insecure_tcp() {
+fn listen_needs_tls() {
     let mut s = Srv::new();
     let sock = s.p("nbd.sock");
     let (code, err) = s.serve_refused(&["--socket", sock.to_str().unwrap(), "--listen", "10809"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("--allow-insecure-tcp")
-            && err.contains("no authentication or encryption")
-            && err.contains("TLS"),
+        err.contains("needs TLS") && err.contains("--tls-cert") && err.contains("--no-tls"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");

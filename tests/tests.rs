@@ -15,4 +15,5 @@ mod repair;
 mod schedule;
 mod sockets;
 mod tail;
+mod tls;
 mod upgrade;

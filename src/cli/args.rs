@@ -293,8 +293,8 @@ pub enum Cmd {
     /// Exports: `origin` (also the default export "") is the live origin, read-write, with
     /// writes going through copy-on-write; every snapshot is exported read-only under its name.
     /// Listens on a unix socket (default $SNAPCTL_RUN_DIR/UUID.sock, SNAPCTL_RUN_DIR defaulting
-    /// to /run/snapctl, UUID being the store's) and on TCP only with --listen and
-    /// --allow-insecure-tcp. While it runs, every other snapctl command on the store is carried
+    /// to /run/snapctl, UUID being the store's) and on TCP only with --listen, which needs TLS
+    /// (--tls-cert and --tls-key). While it runs, every other snapctl command on the store is carried
     /// out by the server through its control socket (UUID.ctl in the same directory), found from
     /// the store path. SIGTERM or SIGINT finish the requests in flight, commit, and exit 0.
     ///
@@ -309,21 +309,38 @@ pub enum Cmd {
     /// an existing one is left as it is. A stale socket left by a server that died is replaced; anything else at
     /// a socket's path (a file, a directory, a symlink) is never deleted: the server refuses to
     /// start (exit 4). At most 64 NBD and 32 control connections are served at once; beyond
-    /// that a new connection is closed and logged. TCP has no authentication or encryption:
-    /// --listen is refused unless --allow-insecure-tcp is given too.
+    /// that a new connection is closed and logged.
+    ///
+    /// TCP needs TLS: --listen is refused without --tls-cert and --tls-key (PEM files: the
+    /// server's certificate chain and its private key), checked before anything starts. A TCP
+    /// client must start TLS (NBD_OPT_STARTTLS) before anything else: every other option is
+    /// refused until it does (clients: nbds:// URIs in libnbd, tls-creds in qemu). With
+    /// --tls-client-ca, clients must also present a certificate signed by that CA. --no-tls
+    /// serves plain NBD instead, on a loopback address only. The unix socket is always plain
+    /// NBD (protected by its permissions).
     Serve {
         /// Unix socket for NBD clients (a missing parent directory is created 0700, or 0710 with
         /// --group)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
-        /// Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1); needs
-        /// --allow-insecure-tcp
+        /// Also listen on TCP: PORT or HOST:PORT (without a host, 127.0.0.1); needs --tls-cert
+        /// and --tls-key, or --no-tls on a loopback address
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
-        /// Allow --listen although TCP has no authentication or encryption yet: anyone who can
-        /// reach the port can read and write the origin and every snapshot
+        /// The server's certificate chain for TLS on --listen (PEM: its certificate first)
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM)
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<PathBuf>,
+        /// Require TCP clients to present a certificate signed by this CA (PEM)
+        #[arg(long, value_name = "FILE")]
+        tls_client_ca: Option<PathBuf>,
+        /// Serve --listen as plain NBD, without TLS: allowed on a loopback address only
+        /// (127.0.0.0/8 or ::1), where anyone on this machine who can reach the port can read
+        /// and write the origin and every snapshot
         #[arg(long)]
-        allow_insecure_tcp: bool,
+        no_tls: bool,
         /// Let the members of GROUP (a group name or numeric gid) use the sockets too: sockets
         /// 0660 and the run directory 0710, owned by GROUP
         #[arg(long, value_name = "GROUP")]

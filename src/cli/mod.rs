@@ -252,7 +252,10 @@ pub fn run(cli: Cli) -> Result<Output> {
         Cmd::Serve {
             socket,
             listen,
-            allow_insecure_tcp,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            no_tls,
             group,
         } => {
             crate::server::serve(
@@ -260,7 +263,10 @@ pub fn run(cli: Cli) -> Result<Output> {
                 crate::server::ServeOptions {
                     socket,
                     listen,
-                    allow_insecure_tcp,
+                    tls_cert,
+                    tls_key,
+                    tls_client_ca,
+                    no_tls,
                     group,
                     verbose: g.verbose > 0,
                 },

@@ -10,6 +10,7 @@ pub(crate) mod control;
 pub mod nbd;
 mod sockets;
 pub mod state;
+pub mod tls;
 
 use std::io;
 use std::net::{TcpListener, ToSocketAddrs};
@@ -34,8 +35,12 @@ use state::Shared;
 pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     pub listen: Option<String>,
-    /// `--allow-insecure-tcp`: without it `--listen` is refused.
-    pub allow_insecure_tcp: bool,
+    /// `--tls-cert` and `--tls-key` (with `--tls-client-ca`, if given).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--no-tls`: plain NBD on `--listen`, allowed on a loopback address only.
+    pub no_tls: bool,
     /// `--group`: a group name or gid whose members may use the sockets too.
     pub group: Option<String>,
     pub verbose: bool,
@@ -72,18 +77,78 @@ impl Listener {
     }
 }
 
+/// Where to listen on TCP, and with which TLS configuration (none: plain NBD).
+type TcpSetup = (
+    Option<std::net::SocketAddr>,
+    Option<Arc<rustls::ServerConfig>>,
+);
+
+/// The checked `--listen` and TLS options: the address to listen on, and the TLS configuration
+/// it requires (none with `--no-tls`, which only a loopback address may have). Reads the
+/// certificate and key files, so a bad one is refused before anything else happens.
+fn tcp_options(opts: &ServeOptions) -> Result<TcpSetup> {
+    let any_tls = opts.tls_cert.is_some() || opts.tls_key.is_some() || opts.tls_client_ca.is_some();
+    let Some(listen) = opts.listen.as_deref() else {
+        let given: Vec<&str> = [
+            (opts.tls_cert.is_some(), "--tls-cert"),
+            (opts.tls_key.is_some(), "--tls-key"),
+            (opts.tls_client_ca.is_some(), "--tls-client-ca"),
+            (opts.no_tls, "--no-tls"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, flag)| *flag)
+        .collect();
+        if let Some((last, init)) = given.split_last() {
+            let (what, them) = if init.is_empty() {
+                (format!("{last} is"), "it")
+            } else {
+                (format!("{} and {last} are", init.join(", ")), "them")
+            };
+            return Err(Error::Invalid(format!(
+                "{what} only for TCP: add --listen HOST:PORT, or leave {them} out (the unix socket is plain NBD, protected by its permissions)"
+            )));
+        }
+        return Ok((None, None));
+    };
+    if opts.no_tls && any_tls {
+        return Err(Error::Invalid(
+            "--no-tls and --tls-cert/--tls-key/--tls-client-ca contradict each other: give one or the other".into(),
+        ));
+    }
+    let addr = parse_listen(listen)?;
+    if opts.no_tls {
+        if !addr.ip().is_loopback() {
+            return Err(Error::Invalid(format!(
+                "--no-tls is only allowed on a loopback address (127.0.0.0/8 or ::1), not {addr}: anyone who can reach it could read and write the origin and every snapshot; give --tls-cert and --tls-key instead"
+            )));
+        }
+        return Ok((Some(addr), None));
+    }
+    let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) else {
+        let msg = match (&opts.tls_cert, &opts.tls_key) {
+            (Some(_), None) => "--tls-cert needs --tls-key too (the certificate's private key, PEM)".to_string(),
+            (None, Some(_)) => "--tls-key needs --tls-cert too (the server's certificate chain, PEM)".to_string(),
+            _ if opts.tls_client_ca.is_some() => "--tls-client-ca needs --tls-cert and --tls-key too (the server's certificate chain and its private key, PEM)".to_string(),
+            _ => format!("--listen {listen} serves NBD over TCP, which needs TLS: give --tls-cert FILE and --tls-key FILE (PEM), or --no-tls to serve plain NBD on a loopback address"),
+        };
+        return Err(Error::Invalid(msg));
+    };
+    let config = tls::load(&tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: opts.tls_client_ca.clone(),
+    })?;
+    Ok((Some(addr), Some(config)))
+}
+
 /// Runs the server until SIGTERM/SIGINT; then finishes in-flight requests, commits, exits.
 ///
 /// Long on purpose: arguments, sockets, the accept loop and the shutdown are one sequence whose
 /// order matters (refuse before touching anything; stop accepting before draining workers).
 pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     // Arguments first: a refusal touches nothing.
-    if opts.listen.is_some() && !opts.allow_insecure_tcp {
-        return Err(Error::Invalid(
-            "--listen serves NBD over TCP with no authentication or encryption (TLS is not supported yet): anyone who can reach the port can read and write the origin; pass --allow-insecure-tcp as well to do it anyway".into(),
-        ));
-    }
-    let tcp = opts.listen.as_deref().map(parse_listen).transpose()?;
+    let (tcp, tls) = tcp_options(&opts)?;
     let access = Access {
         // SAFETY: geteuid cannot fail.
         euid: unsafe { libc::geteuid() },
@@ -137,7 +202,11 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         store_path.display(),
         sb.origin_path,
         nbd_path.display(),
-        tcp.map(|a| format!(" and nbd://{a}/origin")).unwrap_or_default()
+        match (tcp, &tls) {
+            (Some(a), Some(_)) => format!(" and nbds://{a}/origin (TLS)"),
+            (Some(a), None) => format!(" and nbd://{a}/origin (no TLS)"),
+            _ => String::new(),
+        }
     );
     let nbd_live = Arc::new(AtomicUsize::new(0));
     let ctl_live = Arc::new(AtomicUsize::new(0));
@@ -193,10 +262,15 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
                     else {
                         continue;
                     };
+                    let tls = tls.clone();
                     spawn_worker(move || {
                         let _slot = slot;
                         let _ = s.set_nodelay(true);
-                        if let Err(e) = serve_connection(&sh, s) {
+                        let r = match &tls {
+                            Some(config) => tls::serve_connection(&sh, s, config),
+                            None => serve_connection(&sh, s),
+                        };
+                        if let Err(e) = r {
                             if e.kind() != io::ErrorKind::UnexpectedEof {
                                 eprintln!("snapctl serve: connection closed: {e}");
                             }

@@ -4,6 +4,9 @@
 //! is exported read-only under its name. Each connection reads requests pipelined and serves them
 //! in batches: the copies that all the batch's writes need are made and committed together (one
 //! flush and one commit for the batch), and its reads go to the devices together.
+//!
+//! TLS (doc/proto.md, "TLS support"): [`TlsMode`] says how NBD_OPT_STARTTLS is answered; on a
+//! TLS listener, [`super::tls`] runs the handshake and hands the decrypted stream back to [`run`].
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -29,6 +32,7 @@ const CLIENT_NO_ZEROES: u32 = 1 << 1;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -40,7 +44,9 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 
@@ -203,24 +209,75 @@ fn protocol(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Serves one client connection to its end. Protocol violations close the connection.
+/// How a connection treats TLS (doc/proto.md, "TLS support").
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum TlsMode {
+    /// NOTLS: the unix socket, or TCP with `--no-tls`. NBD_OPT_STARTTLS is refused by policy.
+    Off,
+    /// FORCEDTLS before the upgrade: only NBD_OPT_STARTTLS and NBD_OPT_ABORT are served; every
+    /// other option is answered NBD_REP_ERR_TLS_REQD, NBD_OPT_EXPORT_NAME closes the connection.
+    Required,
+    /// FORCEDTLS after the upgrade: the stream is the decrypted one; a second
+    /// NBD_OPT_STARTTLS is NBD_REP_ERR_INVALID.
+    Active,
+}
+
+/// How [`run`] ended.
+pub(crate) enum Ended {
+    /// The client left (or was sent away); nothing more to do.
+    Done,
+    /// NBD_OPT_STARTTLS was acknowledged: the TLS handshake comes next on the same socket.
+    /// `early` holds what the client sent after the option and was already read (normally
+    /// nothing: the client waits for the acknowledgement); `no_zeroes` carries over.
+    StartTls { early: Vec<u8>, no_zeroes: bool },
+}
+
+/// Serves one client connection to its end, without TLS (the unix socket, `--no-tls`).
+/// Protocol violations close the connection.
 pub fn serve_connection<S: AsRawFd + Sync>(shared: &Shared, stream: S) -> io::Result<()>
 where
     for<'b> &'b S: Read + Write,
 {
+    run(shared, &stream, TlsMode::Off, None).map(|_| ())
+}
+
+/// The handshake (greeting, option haggling) and then transmission, on `stream`. `resumed`:
+/// this is the TLS session of a connection whose greeting was already exchanged in plaintext,
+/// with the client's NBD_FLAG_C_NO_ZEROES; option haggling starts afresh (nothing negotiated
+/// before NBD_OPT_STARTTLS is kept, as the spec requires).
+pub(crate) fn run<S: AsRawFd + Sync>(
+    shared: &Shared,
+    stream: &S,
+    mode: TlsMode,
+    resumed: Option<bool>,
+) -> io::Result<Ended>
+where
+    for<'b> &'b S: Read + Write,
+{
     let fd = stream.as_raw_fd();
-    let mut rd = BufReader::with_capacity(1 << 20, Stream(&stream));
-    let mut wr = Stream(&stream);
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    wr.write_all(&hello)?;
-    let cflags = read_u32(&mut rd)?;
-    if cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol("unknown client flags"));
-    }
-    let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    let mut rd = BufReader::with_capacity(1 << 20, Stream(stream));
+    let mut wr = Stream(stream);
+    let no_zeroes = match resumed {
+        Some(no_zeroes) => no_zeroes,
+        None => {
+            let mut hello = Vec::with_capacity(18);
+            hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+            hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            wr.write_all(&hello)?;
+            let cflags = read_u32(&mut rd)?;
+            if cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+                return Err(protocol("unknown client flags"));
+            }
+            if mode == TlsMode::Required && cflags & CLIENT_FIXED_NEWSTYLE == 0 {
+                // Such a client cannot send NBD_OPT_STARTTLS, and TLS is required.
+                return Err(protocol(
+                    "client does not speak fixed newstyle, so cannot start TLS, which is required",
+                ));
+            }
+            cflags & CLIENT_NO_ZEROES != 0
+        }
+    };
     let mut neg = Negotiated::default();
     // The export base:allocation was last selected for (NBD_OPT_SET_META_CONTEXT).
     let mut meta_for: Option<String> = None;
@@ -239,7 +296,44 @@ where
             opt_reply(&mut wr, opt, REP_ERR_SHUTDOWN, b"server is shutting down")?;
             continue;
         }
+        if mode == TlsMode::Required && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                // It cannot be refused with a reply: the spec says to close.
+                return Err(protocol(
+                    "client asked for an export (NBD_OPT_EXPORT_NAME) without starting TLS, which is required",
+                ));
+            }
+            opt_reply(
+                &mut wr,
+                opt,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send NBD_OPT_STARTTLS first",
+            )?;
+            continue;
+        }
         match opt {
+            OPT_STARTTLS => match mode {
+                TlsMode::Off => opt_reply(
+                    &mut wr,
+                    opt,
+                    REP_ERR_POLICY,
+                    b"TLS is not offered here (a unix socket, or TCP served with --no-tls)",
+                )?,
+                TlsMode::Active => opt_reply(&mut wr, opt, REP_ERR_INVALID, b"TLS is already on")?,
+                TlsMode::Required if len != 0 => opt_reply(
+                    &mut wr,
+                    opt,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_STARTTLS takes no data",
+                )?,
+                TlsMode::Required => {
+                    opt_reply(&mut wr, opt, REP_ACK, &[])?;
+                    return Ok(Ended::StartTls {
+                        early: rd.buffer().to_vec(),
+                        no_zeroes,
+                    });
+                }
+            },
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).to_string();
                 // No way to say "no" to EXPORT_NAME but closing the connection.
@@ -255,7 +349,7 @@ where
             }
             OPT_ABORT => {
                 let _ = opt_reply(&mut wr, opt, REP_ACK, &[]);
-                return Ok(());
+                return Ok(Ended::Done);
             }
             OPT_LIST => {
                 if len != 0 {
@@ -398,7 +492,7 @@ where
     }
     shared.log(&format!("client attached to export '{}'", export.name));
     neg.block_status = neg.structured && meta_for.as_deref() == Some(export.name.as_str());
-    let r = transmission(shared, &export, neg, rd, &stream, fd);
+    let r = transmission(shared, &export, neg, rd, stream, fd);
     if let Ok(mut m) = shared.open_exports.lock() {
         if let Some(n) = m.get_mut(&export.name) {
             *n = n.saturating_sub(1);
@@ -408,7 +502,7 @@ where
         }
     }
     shared.log(&format!("client left export '{}'", export.name));
-    r
+    r.map(|()| Ended::Done)
 }
 
 /// `&S` as Read + Write, so one stream serves a buffered reader and a writer.
