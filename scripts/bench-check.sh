@@ -176,7 +176,7 @@ rows = [
     ("  ratio: unclean open / clean open", f"{ratio:.2f}x", "<= 2x", ratio <= 2.0),
     ("  control: the same copy opened again", f"{reopen:.3f} s", "-", None),
 ]
-w = (46, 20, 10)
+w = (52, 20, 10)
 print()
 print(f"{'metric':<{w[0]}}{'value':<{w[1]}}{'target':<{w[2]}}verdict")
 for label, value, target, ok in rows:
