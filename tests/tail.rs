@@ -600,6 +600,7 @@ fn a_loop_device_with_an_odd_number_of_sectors() {
             OpenMode {
                 write: false,
                 exclusive: false,
+                buffered: false,
             },
         )
         .expect("open the loop device");
@@ -713,6 +714,7 @@ fn engines_read_and_write_to_the_last_byte_of_any_size_with_o_direct() {
                 OpenMode {
                     write: true,
                     exclusive: true,
+                    buffered: false,
                 },
             )
             .expect("open_device");

@@ -215,6 +215,9 @@ pub struct OpenMode {
     pub write: bool,
     /// O_EXCL on block devices: refused while mounted or held by another exclusive opener.
     pub exclusive: bool,
+    /// Through the page cache, not O_DIRECT: for a command that reads the whole metadata once
+    /// (`check`), the kernel's readahead turns one small read per page into large ones.
+    pub buffered: bool,
 }
 
 /// An opened device or file, before an engine is put on it.
@@ -244,7 +247,7 @@ pub fn open_device(path: &Path, mode: OpenMode) -> io::Result<Device> {
             "not a block device or a regular file",
         ));
     }
-    let want_direct = std::env::var("SNAPCTL_NO_DIRECT").is_err();
+    let want_direct = !mode.buffered && std::env::var("SNAPCTL_NO_DIRECT").is_err();
     let open = |direct: bool| {
         let mut flags = libc::O_CLOEXEC;
         if direct {
@@ -502,6 +505,7 @@ mod tests {
             OpenMode {
                 write: true,
                 exclusive: true,
+                buffered: false,
             },
         )
         .unwrap();

@@ -52,7 +52,8 @@ pub struct OpenOptions {
     pub lock_timeout: Duration,
     /// Opened by `check`: a damaged superblock is read from its backup copy, and a damaged
     /// name index is left for the check to report (and `--repair` to rebuild) instead of
-    /// refusing to open.
+    /// refusing to open. The store is read through the page cache (one pass over all the
+    /// metadata gains the kernel's readahead); `--repair`'s writes are flushed all the same.
     pub for_check: bool,
 }
 
@@ -327,6 +328,7 @@ impl Store {
             OpenMode {
                 write: false,
                 exclusive: true,
+                buffered: false,
             },
             timeout,
         )?;
@@ -353,6 +355,7 @@ impl Store {
             OpenMode {
                 write: true,
                 exclusive: true,
+                buffered: false,
             },
             timeout,
         )?;
@@ -443,6 +446,7 @@ impl Store {
             OpenMode {
                 write: true,
                 exclusive: true,
+                buffered: opts.for_check,
             },
             opts.lock_timeout,
         )?;
@@ -462,6 +466,7 @@ impl Store {
             OpenMode {
                 write: opts.write_origin,
                 exclusive: opts.write_origin || opts.exclusive_origin,
+                buffered: false,
             },
             opts.lock_timeout,
         )
@@ -505,6 +510,7 @@ impl Store {
                     OpenMode {
                         write: true,
                         exclusive: true,
+                        buffered: false,
                     },
                     opts.lock_timeout,
                 )?;
