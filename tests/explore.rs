@@ -15,9 +15,10 @@
 //! fills); the third, in turn, from one of four others: three that fill up (a 16-chunk data
 //! area the base leaves 3 chunks of), one per on-full policy (drop-oldest, invalidate,
 //! fail-writes), and one with 64 KiB chunks (the default) and the default policy, drop-oldest,
-//! over an origin of 9 chunks and a partial one with room for 32 copies. On the bases that
-//! fill up, CI's run leaves out the operations of three known bugs ([`KNOWN_BUGS_ON_FULL`]);
-//! the #[ignore]d [`every_crash_state_of_a_full_store_with_every_operation`] keeps them.
+//! over an origin of 9 chunks and a partial one with room for 256 copies (it never fills, as
+//! the main base; the recording checks that neither does). On the bases that fill up, CI's
+//! run leaves out the operations of three known bugs ([`KNOWN_BUGS_ON_FULL`]); the #[ignore]d
+//! [`every_crash_state_of_a_full_store_with_every_operation`] keeps them.
 //!
 //! **Crash states.** A block device with a volatile cache may hold, after power loss, every
 //! write completed before its last completed flush, plus any subset of the writes since, each
@@ -157,12 +158,12 @@ const BASES: [Geo; 5] = [
     full("full, invalidate", OnFull::Invalidate),
     full("full, fail-writes", OnFull::FailWrites),
     // The default chunk size and policy: 9 chunks and a partial one (one group, not full), with
-    // room for about two snapshots' worth of copies beyond the base's.
+    // room for every workload (filling up is the other bases' part).
     Geo {
         label: "64 KiB chunks, drop-oldest",
         chunk: 64 << 10,
         origin: 9 * (64 << 10) + 1536,
-        data: 32,
+        data: 256,
         on_full: OnFull::DropOldest,
     },
 ];
@@ -415,7 +416,10 @@ const FULL: [usize; 3] = [1, 2, 3];
 ///   ([`a_create_from_refused_for_room_leaves_no_snapshot`]).
 /// - restore under fail-writes, refused for room: the restore intent stays committed, and every
 ///   later open resumes the restore, which is refused again: the store no longer opens at all,
-///   not even to delete a snapshot ([`a_restore_refused_for_room_leaves_a_store_that_opens`]).
+///   not even to delete a snapshot ([`a_restore_refused_for_room_leaves_a_store_that_opens`]);
+///   and once the process that was refused made room (a delete, a prune), the next open does
+///   the restore the user was told had failed (e.g. "Rename, Restore, Delete (flush variant 0)
+///   [full, fail-writes]": the origin is the target at the end).
 /// - restore to the oldest snapshot under drop-oldest: the policy drops the restore's own
 ///   target to make room for the restore's writes; after a crash the open finds the intent's
 ///   target gone and clears the intent without finishing, so the origin stays half restored
@@ -939,6 +943,12 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
         if let Some(s) = st.as_ref() {
             let victims = policy_victims(&m, &listing(s), g.on_full)
                 .map_err(|e| format!("step {n} ({what}): the catalog: {e}"))?;
+            if (refused || !victims.is_empty()) && !FULL.contains(&w.base) {
+                return Err(format!(
+                    "step {n} ({what}): the base was to have room for every workload, yet the \
+                     policy took {victims:?} (refused: {refused})"
+                ));
+            }
             if !victims.is_empty() && !may_fill {
                 return Err(format!(
                     "step {n} ({what}): the policy took {victims:?}, yet nothing was written"
