@@ -10,6 +10,16 @@
 //! seeded random long runs. The store closes cleanly at the end of each, and that close is
 //! recorded too.
 //!
+//! **Bases** ([`BASES`]). Two workloads in three start from the main base (4 KiB chunks, an
+//! origin of two 128-chunk groups, the last chunk partial, room for 2048 copies: it never
+//! fills); the third, in turn, from one of four others: three that fill up (a 16-chunk data
+//! area the base leaves 3 chunks of), one per on-full policy (drop-oldest, invalidate,
+//! fail-writes), and one with 64 KiB chunks (the default) and the default policy, drop-oldest,
+//! over an origin of 9 chunks and a partial one with room for 256 copies (it never fills, as
+//! the main base; the recording checks that neither does). On the bases that fill up, CI's
+//! run leaves out the operations of three known bugs ([`KNOWN_BUGS_ON_FULL`]); the #[ignore]d
+//! [`every_crash_state_of_a_full_store_with_every_operation`] keeps them.
+//!
 //! **Crash states.** A block device with a volatile cache may hold, after power loss, every
 //! write completed before its last completed flush, plus any subset of the writes since, each
 //! of those possibly torn at a 512-byte sector. So for every flush in the journal (either
@@ -33,7 +43,14 @@
 //!    between them). Same names, same writable flags, and every snapshot reads exactly its
 //!    model contents: a read-only snapshot its point in time, a writable one its point in time
 //!    with every acknowledged write into it, each of those whole or not at all (one commit),
-//!    never part of one.
+//!    never part of one. An invalid snapshot refuses reads (it never returns bytes). What the
+//!    on-full policy did is read from the store's catalog after each step while recording, and
+//!    checked there against the model's own choice: drop-oldest deletes the oldest valid
+//!    snapshots (by point in time, then creation), invalidate marks the newest valid ones
+//!    invalid, fail-writes refuses the write (ENOSPC) and changes nothing; the policy acts, or a
+//!    step is refused for room, only with fewer chunks free than the step may need. Each
+//!    snapshot it takes is a commit of its own before the write, so each is a catalog a crash
+//!    may leave (the write not done).
 //! 3. The origin follows the NBD contract: a flushed write is never lost, an unflushed one may
 //!    be. Precisely: let D be the model's origin after every origin write made durable by the
 //!    origin's last completed flush before `c`; then every 512-byte sector of the origin equals
@@ -70,14 +87,86 @@ use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 use snapctl::io::testing::{Event, Image, ImageIo, Power};
 use snapctl::ops::schedule::policy;
 use snapctl::store::format::OnFull;
-use snapctl::store::Store;
+use snapctl::store::{SnapState, Store};
 
 const CHUNK: u64 = 4096;
 /// Two groups of 128 chunks, the last chunk partial.
 const ORIGIN: u64 = 129 * CHUNK + 1536;
 const META: u64 = 4 << 20;
-const STORE: u64 = (1 << 20) + META + 2048 * CHUNK;
 const SECTOR: u64 = 512;
+
+/// The shape of a base store: chunk size, origin size, data area, on-full policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geo {
+    /// Added to workload names ("" for the main base).
+    label: &'static str,
+    chunk: u64,
+    origin: u64,
+    /// Chunks in the data area.
+    data: u64,
+    on_full: OnFull,
+}
+
+impl Geo {
+    /// The data area starts at 5 MiB (1 MiB, then the metadata region, rounded up to 1 MiB).
+    fn store_len(&self) -> u64 {
+        (1 << 20) + META + self.data * self.chunk
+    }
+    /// Whole chunks in the origin (the last one is partial).
+    fn whole(&self) -> u64 {
+        self.origin / self.chunk
+    }
+    /// The chunk where the first 128-chunk group ends, or the last whole one if sooner.
+    fn edge(&self) -> u64 {
+        self.whole().min(129) - 1
+    }
+    /// Chunks that `len` bytes at `off` touch.
+    fn span(&self, off: u64, len: usize) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        (off + len as u64 - 1) / self.chunk - off / self.chunk + 1
+    }
+}
+
+/// The main base: room for every workload (2048 chunks), so the policy never acts.
+const MAIN: Geo = Geo {
+    label: "",
+    chunk: CHUNK,
+    origin: ORIGIN,
+    data: 2048,
+    on_full: OnFull::FailWrites,
+};
+
+/// A base whose data area (16 chunks, the least `init` takes) the base itself nearly fills
+/// (13 chunks): the first few origin writes after a snapshot fill it, and the policy acts.
+const fn full(label: &'static str, on_full: OnFull) -> Geo {
+    Geo {
+        label,
+        chunk: CHUNK,
+        origin: ORIGIN,
+        data: 16,
+        on_full,
+    }
+}
+
+/// Every base, explored in turn: the main one two workloads in three, the others in turn for
+/// the third (see [`workload`]).
+const BASES: [Geo; 5] = [
+    MAIN,
+    full("full, drop-oldest", OnFull::DropOldest),
+    full("full, invalidate", OnFull::Invalidate),
+    full("full, fail-writes", OnFull::FailWrites),
+    // The default chunk size and policy: 9 chunks and a partial one (one group, not full), with
+    // room for every workload (filling up is the other bases' part).
+    Geo {
+        label: "64 KiB chunks, drop-oldest",
+        chunk: 64 << 10,
+        origin: 9 * (64 << 10) + 1536,
+        data: 256,
+        on_full: OnFull::DropOldest,
+    },
+];
 /// Device numbers in the journal: the store is attached to the power first.
 const STORE_DEV: usize = 0;
 const ORIGIN_DEV: usize = 1;
@@ -93,6 +182,11 @@ struct SnapModel {
     writable: bool,
     /// Creation order (operands are picked by age).
     born: u64,
+    /// Its point in time: `born` for a snapshot of the origin, its source's for a snapshot of a
+    /// snapshot. The on-full policy's order is (time, born).
+    time: u64,
+    /// The invalidate policy gave it up: it refuses reads (its `content` no longer counts).
+    invalid: bool,
 }
 
 /// The snapshots as a reader must find them.
@@ -107,7 +201,8 @@ struct Model {
 }
 
 impl Model {
-    fn add(&mut self, name: &str, content: Content, writable: bool) {
+    /// A new snapshot: of the origin, or (`time`) of a snapshot at that point in time.
+    fn add(&mut self, name: &str, content: Content, writable: bool, time: Option<u64>) {
         self.born += 1;
         self.cat.insert(
             name.to_string(),
@@ -115,8 +210,15 @@ impl Model {
                 content,
                 writable,
                 born: self.born,
+                time: time.unwrap_or(self.born),
+                invalid: false,
             },
         );
+    }
+    /// Valid snapshots' names, oldest first.
+    fn valid_by_age(&self) -> Vec<String> {
+        let ages = self.by_age();
+        ages.into_iter().filter(|n| !self.cat[n].invalid).collect()
     }
     /// Names, oldest first.
     fn by_age(&self) -> Vec<String> {
@@ -171,6 +273,8 @@ enum Step {
 #[derive(Clone, Debug)]
 struct Workload {
     name: String,
+    /// Its base (an index into [`BASES`]).
+    base: usize,
     steps: Vec<Step>,
 }
 
@@ -187,14 +291,16 @@ fn seed_of(s: &str) -> u64 {
 
 /// The origin writes in gap `k` (before the first operation, between two, after the last): one
 /// unaligned write across a chunk boundary, then one into the partial last chunk, across the
-/// boundary of the first 128-chunk group, or over one whole chunk; then a flush or not.
-fn gap(k: usize, flush: bool, rng: &mut SmallRng) -> Vec<Step> {
-    let cross = (3 + 5 * k as u64) * CHUNK - 700;
+/// boundary of the first 128-chunk group (or, in a smaller origin, into the partial last
+/// chunk from the one before the last whole one), or over one whole chunk; then a flush or not.
+fn gap(k: usize, flush: bool, rng: &mut SmallRng, g: &Geo) -> Vec<Step> {
+    let c = g.chunk;
+    let cross = (1 + (2 + 5 * k as u64) % (g.whole() - 1)) * c - 700;
     let mut v = vec![Step::Write(cross, bytes(rng, 1500), false)];
     let (off, len) = match k % 3 {
-        0 => (ORIGIN - 1000, 1000),
-        1 => (127 * CHUNK + 512, 2 * CHUNK as usize),
-        _ => (5 * CHUNK, CHUNK as usize),
+        0 => (g.origin - 1000, 1000),
+        1 => ((g.edge() - 1) * c + 512, 2 * c as usize),
+        _ => (5 * c, c as usize),
     };
     v.push(Step::Write(off, bytes(rng, len), false));
     if flush {
@@ -203,46 +309,64 @@ fn gap(k: usize, flush: bool, rng: &mut SmallRng) -> Vec<Step> {
     v
 }
 
-/// `ops` with origin writes around and between them; `variant` 0 flushes after the odd gaps, 1
-/// after the even ones.
-fn sequence(ops: &[Op], variant: usize) -> Workload {
+/// A workload's name on base `b`: the main base's names are bare.
+fn named(name: String, b: usize) -> String {
+    match BASES[b].label {
+        "" => name,
+        l => format!("{name} [{l}]"),
+    }
+}
+
+/// `ops` with origin writes around and between them, on base `b`; `variant` 0 flushes after
+/// the odd gaps, 1 after the even ones.
+fn sequence(ops: &[Op], variant: usize, b: usize) -> Workload {
     let names: Vec<String> = ops.iter().map(|o| format!("{o:?}")).collect();
-    let name = format!("{} (flush variant {variant})", names.join(", "));
+    let name = named(format!("{} (flush variant {variant})", names.join(", ")), b);
     let mut rng = SmallRng::seed_from_u64(seed_of(&name));
     let mut steps = Vec::new();
     for k in 0..=ops.len() {
-        steps.extend(gap(k, (k + variant) % 2 == 1, &mut rng));
+        steps.extend(gap(k, (k + variant) % 2 == 1, &mut rng, &BASES[b]));
         if k < ops.len() {
             steps.push(Step::Op(ops[k], k));
         }
     }
     steps.push(Step::Close);
-    Workload { name, steps }
+    Workload {
+        name,
+        base: b,
+        steps,
+    }
 }
 
 /// A seeded random long run: operations, origin writes of any offset and length (batches,
 /// FUA), flushes.
-fn random_run(seed: u64) -> Workload {
+fn random_run(seed: u64, b: usize, ops: &[Op]) -> Workload {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x11c4a5);
+    let g = BASES[b];
+    let (chunk, origin) = (g.chunk, g.origin);
     let write = |rng: &mut SmallRng| {
         let len = match rng.gen_range(0..4) {
             0 => rng.gen_range(1..600),
-            1 => rng.gen_range(1..3 * CHUNK as usize),
-            2 => CHUNK as usize * rng.gen_range(1..4),
+            1 => rng.gen_range(1..3 * chunk as usize),
+            2 => chunk as usize * rng.gen_range(1..4),
             _ => rng.gen_range(1..2000),
         };
         let off = match rng.gen_range(0..4) {
-            0 => ORIGIN - len as u64,
+            0 => origin - len as u64,
             // Around the boundary of the first 128-chunk group (and within the origin).
-            1 => (127 * CHUNK + rng.gen_range(0..CHUNK) - len as u64 / 2).min(ORIGIN - len as u64),
-            _ => rng.gen_range(0..=ORIGIN - len as u64),
+            1 => ((g.edge() - 1) * chunk + rng.gen_range(0..chunk) - len as u64 / 2)
+                .min(origin - len as u64),
+            _ => rng.gen_range(0..=origin - len as u64),
         };
         (off, bytes(rng, len))
     };
     let mut steps = Vec::new();
     for _ in 0..rng.gen_range(12..24) {
         match rng.gen_range(0..10) {
-            0..=3 => steps.push(Step::Op(OPS[rng.gen_range(0..8)], rng.gen_range(0..6))),
+            0..=3 => steps.push(Step::Op(
+                ops[rng.gen_range(0..ops.len())],
+                rng.gen_range(0..6),
+            )),
             4..=6 => {
                 let (o, d) = write(&mut rng);
                 steps.push(Step::Write(o, d, rng.gen_bool(0.1)));
@@ -256,16 +380,63 @@ fn random_run(seed: u64) -> Workload {
     }
     steps.push(Step::Close);
     Workload {
-        name: format!("random run {seed}"),
+        name: named(format!("random run {seed}"), b),
+        base: b,
         steps,
     }
 }
 
-/// The workloads, in the order they are explored: every single operation (both flush
-/// variants), then every sequence of three and of two (each in a fixed shuffled order, eight of
-/// three for each of two: a sequence of three crashes during its first two operations too), a
-/// random long run after every 16; then random long runs for ever.
+/// The workloads, in the order they are explored: two in three on the main base, every third on
+/// the other bases in turn (a share of the budget, not more of it); on each base, in the order
+/// of [`workload_on`].
 fn workload(i: usize) -> Workload {
+    if i % 3 == 2 {
+        let (j, others) = (i / 3, BASES.len() - 1);
+        let b = 1 + j % others;
+        let skip: &[Op] = if FULL.contains(&b) {
+            &KNOWN_BUGS_ON_FULL
+        } else {
+            &[]
+        };
+        return workload_on(j / others, b, skip);
+    }
+    workload_on(i - (i + 1) / 3, 0, &[])
+}
+
+/// The bases that fill up.
+const FULL: [usize; 3] = [1, 2, 3];
+
+/// Operations the CI run leaves out on the bases that fill up, for each hits a known bug there
+/// (found by [`every_crash_state_of_a_full_store_with_every_operation`], which includes them):
+///
+/// - create --from a snapshot with an overlay, refused for room (ENOSPC): the new snapshot
+///   stays in the process's catalog though nothing was committed (`create_from_inner` inserts
+///   it into `self.snaps` before `copy_overlay` fails, and nothing takes it out), so `list`
+///   shows it and it reads as its source's point in time without the overlay
+///   ([`a_create_from_refused_for_room_leaves_no_snapshot`]).
+/// - restore under fail-writes, refused for room: the restore intent stays committed, and every
+///   later open resumes the restore, which is refused again: the store no longer opens at all,
+///   not even to delete a snapshot ([`a_restore_refused_for_room_leaves_a_store_that_opens`]);
+///   and once the process that was refused made room (a delete, a prune), the next open does
+///   the restore the user was told had failed (e.g. "Rename, Restore, Delete (flush variant 0)
+///   [full, fail-writes]": the origin is the target at the end).
+/// - restore to the oldest snapshot under drop-oldest: the policy drops the restore's own
+///   target to make room for the restore's writes; after a crash the open finds the intent's
+///   target gone and clears the intent without finishing, so the origin stays half restored
+///   ([`a_restore_whose_target_the_policy_drops_is_never_left_half_done`]).
+const KNOWN_BUGS_ON_FULL: [Op; 2] = [Op::CreateFrom, Op::Restore];
+
+/// The full bases in turn, every operation (known bugs included).
+fn full_workload(i: usize) -> Workload {
+    workload_on(i / FULL.len(), FULL[i % FULL.len()], &[])
+}
+
+/// Workload `i` of base `b`: every single operation (both flush variants), then every sequence
+/// of three and of two (each in a fixed shuffled order, eight of three for each of two: a
+/// sequence of three crashes during its first two operations too), a random long run after
+/// every 16; then random long runs for ever.
+/// Sequences with an operation in `skip` are left out (and random runs do not draw them).
+fn workload_on(i: usize, b: usize, skip: &[Op]) -> Workload {
     static ORDER: std::sync::OnceLock<Vec<(Vec<Op>, usize)>> = std::sync::OnceLock::new();
     let order = ORDER.get_or_init(|| {
         let tier = |len: u32| {
@@ -297,11 +468,16 @@ fn workload(i: usize) -> Workload {
         order.extend(twos);
         order
     });
+    let order: Vec<&(Vec<Op>, usize)> = order
+        .iter()
+        .filter(|(ops, _)| !ops.iter().any(|o| skip.contains(o)))
+        .collect();
+    let ops: Vec<Op> = OPS.iter().copied().filter(|o| !skip.contains(o)).collect();
     let (block, within) = (i / 17, i % 17);
     match order.get(block * 16 + within) {
-        Some((ops, variant)) if within < 16 => sequence(ops, *variant),
-        _ if within == 16 => random_run(block as u64),
-        _ => random_run((i + 1_000_000) as u64),
+        Some((seq, variant)) if within < 16 => sequence(seq, *variant, b),
+        _ if within == 16 => random_run(block as u64, b, &ops),
+        _ => random_run((i + 1_000_000) as u64, b, &ops),
     }
 }
 
@@ -315,13 +491,16 @@ struct Base {
     model: Model,
 }
 
-fn base() -> Base {
+fn base(b: usize) -> Base {
+    let g = BASES[b];
+    let c = g.chunk;
     let power = Power::new();
     let mut rng = SmallRng::seed_from_u64(11);
-    let origin = bytes(&mut rng, ORIGIN as usize);
-    let sdev = Arc::new(ImageIo::new(Image::zeroed(STORE), power.clone()));
+    let origin = bytes(&mut rng, g.origin as usize);
+    let sdev = Arc::new(ImageIo::new(Image::zeroed(g.store_len()), power.clone()));
     let odev = Arc::new(ImageIo::new(Image::from_bytes(&origin), power.clone()));
-    Store::init_io(sdev.clone(), ORIGIN, CHUNK, META, OnFull::FailWrites).expect("init");
+    let sb = Store::init_io(sdev.clone(), g.origin, c, META, g.on_full).expect("init");
+    assert_eq!(sb.data_chunks, g.data, "{}: the data area", g.label);
     let mut st = Store::open_io(sdev.clone(), odev.clone(), "base").expect("open");
     let mut m = Model {
         origin,
@@ -335,28 +514,118 @@ fn base() -> Base {
     };
     st.create("old", Some(1), BTreeMap::new(), None)
         .expect("create");
-    m.add("old", Arc::new(m.origin.clone()), false);
-    write(&mut st, &mut m, 0, 3 * CHUNK as usize + 100);
-    write(&mut st, &mut m, 126 * CHUNK, 3 * CHUNK as usize);
+    m.add("old", Arc::new(m.origin.clone()), false, None);
+    write(&mut st, &mut m, 0, 3 * c as usize + 100);
+    write(&mut st, &mut m, (g.edge() - 2) * c, 3 * c as usize);
     st.create("mid", None, BTreeMap::new(), None)
         .expect("create");
-    m.add("mid", Arc::new(m.origin.clone()), false);
-    write(&mut st, &mut m, 2 * CHUNK + 10, 2000);
-    write(&mut st, &mut m, ORIGIN - 3000, 3000);
+    m.add("mid", Arc::new(m.origin.clone()), false, None);
+    write(&mut st, &mut m, 2 * c + 10, 2000);
+    write(&mut st, &mut m, g.origin - 3000, 3000);
     st.create_writable("w", None, BTreeMap::new())
         .expect("create");
     let mut w = m.origin.clone();
     let d = vec![0xa5; 3000];
-    st.write_snapshot("w", &[(5 * CHUNK - 1000, &d)], false)
+    st.write_snapshot("w", &[(5 * c - 1000, &d)], false)
         .expect("write");
-    w[5 * CHUNK as usize - 1000..5 * CHUNK as usize + 2000].copy_from_slice(&d);
-    m.add("w", Arc::new(w), true);
-    write(&mut st, &mut m, 8 * CHUNK, CHUNK as usize);
+    w[5 * c as usize - 1000..5 * c as usize + 2000].copy_from_slice(&d);
+    m.add("w", Arc::new(w), true, None);
+    write(&mut st, &mut m, 8 * c, c as usize);
     st.flush().expect("flush");
+    // The policy did not act while the base was made: the model above is the store's.
+    assert_eq!(
+        policy_victims(&m, &listing(&st), g.on_full),
+        Ok(Vec::new()),
+        "{}: the base",
+        g.label
+    );
     drop(st);
     Base {
         images: [sdev.image(), odev.image()],
         model: m,
+    }
+}
+
+/// The store's catalog as it lists it: name, (writable, invalid).
+fn listing(st: &Store) -> BTreeMap<String, (bool, bool)> {
+    st.snapshots()
+        .map(|s| (s.name.clone(), (s.writable, s.state == SnapState::Invalid)))
+        .collect()
+}
+
+/// What the on-full policy did, if the store's catalog (`real`) differs from the model's only
+/// by that: the snapshots it dropped or invalidated, in the order the policy must take them
+/// (checked here, from the model alone): drop-oldest drops the oldest valid ones (by point in
+/// time, then creation), invalidate invalidates the newest valid ones, fail-writes does
+/// nothing. Anything else is an error.
+fn policy_victims(
+    m: &Model,
+    real: &BTreeMap<String, (bool, bool)>,
+    on_full: OnFull,
+) -> Result<Vec<String>, String> {
+    let mut dropped = HashSet::new();
+    let mut invalidated = HashSet::new();
+    for (n, s) in &m.cat {
+        match real.get(n) {
+            None => {
+                dropped.insert(n.clone());
+            }
+            Some(&(w, _)) if w != s.writable => {
+                return Err(format!("{n}: writable {w}, the model says {}", s.writable))
+            }
+            Some(&(_, true)) if !s.invalid => {
+                invalidated.insert(n.clone());
+            }
+            Some(&(_, false)) if s.invalid => return Err(format!("{n} is valid again")),
+            Some(_) => {}
+        }
+    }
+    if let Some(n) = real.keys().find(|n| !m.cat.contains_key(*n)) {
+        return Err(format!("{n} exists; the model has no such snapshot"));
+    }
+    let mut valid: Vec<(u64, u64, String)> = m
+        .cat
+        .iter()
+        .filter(|(_, s)| !s.invalid)
+        .map(|(n, s)| (s.time, s.born, n.clone()))
+        .collect();
+    valid.sort();
+    let order: Vec<String> = match on_full {
+        OnFull::DropOldest if invalidated.is_empty() => valid.into_iter().map(|v| v.2).collect(),
+        OnFull::Invalidate if dropped.is_empty() => valid.into_iter().rev().map(|v| v.2).collect(),
+        _ if dropped.is_empty() && invalidated.is_empty() => Vec::new(),
+        p => {
+            return Err(format!(
+                "dropped {dropped:?} and invalidated {invalidated:?} (on-full policy {p:?})"
+            ))
+        }
+    };
+    let k = dropped.len() + invalidated.len();
+    let victims = order[..k.min(order.len())].to_vec();
+    if victims.len() != k
+        || victims
+            .iter()
+            .any(|n| !dropped.contains(n) && !invalidated.contains(n))
+    {
+        return Err(format!(
+            "the policy {on_full:?} dropped {dropped:?} and invalidated {invalidated:?}, not \
+             the first {k} of {order:?}"
+        ));
+    }
+    Ok(victims)
+}
+
+/// The model after the policy took `victim`.
+fn apply_victim(m: &mut Model, victim: &str, on_full: OnFull) {
+    match on_full {
+        OnFull::Invalidate => {
+            if let Some(s) = m.cat.get_mut(victim) {
+                s.invalid = true;
+            }
+        }
+        _ => {
+            m.cat.remove(victim);
+        }
     }
 }
 
@@ -394,69 +663,98 @@ struct Recorded {
     catalogs: Vec<Catalog>,
     updates: Vec<Update>,
     origin0: Content,
+    /// Snapshots the on-full policy took, and steps refused for room.
+    victims: usize,
+    refused: usize,
 }
 
-/// Runs one operation on the store and the model; `commit` is called with the model after each
-/// of the operation's commits.
+/// What an operation tells the recording besides its result.
+struct OpCtx<'a> {
+    /// Called with the model after each of the operation's commits.
+    commit: &'a mut dyn FnMut(&Model),
+    /// A restore: the origin it makes.
+    restore_to: Option<Content>,
+    /// It failed for lack of room (ENOSPC), changing nothing (but a restore's backup).
+    refused: bool,
+    /// At most how many free chunks it needs (the whole origin's count unless it knows better).
+    needs: u64,
+}
+
+/// Runs one operation on the store and the model. An operation that needs room in the data
+/// area (a write into a writable snapshot, a snapshot of one with an overlay, a restore) may be
+/// refused with ENOSPC; the recording checks that the store was indeed short of room.
 fn run_op(
     st: &mut Store,
     m: &mut Model,
-    op: Op,
-    k: usize,
-    n: usize,
-    commit: &mut dyn FnMut(&Model),
-    restore_to: &mut Option<Content>,
+    (op, k, n): (Op, usize, usize),
+    g: &Geo,
+    cx: &mut OpCtx,
 ) -> Result<String, String> {
     let e = |what: &str, err: snapctl::Error| format!("{what}: {err}");
+    let full = |err: &snapctl::Error| matches!(err, snapctl::Error::NoSpace(_));
     let mut rng = SmallRng::seed_from_u64((n * 8 + k) as u64);
     let ages = m.by_age();
+    let valid = m.valid_by_age();
+    let (c, commit) = (g.chunk, &mut cx.commit);
     match op {
         Op::Create => {
             let name = format!("c{n}");
             let expires = (k % 2 == 0).then_some(1);
             st.create(&name, expires, BTreeMap::new(), None)
                 .map_err(|x| e("create", x))?;
-            m.add(&name, Arc::new(m.origin.clone()), false);
+            m.add(&name, Arc::new(m.origin.clone()), false, None);
             commit(m);
             Ok(format!("create {name}"))
         }
         Op::CreateFrom => {
             let from = if k % 2 == 0 {
-                m.newest(|s| s.writable)
+                m.newest(|s| s.writable && !s.invalid)
             } else {
-                m.newest(|s| !s.writable)
+                m.newest(|s| !s.writable && !s.invalid)
             };
-            let Some(from) = from.or_else(|| ages.last().cloned()) else {
+            let Some(from) = from.or_else(|| valid.last().cloned()) else {
                 return Ok("create --from: nothing to take it from".into());
             };
             let name = format!("f{n}");
             let writable = k % 2 == 1;
-            st.create_from(&name, &from, None, BTreeMap::new(), writable)
-                .map_err(|x| e("create --from", x))?;
+            match st.create_from(&name, &from, None, BTreeMap::new(), writable) {
+                Err(x) if full(&x) => {
+                    cx.refused = true;
+                    return Ok(format!("create {name} --from {from}: refused ({x})"));
+                }
+                r => r.map_err(|x| e("create --from", x))?,
+            };
             let content = m.cat[&from].content.clone();
-            m.add(&name, content, writable);
+            let time = m.cat[&from].time;
+            m.add(&name, content, writable, Some(time));
             commit(m);
             Ok(format!("create {name} --from {from} (writable {writable})"))
         }
         Op::WriteSnap => {
-            let Some(name) = m.newest(|s| s.writable) else {
+            let Some(name) = m.newest(|s| s.writable && !s.invalid) else {
                 return Ok("write: no writable snapshot".into());
             };
             let (off, len) = match k % 3 {
-                0 => (2 * CHUNK + 900, CHUNK as usize + 1000),
-                1 => (ORIGIN - 700, 700),
-                _ => (127 * CHUNK - 100, 300),
+                0 => (2 * c + 900, c as usize + 1000),
+                1 => (g.origin - 700, 700),
+                _ => ((g.edge() - 1) * c - 100, 300),
             };
             let d = bytes(&mut rng, len);
-            st.write_snapshot(&name, &[(off, &d)], false)
-                .map_err(|x| e("write into a snapshot", x))?;
+            cx.needs = g.span(off, len);
+            match st.write_snapshot(&name, &[(off, &d)], false) {
+                Err(x) if full(&x) => {
+                    cx.refused = true;
+                    return Ok(format!("write {len} bytes into {name}: refused ({x})"));
+                }
+                r => r.map_err(|x| e("write into a snapshot", x))?,
+            };
             let s = m.cat.get_mut(&name).ok_or("lost a snapshot")?;
             Arc::make_mut(&mut s.content)[off as usize..off as usize + len].copy_from_slice(&d);
             commit(m);
             Ok(format!("write {len} bytes at {off} into {name}"))
         }
         Op::SetWritable => {
-            let Some(name) = m.newest(|s| !s.writable) else {
+            let Some(name) = m.newest(|s| !s.writable && !s.invalid) else {
                 return Ok("set-writable: no read-only snapshot".into());
             };
             st.set_writable(&name).map_err(|x| e("set-writable", x))?;
@@ -492,23 +790,34 @@ fn run_op(
         }
         Op::Restore => {
             let target = if k % 2 == 0 {
-                ages.first()
+                valid.first()
             } else {
-                ages.last()
+                valid.last()
             };
             let Some(target) = target.cloned() else {
                 return Ok("restore: nothing to restore".into());
             };
             let backup = (k % 2 == 0).then(|| format!("b{n}"));
-            st.restore(&target, backup.as_deref(), &mut |_, _| {})
-                .map_err(|x| e("restore", x))?;
-            if let Some(b) = &backup {
-                m.add(b, Arc::new(m.origin.clone()), false);
+            let r = st.restore(&target, backup.as_deref(), &mut |_, _| {});
+            let refused = matches!(&r, Err(x) if full(x));
+            if !refused {
+                r.map_err(|x| e("restore", x))?;
+            }
+            // The backup is taken first, in a commit of its own: a refused restore keeps it.
+            if let Some(b) = backup
+                .as_ref()
+                .filter(|b| st.snapshots().any(|s| s.name == **b))
+            {
+                m.add(b, Arc::new(m.origin.clone()), false, None);
                 commit(m);
+            }
+            if refused {
+                cx.refused = true;
+                return Ok(format!("restore {target} (backup {backup:?}): refused"));
             }
             let to = m.cat[&target].content.clone();
             m.origin = to.to_vec();
-            *restore_to = Some(to);
+            cx.restore_to = Some(to);
             commit(m);
             Ok(format!("restore {target} (backup {backup:?})"))
         }
@@ -544,6 +853,10 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
     let mut catalogs = vec![m.cat.clone()];
     let mut steps = Vec::new();
     let mut updates = Vec::new();
+    let g = BASES[w.base];
+    // Chunks an origin write (or several) may need copies of.
+    let room = |ws: &[(u64, &[u8])]| ws.iter().map(|(o, d)| g.span(*o, d.len())).sum::<u64>();
+    let (mut victims_seen, mut refusals) = (0, 0);
     for (n, step) in w.steps.iter().enumerate() {
         let start = power.journal_len();
         let mut fine = Vec::new();
@@ -552,6 +865,13 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
         if let Step::Close = step {
             st = None;
         }
+        let free = match st.as_ref() {
+            Some(s) => g.data - s.used_chunks().map_err(|e| format!("used chunks: {e}"))?,
+            None => 0,
+        };
+        // The policy may act (origin writes, a restore's), or the step be refused for room;
+        // then the store must have had fewer than `needs` chunks free.
+        let (mut refused, mut may_fill, mut needs) = (false, false, 0);
         let what = match (step, st.as_mut()) {
             (Step::Close, _) => "close".to_string(),
             (_, None) => return Err("a step after the close".into()),
@@ -560,26 +880,94 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
                 "flush".to_string()
             }
             (Step::Write(off, d, fua), Some(s)) => {
-                s.write_origin(*off, d, *fua)
-                    .map_err(|e| format!("write: {e}"))?;
-                user.push((*off, d.clone()));
-                format!("origin write of {} bytes at {off} (fua {fua})", d.len())
+                (may_fill, needs) = (true, room(&[(*off, d.as_slice())]));
+                match s.write_origin(*off, d, *fua) {
+                    Err(snapctl::Error::NoSpace(_)) if g.on_full == OnFull::FailWrites => {
+                        refused = true
+                    }
+                    r => r.map_err(|e| format!("write: {e}"))?,
+                }
+                if !refused {
+                    user.push((*off, d.clone()));
+                }
+                format!(
+                    "origin write of {} bytes at {off} (fua {fua}){}",
+                    d.len(),
+                    if refused { ", refused: store full" } else { "" }
+                )
             }
             (Step::Batch(ws), Some(s)) => {
                 let refs: Vec<(u64, &[u8])> = ws.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-                s.write_batch(&refs, false)
-                    .map_err(|e| format!("batch: {e}"))?;
-                user.extend(ws.iter().cloned());
-                format!("a batch of {} origin writes", ws.len())
+                (may_fill, needs) = (true, room(&refs));
+                match s.write_batch(&refs, false) {
+                    Err(snapctl::Error::NoSpace(_)) if g.on_full == OnFull::FailWrites => {
+                        refused = true
+                    }
+                    r => r.map_err(|e| format!("batch: {e}"))?,
+                }
+                if !refused {
+                    user.extend(ws.iter().cloned());
+                }
+                format!(
+                    "a batch of {} origin writes{}",
+                    ws.len(),
+                    if refused { ", refused: store full" } else { "" }
+                )
             }
             (Step::Op(op, k), Some(s)) => {
                 let mut commit = |m: &Model| {
                     catalogs.push(m.cat.clone());
                     fine.push(catalogs.len() - 1);
                 };
-                run_op(s, &mut m, *op, *k, n, &mut commit, &mut restore_to)?
+                let mut cx = OpCtx {
+                    commit: &mut commit,
+                    restore_to: None,
+                    refused: false,
+                    needs: g.whole() + 1,
+                };
+                let what = run_op(s, &mut m, (*op, *k, n), &g, &mut cx)?;
+                may_fill = *op == Op::Restore;
+                (restore_to, refused, needs) = (cx.restore_to, cx.refused, cx.needs);
+                if refused && may_fill && g.on_full != OnFull::FailWrites {
+                    return Err(format!(
+                        "step {n} ({what}): a restore refused under the on-full policy {:?}",
+                        g.on_full
+                    ));
+                }
+                what
             }
         };
+        // What the on-full policy did, checked against the model's choice of victims; each
+        // victim is a commit of its own, before the write (or the restore's write) it makes
+        // room for.
+        if let Some(s) = st.as_ref() {
+            let victims = policy_victims(&m, &listing(s), g.on_full)
+                .map_err(|e| format!("step {n} ({what}): the catalog: {e}"))?;
+            if (refused || !victims.is_empty()) && !FULL.contains(&w.base) {
+                return Err(format!(
+                    "step {n} ({what}): the base was to have room for every workload, yet the \
+                     policy took {victims:?} (refused: {refused})"
+                ));
+            }
+            if !victims.is_empty() && !may_fill {
+                return Err(format!(
+                    "step {n} ({what}): the policy took {victims:?}, yet nothing was written"
+                ));
+            }
+            if (refused || !victims.is_empty()) && free >= needs {
+                return Err(format!(
+                    "step {n} ({what}): refused, or the policy took {victims:?}, with {free} \
+                     chunks free and at most {needs} needed"
+                ));
+            }
+            victims_seen += victims.len();
+            refusals += refused as usize;
+            for v in &victims {
+                apply_victim(&mut m, v, g.on_full);
+                catalogs.push(m.cat.clone());
+                fine.push(catalogs.len() - 1);
+            }
+        }
         for (off, d) in &user {
             m.origin[*off as usize..*off as usize + d.len()].copy_from_slice(d);
         }
@@ -650,6 +1038,8 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
         catalogs,
         updates,
         origin0: Arc::new(base.model.origin.clone()),
+        victims: victims_seen,
+        refused: refusals,
     })
 }
 
@@ -847,10 +1237,11 @@ fn state_hash(img: &[Image; 2]) -> u128 {
 // ---------------------------------------------------------------------------------------------
 // Opening a state and checking it
 
-/// What a new process finds: every snapshot (writable flag, contents) and the origin.
+/// What a new process finds: every snapshot (writable flag, contents, or None if it is invalid
+/// and refuses reads) and the origin.
 #[derive(PartialEq, Eq)]
 struct Outcome {
-    snaps: BTreeMap<String, (bool, Vec<u8>)>,
+    snaps: BTreeMap<String, (bool, Option<Vec<u8>>)>,
     origin: Vec<u8>,
 }
 
@@ -864,17 +1255,19 @@ fn open_check_read(img: &[Image; 2]) -> (Result<Outcome, String>, Vec<Event>) {
         let mut st = Store::open_io(sdev.clone(), odev.clone(), "crashed")
             .map_err(|e| format!("the store does not open: {e}"))?;
         let mut snaps = BTreeMap::new();
-        let list: Vec<(String, bool)> = st
-            .snapshots()
-            .map(|s| (s.name.clone(), s.writable))
-            .collect();
-        for (name, writable) in list {
-            let mut b = vec![0u8; ORIGIN as usize];
-            st.read_view(&name, 0, &mut b)
-                .map_err(|e| format!("reading snapshot {name}: {e}"))?;
+        let size = st.sb.origin_size as usize;
+        for (name, (writable, invalid)) in listing(&st) {
+            let mut b = vec![0u8; size];
+            let r = st.read_view(&name, 0, &mut b);
+            let b = match (r, invalid) {
+                (Ok(()), false) => Some(b),
+                (Err(_), true) => None,
+                (Err(e), false) => return Err(format!("reading snapshot {name}: {e}")),
+                (Ok(()), true) => return Err(format!("invalid snapshot {name} returned bytes")),
+            };
             snaps.insert(name, (writable, b));
         }
-        let mut origin = vec![0u8; ORIGIN as usize];
+        let mut origin = vec![0u8; size];
         st.read_view("origin", 0, &mut origin)
             .map_err(|e| format!("reading the origin: {e}"))?;
         let rep = st
@@ -933,8 +1326,10 @@ impl<'a> Expecter<'a> {
                 let mut h = blake3::Hasher::new();
                 for (n, s) in cat {
                     h.update(n.as_bytes());
-                    h.update(&[0, s.writable as u8]);
-                    h.update(&content_sig(&s.content));
+                    h.update(&[0, s.writable as u8, s.invalid as u8]);
+                    if !s.invalid {
+                        h.update(&content_sig(&s.content));
+                    }
                 }
                 *h.finalize().as_bytes()
             })
@@ -1048,19 +1443,23 @@ impl<'a> Expecter<'a> {
 
 fn first_diff(a: &[u8], b: &[u8]) -> String {
     match a.iter().zip(b).position(|(x, y)| x != y) {
-        Some(i) => format!("first differing byte {i} (chunk {})", i as u64 / CHUNK),
+        Some(i) => format!("first differing byte {i} (4 KiB block {})", i / 4096),
         None => "same bytes".into(),
     }
 }
 
 impl Expect {
     fn check(&self, rec: &Recorded, got: &Outcome) -> Result<(), String> {
+        let reads = |s: &SnapModel, b: &Option<Vec<u8>>| match b {
+            None => s.invalid,
+            Some(b) => !s.invalid && b[..] == s.content[..],
+        };
         let matches = |cat: &Catalog| {
             cat.len() == got.snaps.len()
                 && cat.iter().all(|(n, s)| {
                     got.snaps
                         .get(n)
-                        .is_some_and(|(w, b)| *w == s.writable && b[..] == s.content[..])
+                        .is_some_and(|(w, b)| *w == s.writable && reads(s, b))
                 })
         };
         let matching: Vec<usize> = self
@@ -1086,11 +1485,15 @@ impl Expect {
                             "catalog {i}: {n} writable {w}, model {}",
                             s.writable
                         ));
-                    } else if b[..] != s.content[..] {
-                        why.push(format!(
-                            "catalog {i}: snapshot {n} reads wrong bytes ({})",
-                            first_diff(b, &s.content)
-                        ));
+                    } else if !reads(s, b) {
+                        why.push(match b {
+                            Some(b) if !s.invalid => format!(
+                                "catalog {i}: snapshot {n} reads wrong bytes ({})",
+                                first_diff(b, &s.content)
+                            ),
+                            Some(_) => format!("catalog {i}: {n} reads, the model has it invalid"),
+                            None => format!("catalog {i}: {n} is invalid, the model has it valid"),
+                        });
                     }
                 }
             }
@@ -1176,12 +1579,18 @@ fn origin_ok(got: &[u8], durable: &[u8], writes: &[(u64, &[u8])]) -> Result<(), 
 struct Explorer {
     budget: usize,
     cap: usize,
-    base: Base,
+    /// One per entry of [`BASES`].
+    bases: Vec<Base>,
     distinct: Mutex<HashSet<u128>>,
     checked: Mutex<HashSet<u128>>,
     checks: AtomicUsize,
     recovery_states: AtomicUsize,
     workloads: AtomicUsize,
+    /// Snapshots the on-full policy took while recording, steps refused for room.
+    victims: AtomicUsize,
+    refused: AtomicUsize,
+    /// New states of workloads on each base (not counting crashes during recovery).
+    per_base: Vec<AtomicUsize>,
     failures: Mutex<Vec<String>>,
     reported: Mutex<usize>,
 }
@@ -1191,12 +1600,15 @@ impl Explorer {
         Explorer {
             budget,
             cap,
-            base: base(),
+            bases: (0..BASES.len()).map(base).collect(),
             distinct: Default::default(),
             checked: Default::default(),
             checks: AtomicUsize::new(0),
             recovery_states: AtomicUsize::new(0),
             workloads: AtomicUsize::new(0),
+            victims: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            per_base: BASES.iter().map(|_| AtomicUsize::new(0)).collect(),
             failures: Default::default(),
             reported: Mutex::new(0),
         }
@@ -1250,10 +1662,12 @@ impl Explorer {
 
     fn explore(&self, w: &Workload) {
         self.workloads.fetch_add(1, Ordering::Relaxed);
-        let rec = match record(w, &self.base) {
+        let rec = match record(w, &self.bases[w.base]) {
             Ok(r) => r,
             Err(e) => return self.fail(format!("{}: while recording: {e}", w.name)),
         };
+        self.victims.fetch_add(rec.victims, Ordering::Relaxed);
+        self.refused.fetch_add(rec.refused, Ordering::Relaxed);
         let mut rng = SmallRng::seed_from_u64(seed_of(&w.name));
         if std::env::var("SNAPCTL_EXPLORE_VERBOSE").is_ok() {
             let mut pts = Vec::new();
@@ -1278,6 +1692,9 @@ impl Explorer {
             for spec in specs(&p, &rec.journal, self.cap, &mut rng) {
                 let img = build(&p, &rec.journal, &spec);
                 let (new, check) = self.admit(state_hash(&img), e.fp);
+                if new {
+                    self.per_base[w.base].fetch_add(1, Ordering::Relaxed);
+                }
                 if !check {
                     continue;
                 }
@@ -1326,8 +1743,10 @@ impl Explorer {
             let mut h = blake3::Hasher::new();
             for (n, (w, b)) in &want.snaps {
                 h.update(n.as_bytes());
-                h.update(&[*w as u8]);
-                h.update(blake3::hash(b).as_bytes());
+                h.update(&[*w as u8, b.is_none() as u8]);
+                if let Some(b) = b {
+                    h.update(blake3::hash(b).as_bytes());
+                }
             }
             h.update(blake3::hash(&want.origin).as_bytes());
             u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().unwrap_or_default())
@@ -1382,8 +1801,14 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Runs the explorer until `budget` distinct states were checked, on `threads` threads.
-fn run_explorer(budget: usize, cap: usize, threads: usize) -> (Explorer, f64) {
+/// Runs the explorer over the workloads `pick(0)`, `pick(1)`, ... until `budget` distinct
+/// states were checked, on `threads` threads.
+fn run_explorer(
+    budget: usize,
+    cap: usize,
+    threads: usize,
+    pick: fn(usize) -> Workload,
+) -> (Explorer, f64) {
     let t0 = Instant::now();
     let ex = Explorer::new(budget, cap);
     let next = AtomicUsize::new(0);
@@ -1394,7 +1819,7 @@ fn run_explorer(budget: usize, cap: usize, threads: usize) -> (Explorer, f64) {
             s.spawn(|| {
                 while !ex.done() {
                     let i = first + next.fetch_add(1, Ordering::Relaxed);
-                    ex.explore(&workload(i));
+                    ex.explore(&pick(i));
                     ex.progress(t0);
                 }
             });
@@ -1407,32 +1832,62 @@ fn run_explorer(budget: usize, cap: usize, threads: usize) -> (Explorer, f64) {
 /// per crash point grows with the budget (budget / 40,000, at least 8; `SNAPCTL_EXPLORE_CAP`
 /// sets it): 12,000 states cover about 60 workloads with 8 states per point, 1,000,000 cover
 /// every sequence of up to three operations with 25, and a cap of 512 takes every subset of up
-/// to 8 writes in flight, each with a torn version too.
+/// to 8 writes in flight, each with a torn version too. Two workloads in three start from the
+/// main base, the others from the bases that fill up (under each policy) and the one with
+/// 64 KiB chunks, in turn; on the full bases without the operations of the known bugs
+/// ([`KNOWN_BUGS_ON_FULL`]).
 #[test]
 fn every_crash_state_opens_clean_and_reads_what_the_model_allows() {
+    explore_and_report(workload, true);
+}
+
+/// The bases that fill up, with every operation: fails today on the bugs
+/// [`KNOWN_BUGS_ON_FULL`] names (in the first few workloads: a refused create --from, a
+/// refused restore under fail-writes, a restore whose target drop-oldest takes). Un-ignore it,
+/// and take the operations out of that list, once they are fixed.
+#[test]
+#[ignore = "known bugs: a refused create --from stays listed; a refused restore leaves a store \
+            that does not open; drop-oldest may take a restore's target mid-restore"]
+fn every_crash_state_of_a_full_store_with_every_operation() {
+    explore_and_report(full_workload, false);
+}
+
+fn explore_and_report(pick: fn(usize) -> Workload, keep_count: bool) {
     let budget = env_usize("SNAPCTL_EXPLORE_STATES", 12_000);
     let cap = env_usize("SNAPCTL_EXPLORE_CAP", (budget / 40_000).clamp(8, 512));
     let threads = env_usize(
         "SNAPCTL_EXPLORE_THREADS",
         std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
     );
-    let (ex, secs) = run_explorer(budget, cap, threads);
+    let (ex, secs) = run_explorer(budget, cap, threads, pick);
     let failures = ex.failures.lock().map(|f| f.clone()).unwrap_or_default();
     let line = format!(
         "crash states: {} distinct checked, {} failures ({} checks against the model or the \
-         uninterrupted recovery, {} of them crashes during recovery; {} workloads, at most {} \
-         states per crash point, {:.0} s)",
+         uninterrupted recovery, {} of them crashes during recovery; {} workloads, in which the \
+         on-full policy took {} snapshots and {} steps were refused for room; at most {} states \
+         per crash point, {:.0} s)",
         ex.distinct(),
         failures.len(),
         ex.checks.load(Ordering::Relaxed),
         ex.recovery_states.load(Ordering::Relaxed),
         ex.workloads.load(Ordering::Relaxed),
+        ex.victims.load(Ordering::Relaxed),
+        ex.refused.load(Ordering::Relaxed),
         cap,
         secs
     );
     eprintln!("{line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../crash-states.txt");
-    let _ = std::fs::write(path, format!("{line}\n"));
+    for (g, n) in BASES.iter().zip(&ex.per_base) {
+        let n = n.load(Ordering::Relaxed);
+        if n > 0 {
+            let l = if g.label.is_empty() { "main" } else { g.label };
+            eprintln!("  base {l}: {n} states (besides crashes during recovery)");
+        }
+    }
+    if keep_count {
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../crash-states.txt");
+        let _ = std::fs::write(path, format!("{line}\n"));
+    }
     assert!(
         failures.is_empty(),
         "{} crash states failed; the first: {}",
@@ -1484,7 +1939,9 @@ fn check_state(
 
 /// The workload a failure message names (the explorer's order reaches it within 3,000).
 fn workload_named(name: &str) -> Option<Workload> {
-    (0..3000).map(workload).find(|w| w.name == name)
+    (0..3000)
+        .flat_map(|i| [workload(i), full_workload(i)])
+        .find(|w| w.name == name)
 }
 
 fn origin_writes(rec: &Recorded, from: usize, to: usize) -> Vec<usize> {
@@ -1498,7 +1955,7 @@ fn origin_writes(rec: &Recorded, from: usize, to: usize) -> Vec<usize> {
 #[test]
 fn a_crash_halfway_through_a_restore_reopens_with_the_restore_finished() {
     let w = workload_named("Restore (flush variant 0)").expect("a workload");
-    let rec = record(&w, &base()).expect("record");
+    let rec = record(&w, &base(0)).expect("record");
     let step = rec
         .steps
         .iter()
@@ -1519,7 +1976,7 @@ fn a_crash_halfway_through_a_restore_reopens_with_the_restore_finished() {
 /// between them rules out, so the explorer never builds it) is refused.
 #[test]
 fn a_state_no_disk_could_be_left_in_is_caught() {
-    let rec = record(&sequence(&[Op::Create], 1), &base()).expect("record");
+    let rec = record(&sequence(&[Op::Create], 1, 0), &base(0)).expect("record");
     let data_area = (1 << 20) + META;
     let copy = rec
         .journal
@@ -1642,8 +2099,80 @@ fn generated_workloads_write_within_the_origin() {
                 _ => Vec::new(),
             };
             for (o, n) in writes {
-                assert!(o + n as u64 <= ORIGIN, "{}: {n} bytes at {o}", w.name);
+                let origin = BASES[w.base].origin;
+                assert!(o + n as u64 <= origin, "{}: {n} bytes at {o}", w.name);
             }
         }
     }
+}
+
+/// Opens a base's images as the last process left them.
+fn open_base(b: &Base) -> Store {
+    let power = Power::new();
+    let sdev = Arc::new(ImageIo::new(b.images[0].clone(), power.clone()));
+    let odev = Arc::new(ImageIo::new(b.images[1].clone(), power));
+    Store::open_io(sdev, odev, "full").expect("open")
+}
+
+/// Fills a base that fills up: a new snapshot, then whole-chunk origin writes until one is
+/// refused (fail-writes) or the policy has acted (else).
+fn fill(st: &mut Store) {
+    st.create("s", None, BTreeMap::new(), None).expect("create");
+    for c in 20..120 {
+        let r = st.write_origin(c * CHUNK, &[c as u8; CHUNK as usize], false);
+        if r.is_err() || st.used_chunks().expect("used") == st.sb.data_chunks {
+            return;
+        }
+    }
+    panic!("the store did not fill up");
+}
+
+/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): create --from `w` (which has an overlay) in a full
+/// store is refused with ENOSPC, yet `f` stays in the process's catalog, and reads (as `w`'s
+/// point in time without its overlay: wrong bytes from 5 chunks less 1000 on). The explorer's
+/// "CreateFrom (flush variant 1) [full, fail-writes]" fails while recording at its step 3.
+#[test]
+#[ignore = "known bug: a create --from refused for room stays listed"]
+fn a_create_from_refused_for_room_leaves_no_snapshot() {
+    let mut st = open_base(&base(3));
+    fill(&mut st);
+    let r = st.create_from("f", "w", None, BTreeMap::new(), false);
+    assert!(matches!(r, Err(snapctl::Error::NoSpace(_))), "{r:?}");
+    assert!(
+        !listing(&st).contains_key("f"),
+        "a refused create --from left 'f' listed"
+    );
+}
+
+/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): under fail-writes, a restore refused for room leaves
+/// its intent committed, and every later open resumes it and is refused again. The explorer's
+/// "Restore (flush variant 0) [full, fail-writes]" fails at every crash state after step 2.
+#[test]
+#[ignore = "known bug: a restore refused for room leaves a store that does not open"]
+fn a_restore_refused_for_room_leaves_a_store_that_opens() {
+    let b = base(3);
+    let power = Power::new();
+    let sdev = Arc::new(ImageIo::new(b.images[0].clone(), power.clone()));
+    let odev = Arc::new(ImageIo::new(b.images[1].clone(), power));
+    let mut st = Store::open_io(sdev.clone(), odev.clone(), "full").expect("open");
+    fill(&mut st);
+    let r = st.restore("old", Some("b"), &mut |_, _| {});
+    assert!(matches!(r, Err(snapctl::Error::NoSpace(_))), "{r:?}");
+    drop(st);
+    if let Err(e) = Store::open_io(sdev, odev, "full") {
+        panic!("the store no longer opens: {e}");
+    }
+}
+
+/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): a restore to `old` (the oldest snapshot) with a
+/// backup, under drop-oldest, in a full store: the policy drops `old` itself to make room for
+/// the restore's writes. A crash with some of them on the disk: the open finds the intent's
+/// target gone, clears the intent, and the origin stays half restored (the explorer's first
+/// failure in "Restore (flush variant 1) [full, drop-oldest]").
+#[test]
+#[ignore = "known bug: drop-oldest takes a restore's target, and a crash leaves it half done"]
+fn a_restore_whose_target_the_policy_drops_is_never_left_half_done() {
+    let w = workload_named("Restore (flush variant 1) [full, drop-oldest]").expect("a workload");
+    let rec = record(&w, &base(1)).expect("record");
+    check_state(&rec, 99, &[97, 98], None).expect("the state is allowed");
 }
