@@ -16,9 +16,9 @@
 //! area the base leaves 3 chunks of), one per on-full policy (drop-oldest, invalidate,
 //! fail-writes), and one with 64 KiB chunks (the default) and the default policy, drop-oldest,
 //! over an origin of 9 chunks and a partial one with room for 256 copies (it never fills, as
-//! the main base; the recording checks that neither does). On the bases that fill up, CI's
-//! run leaves out the operations of three known bugs ([`KNOWN_BUGS_ON_FULL`]); the #[ignore]d
-//! [`every_crash_state_of_a_full_store_with_every_operation`] keeps them.
+//! the main base; the recording checks that neither does). The #[ignore]d
+//! [`every_crash_state_of_a_full_store_with_every_operation`] spends a whole budget on the
+//! bases that fill up.
 //!
 //! **Crash states.** A block device with a volatile cache may hold, after power loss, every
 //! write completed before its last completed flush, plus any subset of the writes since, each
@@ -406,25 +406,14 @@ fn workload(i: usize) -> Workload {
 /// The bases that fill up.
 const FULL: [usize; 3] = [1, 2, 3];
 
-/// Operations the CI run leaves out on the bases that fill up, for each hits a known bug there
-/// (found by [`every_crash_state_of_a_full_store_with_every_operation`], which includes them):
-///
-/// - create --from a snapshot with an overlay, refused for room (ENOSPC): the new snapshot
-///   stays in the process's catalog though nothing was committed (`create_from_inner` inserts
-///   it into `self.snaps` before `copy_overlay` fails, and nothing takes it out), so `list`
-///   shows it and it reads as its source's point in time without the overlay
-///   ([`a_create_from_refused_for_room_leaves_no_snapshot`]).
-/// - restore under fail-writes, refused for room: the restore intent stays committed, and every
-///   later open resumes the restore, which is refused again: the store no longer opens at all,
-///   not even to delete a snapshot ([`a_restore_refused_for_room_leaves_a_store_that_opens`]);
-///   and once the process that was refused made room (a delete, a prune), the next open does
-///   the restore the user was told had failed (e.g. "Rename, Restore, Delete (flush variant 0)
-///   [full, fail-writes]": the origin is the target at the end).
-/// - restore to the oldest snapshot under drop-oldest: the policy drops the restore's own
-///   target to make room for the restore's writes; after a crash the open finds the intent's
-///   target gone and clears the intent without finishing, so the origin stays half restored
-///   ([`a_restore_whose_target_the_policy_drops_is_never_left_half_done`]).
-const KNOWN_BUGS_ON_FULL: [Op; 2] = [Op::CreateFrom, Op::Restore];
+/// Operations the CI run leaves out on the bases that fill up: none now. Three bugs found
+/// there are fixed, each with its regression test: a create --from refused for room stayed in
+/// the process's catalog ([`a_create_from_refused_for_room_leaves_no_snapshot`]); a restore
+/// refused for room under fail-writes left its intent committed and the store unopenable
+/// ([`a_restore_refused_for_room_leaves_a_store_that_opens`]); drop-oldest took a restore's own
+/// target mid-restore, and a crash left the origin half restored
+/// ([`a_restore_whose_target_the_policy_drops_is_never_left_half_done`]).
+const KNOWN_BUGS_ON_FULL: [Op; 0] = [];
 
 /// The full bases in turn, every operation (known bugs included).
 fn full_workload(i: usize) -> Workload {
@@ -534,7 +523,7 @@ fn base(b: usize) -> Base {
     st.flush().expect("flush");
     // The policy did not act while the base was made: the model above is the store's.
     assert_eq!(
-        policy_victims(&m, &listing(&st), g.on_full),
+        policy_victims(&m, &listing(&st), g.on_full, &[]),
         Ok(Vec::new()),
         "{}: the base",
         g.label
@@ -557,11 +546,13 @@ fn listing(st: &Store) -> BTreeMap<String, (bool, bool)> {
 /// by that: the snapshots it dropped or invalidated, in the order the policy must take them
 /// (checked here, from the model alone): drop-oldest drops the oldest valid ones (by point in
 /// time, then creation), invalidate invalidates the newest valid ones, fail-writes does
-/// nothing. Anything else is an error.
+/// nothing; a restore's target and backup (`protect`) are never taken. Anything else is an
+/// error.
 fn policy_victims(
     m: &Model,
     real: &BTreeMap<String, (bool, bool)>,
     on_full: OnFull,
+    protect: &[String],
 ) -> Result<Vec<String>, String> {
     let mut dropped = HashSet::new();
     let mut invalidated = HashSet::new();
@@ -586,7 +577,7 @@ fn policy_victims(
     let mut valid: Vec<(u64, u64, String)> = m
         .cat
         .iter()
-        .filter(|(_, s)| !s.invalid)
+        .filter(|(n, s)| !s.invalid && !protect.contains(n))
         .map(|(n, s)| (s.time, s.born, n.clone()))
         .collect();
     valid.sort();
@@ -678,6 +669,8 @@ struct OpCtx<'a> {
     refused: bool,
     /// At most how many free chunks it needs (the whole origin's count unless it knows better).
     needs: u64,
+    /// What the on-full policy must not take meanwhile (a restore's target and backup).
+    protect: Vec<String>,
 }
 
 /// Runs one operation on the store and the model. An operation that needs room in the data
@@ -798,6 +791,10 @@ fn run_op(
                 return Ok("restore: nothing to restore".into());
             };
             let backup = (k % 2 == 0).then(|| format!("b{n}"));
+            cx.protect = [Some(target.clone()), backup.clone()]
+                .into_iter()
+                .flatten()
+                .collect();
             let r = st.restore(&target, backup.as_deref(), &mut |_, _| {});
             let refused = matches!(&r, Err(x) if full(x));
             if !refused {
@@ -862,6 +859,7 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
         let mut fine = Vec::new();
         let mut user: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut restore_to = None;
+        let mut protect: Vec<String> = Vec::new();
         if let Step::Close = step {
             st = None;
         }
@@ -924,15 +922,27 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
                     restore_to: None,
                     refused: false,
                     needs: g.whole() + 1,
+                    protect: Vec::new(),
                 };
                 let what = run_op(s, &mut m, (*op, *k, n), &g, &mut cx)?;
                 may_fill = *op == Op::Restore;
                 (restore_to, refused, needs) = (cx.restore_to, cx.refused, cx.needs);
+                protect = cx.protect;
+                // Under drop-oldest and invalidate a restore makes room first (never taking its
+                // target); it is refused only when no other valid snapshot is left to take.
                 if refused && may_fill && g.on_full != OnFull::FailWrites {
-                    return Err(format!(
-                        "step {n} ({what}): a restore refused under the on-full policy {:?}",
-                        g.on_full
-                    ));
+                    let others = listing(s)
+                        .values()
+                        .filter(|(_, invalid)| !invalid)
+                        .count()
+                        .saturating_sub(1);
+                    if others > 0 {
+                        return Err(format!(
+                            "step {n} ({what}): a restore refused under the on-full policy {:?} \
+                             with {others} other valid snapshots left to take",
+                            g.on_full
+                        ));
+                    }
                 }
                 what
             }
@@ -941,7 +951,7 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
         // victim is a commit of its own, before the write (or the restore's write) it makes
         // room for.
         if let Some(s) = st.as_ref() {
-            let victims = policy_victims(&m, &listing(s), g.on_full)
+            let victims = policy_victims(&m, &listing(s), g.on_full, &protect)
                 .map_err(|e| format!("step {n} ({what}): the catalog: {e}"))?;
             if (refused || !victims.is_empty()) && !FULL.contains(&w.base) {
                 return Err(format!(
@@ -1841,13 +1851,10 @@ fn every_crash_state_opens_clean_and_reads_what_the_model_allows() {
     explore_and_report(workload, true);
 }
 
-/// The bases that fill up, with every operation: fails today on the bugs
-/// [`KNOWN_BUGS_ON_FULL`] names (in the first few workloads: a refused create --from, a
-/// refused restore under fail-writes, a restore whose target drop-oldest takes). Un-ignore it,
-/// and take the operations out of that list, once they are fixed.
+/// The bases that fill up, with every operation (the CI run gives them a share of its budget;
+/// this one gives them all of it).
 #[test]
-#[ignore = "known bugs: a refused create --from stays listed; a refused restore leaves a store \
-            that does not open; drop-oldest may take a restore's target mid-restore"]
+#[ignore = "a longer run: scripts/crash-explore.sh runs it with SNAPCTL_EXPLORE_FULL=1"]
 fn every_crash_state_of_a_full_store_with_every_operation() {
     explore_and_report(full_workload, false);
 }
@@ -2127,12 +2134,11 @@ fn fill(st: &mut Store) {
     panic!("the store did not fill up");
 }
 
-/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): create --from `w` (which has an overlay) in a full
+/// Was a bug (fixed by `Store::change`, which reloads the catalog after a failed change): create --from `w` (which has an overlay) in a full
 /// store is refused with ENOSPC, yet `f` stays in the process's catalog, and reads (as `w`'s
 /// point in time without its overlay: wrong bytes from 5 chunks less 1000 on). The explorer's
 /// "CreateFrom (flush variant 1) [full, fail-writes]" fails while recording at its step 3.
 #[test]
-#[ignore = "known bug: a create --from refused for room stays listed"]
 fn a_create_from_refused_for_room_leaves_no_snapshot() {
     let mut st = open_base(&base(3));
     fill(&mut st);
@@ -2144,11 +2150,10 @@ fn a_create_from_refused_for_room_leaves_no_snapshot() {
     );
 }
 
-/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): under fail-writes, a restore refused for room leaves
+/// Was a bug (fixed: a restore makes room before it changes anything): under fail-writes, a restore refused for room leaves
 /// its intent committed, and every later open resumes it and is refused again. The explorer's
 /// "Restore (flush variant 0) [full, fail-writes]" fails at every crash state after step 2.
 #[test]
-#[ignore = "known bug: a restore refused for room leaves a store that does not open"]
 fn a_restore_refused_for_room_leaves_a_store_that_opens() {
     let b = base(3);
     let power = Power::new();
@@ -2164,15 +2169,25 @@ fn a_restore_refused_for_room_leaves_a_store_that_opens() {
     }
 }
 
-/// Known bug (see [`KNOWN_BUGS_ON_FULL`]): a restore to `old` (the oldest snapshot) with a
+/// Was a bug (fixed: the on-full policy never takes a restore's target or backup): a restore to `old` (the oldest snapshot) with a
 /// backup, under drop-oldest, in a full store: the policy drops `old` itself to make room for
 /// the restore's writes. A crash with some of them on the disk: the open finds the intent's
 /// target gone, clears the intent, and the origin stays half restored (the explorer's first
 /// failure in "Restore (flush variant 1) [full, drop-oldest]").
 #[test]
-#[ignore = "known bug: drop-oldest takes a restore's target, and a crash leaves it half done"]
 fn a_restore_whose_target_the_policy_drops_is_never_left_half_done() {
     let w = workload_named("Restore (flush variant 1) [full, drop-oldest]").expect("a workload");
+    // Recording checks the policy's victims against the model (never the target).
     let rec = record(&w, &base(1)).expect("record");
-    check_state(&rec, 99, &[97, 98], None).expect("the state is allowed");
+    // Every crash point's durable state, and every one with all its writes in flight kept.
+    let mut points = Vec::new();
+    for_each_point(&rec.base, &rec.journal, |p| {
+        points.push((p.c, p.inflight.clone()));
+        true
+    });
+    assert!(points.len() > 10, "{} crash points", points.len());
+    for (c, inflight) in points {
+        check_state(&rec, c, &[], None).unwrap_or_else(|e| panic!("at {c}, none kept: {e}"));
+        check_state(&rec, c, &inflight, None).unwrap_or_else(|e| panic!("at {c}, all kept: {e}"));
+    }
 }

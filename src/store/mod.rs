@@ -654,6 +654,22 @@ impl Store {
 /// on pages damaged behind its back (redb's documentation says so); that is a corruption error,
 /// not a crash.
 impl Store {
+    /// Runs a change under the panic guard. A change that fails has its transaction aborted,
+    /// but it may have updated the in-memory catalog first (a snapshot inserted before a copy
+    /// found no room): the catalog is read again from what is committed, so a refused change
+    /// leaves no trace in this process either (a server keeps serving what is on disk).
+    fn change<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        let n = self.name.clone();
+        let r = guard_panic(&n, || f(self));
+        if r.is_err() {
+            self.resolved.clear();
+            self.preserved.clear();
+            // A failure to reload is a damaged store: the next command says so.
+            let _ = guard_panic(&n, || self.load_catalog());
+        }
+        r
+    }
+
     /// Creates a read-only snapshot of the origin. O(1): no device reads, no exception index.
     pub fn create(
         &mut self,
@@ -662,8 +678,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         created: Option<i64>,
     ) -> Result<Snapshot> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.create_inner(name, expires, labels, created))
+        self.change(|s| s.create_inner(name, expires, labels, created))
     }
 
     /// A snapshot of a snapshot: its point in time, and a frozen copy of its overlay (what a
@@ -676,10 +691,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         writable: bool,
     ) -> Result<Snapshot> {
-        let n = self.name.clone();
-        guard_panic(&n, || {
-            self.create_from_inner(name, from, expires, labels, writable)
-        })
+        self.change(|s| s.create_from_inner(name, from, expires, labels, writable))
     }
 
     /// A writable snapshot of the origin: a snapshot, then writable.
@@ -689,23 +701,20 @@ impl Store {
         expires: Option<i64>,
         labels: BTreeMap<String, String>,
     ) -> Result<Snapshot> {
-        let n = self.name.clone();
-        guard_panic(&n, || {
-            self.create_inner(name, expires, labels, None)?;
-            self.set_writable_inner(name)
+        self.change(|s| {
+            s.create_inner(name, expires, labels, None)?;
+            s.set_writable_inner(name)
         })
     }
 
     /// Makes a read-only snapshot writable. One-way: nothing makes it read-only again.
     pub fn set_writable(&mut self, name: &str) -> Result<Snapshot> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.set_writable_inner(name))
+        self.change(|s| s.set_writable_inner(name))
     }
 
     /// Writes into a writable snapshot (see `cow/`).
     pub fn write_snapshot(&mut self, name: &str, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.write_overlay_inner(name, writes, fua))
+        self.change(|s| s.write_overlay_inner(name, writes, fua))
     }
 
     /// Byte ranges where two views differ (see `cow/`), as sorted chunk numbers.
@@ -720,19 +729,16 @@ impl Store {
         backup: Option<&str>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.restore_inner(target, backup, progress))
+        self.change(|s| s.restore_inner(target, backup, progress))
     }
 
     pub fn rename(&mut self, old: &str, new: &str) -> Result<Snapshot> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.rename_inner(old, new))
+        self.change(|s| s.rename_inner(old, new))
     }
 
     /// Deletes snapshots in one commit; returns the bytes freed.
     pub fn delete(&mut self, names: &[String]) -> Result<u64> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.delete_inner(names))
+        self.change(|s| s.delete_inner(names))
     }
 
     pub fn used_chunks(&self) -> Result<u64> {
@@ -745,14 +751,12 @@ impl Store {
 
     /// Writes to the origin through copy-on-write (see `cow/`).
     pub fn write_origin(&mut self, off: u64, data: &[u8], fua: bool) -> Result<()> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.write_origin_inner(off, data, fua))
+        self.change(|s| s.write_origin_inner(off, data, fua))
     }
 
     /// Several origin writes with one preservation commit (see `cow/`).
     pub fn write_batch(&mut self, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.write_batch_inner(writes, fua))
+        self.change(|s| s.write_batch_inner(writes, fua))
     }
 
     /// Several reads of any views, in flight together.
@@ -804,8 +808,7 @@ impl Store {
         drop_damaged: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<crate::store::cow::CheckReport> {
-        let n = self.name.clone();
-        guard_panic(&n, || self.repair_inner(data, drop_damaged, progress))
+        self.change(|s| s.repair_inner(data, drop_damaged, progress))
     }
 }
 

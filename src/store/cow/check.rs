@@ -5,6 +5,18 @@
 use super::*;
 use crate::store::format::{Superblock, SUPERBLOCK_SIZE};
 
+/// A well-mixed digest of a record key (splitmix64 of its fields), summed over a table to
+/// compare two tables' key sets in one pass each.
+fn key_digest(b: u32, t: u64, g: u64) -> u64 {
+    let mix = |mut x: u64| {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    };
+    mix(mix(mix(t) ^ g) ^ b as u64)
+}
+
 /// One bit per data chunk.
 struct Bits(Vec<u64>);
 
@@ -131,6 +143,9 @@ impl Store {
         // Every saved chunk, for --data: (origin chunk, entry, who reads it).
         let mut saved: Vec<(u64, Entry, Reader)> = Vec::new();
         let mut reindex = false;
+        let mut keys_in_records = 0u64;
+        // Per live point, the record entries only it reads (its exclusive space).
+        let mut alone = vec![0u64; live.len()];
         let mut walk: Option<GroupWalk> = None;
         // Bits of the offsets of group `g` inside the origin.
         let full_of = |g: u64| {
@@ -199,15 +214,9 @@ impl Store {
             }
             let Some(w) = walk.as_mut() else { continue };
             let full = full_of(g);
-            if by_time
-                .get((b, t, g))
-                .map_err(|e| meta_err(&sn, e))?
-                .is_none()
-            {
-                rep.corruption
-                    .push(format!("record {key:?} is missing from the time index"));
-                reindex = true;
-            }
+            // The time index must hold exactly the record keys: compared as a sum of key
+            // digests (order-free, one pass each); only a mismatch looks keys up one by one.
+            keys_in_records = keys_in_records.wrapping_add(key_digest(b, t, g));
             if t > epoch {
                 rep.corruption.push(format!(
                     "record {key:?} is from the future (epoch is {epoch}; cannot be repaired: restore the store from a backup)"
@@ -264,6 +273,9 @@ impl Store {
                 let t_prev = w.cover[off];
                 w.cover[off] = t;
                 let j = live.partition_point(|&x| x < t_prev);
+                if j < live.len() && live[j] < t && live.get(j + 1).is_none_or(|&x| x >= t) {
+                    alone[j] += 1;
+                }
                 if !(j < live.len() && live[j] < t) {
                     rep.leaks.push(format!(
                         "store chunk {} (chunk {}, epoch {t}) is held by no snapshot",
@@ -311,13 +323,37 @@ impl Store {
                 sound = false;
             }
         }
+        let mut keys_in_index = 0u64;
+        let mut index_rows = 0u64;
         for row in by_time.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, _) = row.map_err(|e| meta_err(&sn, e))?;
             let (b, t, g) = k.value();
-            if recs.get((b, g, t)).map_err(|e| meta_err(&sn, e))?.is_none() {
-                rep.corruption
-                    .push(format!("time index entry {:?} has no record", k.value()));
-                reindex = true;
+            keys_in_index = keys_in_index.wrapping_add(key_digest(b, t, g));
+            index_rows += 1;
+        }
+        if keys_in_index != keys_in_records || index_rows != rep.records {
+            reindex = true;
+            for row in recs.iter().map_err(|e| meta_err(&sn, e))? {
+                let (k, _) = row.map_err(|e| meta_err(&sn, e))?;
+                let (b, g, t) = k.value();
+                if by_time
+                    .get((b, t, g))
+                    .map_err(|e| meta_err(&sn, e))?
+                    .is_none()
+                {
+                    rep.corruption.push(format!(
+                        "record {:?} is missing from the time index",
+                        k.value()
+                    ));
+                }
+            }
+            for row in by_time.iter().map_err(|e| meta_err(&sn, e))? {
+                let (k, _) = row.map_err(|e| meta_err(&sn, e))?;
+                let (b, t, g) = k.value();
+                if recs.get((b, g, t)).map_err(|e| meta_err(&sn, e))?.is_none() {
+                    rep.corruption
+                        .push(format!("time index entry {:?} has no record", k.value()));
+                }
             }
         }
         // Overlays: each chunk owned once, each overlay owned by one snapshot with the right count.
@@ -485,30 +521,33 @@ impl Store {
         }
         sound &= !rep.fixes.iter().any(|f| matches!(f, Fix::Damaged { .. }));
         drop((recs, by_time, free, names, config, ovl, heads, tx));
-        // Space accounting: recompute what each snapshot holds alone (from sound rows only).
+        // Space accounting: what each snapshot holds alone, counted in the record pass above
+        // (from sound rows only): the entries whose readers are exactly one live point. Two
+        // snapshots at one point hold nothing alone.
         if sound {
-            let wtx = self.wtx()?;
+            let mut at: HashMap<u64, Vec<&crate::store::Snapshot>> = HashMap::new();
+            for s in self
+                .snaps
+                .values()
+                .filter(|s| s.state == SnapState::Valid && s.branch == 0)
+            {
+                at.entry(s.epoch).or_default().push(s);
+            }
             for (k, &e) in live.iter().enumerate() {
-                let prev = k.checked_sub(1).map(|i| live[i]);
-                let hi = live.get(k + 1).copied().unwrap_or(epoch);
-                let n = self.window(&wtx, prev, e, hi, false)?;
-                let at: Vec<&crate::store::Snapshot> = self
-                    .snaps
-                    .values()
-                    .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e)
-                    .collect();
-                let want = if at.len() == 1 { n } else { 0 };
-                if at.iter().any(|s| s.exclusive_chunks != want) {
-                    for s in at.iter().filter(|s| s.exclusive_chunks != want) {
-                        rep.corruption.push(format!(
-                            "snapshot '{}' records {} exclusive chunks but holds {want}",
-                            s.name, s.exclusive_chunks
-                        ));
-                    }
-                    rep.fixes.push(Fix::SetExclusive(e, n));
+                let here = at.get(&e).map(Vec::as_slice).unwrap_or(&[]);
+                let want = if here.len() == 1 { alone[k] } else { 0 };
+                let wrong: Vec<&&crate::store::Snapshot> =
+                    here.iter().filter(|s| s.exclusive_chunks != want).collect();
+                for s in &wrong {
+                    rep.corruption.push(format!(
+                        "snapshot '{}' records {} exclusive chunks but holds {want}",
+                        s.name, s.exclusive_chunks
+                    ));
+                }
+                if !wrong.is_empty() {
+                    rep.fixes.push(Fix::SetExclusive(e, alone[k]));
                 }
             }
-            wtx.abort().map_err(|e| meta_err(&sn, e))?;
         } else {
             rep.notes.push(
                 "space accounting was not verified: the damage above must be repaired first".into(),

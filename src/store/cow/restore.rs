@@ -4,11 +4,85 @@ use super::*;
 
 impl Store {
     pub(crate) fn restore_pending(&self) -> Result<bool> {
+        Ok(self.restore_intent()?.is_some())
+    }
+
+    /// The committed restore intent: (target id, backup id or 0).
+    pub(crate) fn restore_intent(&self) -> Result<Option<(u64, u64)>> {
         let tx = self.rtx()?;
         let c = tx.open_table(CONFIG).map_err(|e| meta_err(&self.name, e))?;
-        Ok(c.get(K_RESTORE_TARGET)
-            .map_err(|e| meta_err(&self.name, e))?
-            .is_some())
+        let get = |k: &str| -> Result<Option<u64>> {
+            Ok(c.get(k)
+                .map_err(|e| meta_err(&self.name, e))?
+                .map(|v| v.value()))
+        };
+        Ok(match get(K_RESTORE_TARGET)? {
+            Some(t) => Some((t, get(K_RESTORE_BACKUP)?.unwrap_or(0))),
+            None => None,
+        })
+    }
+
+    /// How many copies restoring `target_id` will make: every chunk that differs, when a backup
+    /// snapshot of the origin is taken first; else those not already saved since the newest
+    /// live snapshot.
+    fn restore_copies(&self, target_id: u64, backup: bool) -> Result<u64> {
+        let target = match self.snaps.get(&target_id) {
+            Some(s) => s.name.clone(),
+            None => return Err(Error::NotFound(format!("snapshot id {target_id}"))),
+        };
+        let chunks = self.diff_chunks_inner(&target, "origin")?;
+        if backup {
+            return Ok(chunks.len() as u64);
+        }
+        let Some(newest) = self.newest_epochs().0 else {
+            return Ok(0);
+        };
+        let tx = self.rtx()?;
+        let recs = tx
+            .open_table(RECORDS)
+            .map_err(|e| meta_err(&self.name, e))?;
+        let mut n = 0;
+        for c in chunks {
+            if find_cover(&recs, &self.name, 0, c, newest + 1, u64::MAX)?.is_none() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes room for every copy a restore will make, before anything changes: the on-full
+    /// policy is applied now (never to the target), or, under fail-writes or with no victim
+    /// left, the restore is refused. Without this a full store failed the restore half way,
+    /// its intent committed, and every later open resumed it and failed again.
+    fn make_room_for_restore(&mut self, target_id: u64, backup: bool) -> Result<()> {
+        loop {
+            let need = self.restore_copies(target_id, backup)?;
+            let free = self
+                .sb
+                .data_chunks
+                .saturating_sub(self.used_chunks_inner()?);
+            if need <= free {
+                return Ok(());
+            }
+            let short = |policy: &str| {
+                Error::NoSpace(format!(
+                    "store {} has room for {free} chunk copies but this restore needs {need} (the on-full policy is {policy}); delete snapshots to make room, or restore without --backup if one was asked",
+                    self.name
+                ))
+            };
+            if self.sb.on_full == OnFull::FailWrites {
+                return Err(short("fail-writes"));
+            }
+            let victims = self
+                .snaps
+                .values()
+                .filter(|s| s.state == SnapState::Valid && s.id != target_id)
+                .count();
+            if victims == 0 {
+                return Err(short(self.sb.on_full.name()));
+            }
+            self.apply_full_policy(&[target_id])?;
+        }
     }
 
     /// Makes the origin identical to snapshot `target`, writing only the chunks that differ,
@@ -33,6 +107,7 @@ impl Store {
                 )));
             }
         }
+        self.make_room_for_restore(target_id, backup.is_some())?;
         let backup_id = match backup {
             Some(b) => {
                 let mut labels = std::collections::BTreeMap::new();

@@ -7,13 +7,19 @@ impl Store {
     /// The store is full: apply the policy in a commit of its own (never in the transaction
     /// that will reuse the freed chunks: a crash before that one commits must leave the
     /// snapshots that still own those chunks intact).
-    pub(super) fn apply_full_policy(&mut self) -> Result<()> {
+    ///
+    /// The target of a restore and its backup are never the victim (`protect`, and the ones a
+    /// committed restore intent names): dropping the target mid-restore would leave the origin
+    /// half restored with nothing to finish it from.
+    pub(super) fn apply_full_policy(&mut self, protect: &[u64]) -> Result<()> {
         let policy = self.sb.on_full;
+        let mut protect = protect.to_vec();
+        protect.extend(self.restore_intent()?.into_iter().flat_map(|(t, b)| [t, b]));
         let valid: Vec<(u64, u64, String)> = {
             let mut v: Vec<_> = self
                 .snaps
                 .values()
-                .filter(|s| s.state == SnapState::Valid)
+                .filter(|s| s.state == SnapState::Valid && !protect.contains(&s.id))
                 .map(|s| (s.epoch, s.id, s.name.clone()))
                 .collect();
             v.sort();

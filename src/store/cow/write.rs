@@ -43,7 +43,7 @@ impl Store {
                             self.name
                         )));
                     }
-                    self.apply_full_policy()?;
+                    self.apply_full_policy(&[])?;
                 }
             }
         }
