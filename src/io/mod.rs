@@ -60,6 +60,11 @@ pub trait BlockIo: Send + Sync {
         let _ = (off, len);
         Ok(Vec::new())
     }
+    /// A hint that `off..off+len` will be read soon (a whole-metadata pass: `check`): engines
+    /// on a file descriptor ask the kernel to read it ahead, in large sequential requests.
+    fn will_need(&self, off: u64, len: u64) {
+        let _ = (off, len);
+    }
     /// Many independent writes (non-overlapping), possibly in flight together.
     fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
         for (off, buf) in reqs {

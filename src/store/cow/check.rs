@@ -93,6 +93,9 @@ impl Store {
         let sn = self.name.clone();
         let mut rep = CheckReport::default();
         self.check_superblocks(&mut rep)?;
+        // Every metadata page is about to be read, in tree order (random in the file): have the
+        // kernel read the region ahead in large requests first.
+        self.dev.will_need(self.sb.meta_offset, self.sb.meta_len);
         let ok = crate::store::guard_panic(&sn, || {
             self.wdb()?.check_integrity().map_err(|e| meta_err(&sn, e))
         })?;
