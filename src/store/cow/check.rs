@@ -183,17 +183,17 @@ impl Store {
                 Some(h) if h > w.last => {
                     let readers = w.readers(&live, h, full_of(g));
                     let reason = format!("the exception record of {} vanished", range(g, h));
-                    rep.corruption.push(self.damage_line(&reason, &readers));
-                    rep.fixes.push(Fix::Damaged {
-                        row: DamagedRow::Missing {
+                    self.report_damage(
+                        rep,
+                        DamagedRow::Missing {
                             group: (b, g),
                             t: h,
                             next: None,
                             prev: w.last,
                         },
-                        snapshots: self.ids_at(&readers),
                         reason,
-                    });
+                        &readers,
+                    );
                     return Ok(true);
                 }
                 _ => {}
@@ -230,12 +230,12 @@ impl Store {
                 sound = false;
                 let readers = w.readers(&live, t, full);
                 let reason = format!("the exception record of {} is damaged", range(g, t));
-                rep.corruption.push(self.damage_line(&reason, &readers));
-                rep.fixes.push(Fix::Damaged {
-                    row: DamagedRow::Record { key, prev: w.last },
-                    snapshots: self.ids_at(&readers),
+                self.report_damage(
+                    &mut rep,
+                    DamagedRow::Record { key, prev: w.last },
                     reason,
-                });
+                    &readers,
+                );
                 w.last = t;
                 continue;
             };
@@ -245,17 +245,17 @@ impl Store {
                     // The record the chain names is gone: its copies are lost.
                     let readers = w.readers(&live, rec.prev, full);
                     let reason = format!("the exception record of {} vanished", range(g, rec.prev));
-                    rep.corruption.push(self.damage_line(&reason, &readers));
-                    rep.fixes.push(Fix::Damaged {
-                        row: DamagedRow::Missing {
+                    self.report_damage(
+                        &mut rep,
+                        DamagedRow::Missing {
                             group: (b, g),
                             t: rec.prev,
                             next: Some(key),
                             prev: w.last,
                         },
-                        snapshots: self.ids_at(&readers),
                         reason,
-                    });
+                        &readers,
+                    );
                 } else {
                     rep.corruption.push(format!(
                         "record {key:?} follows epoch {} but the record before it is at {} (cannot be repaired: restore the store from a backup)",
@@ -312,17 +312,17 @@ impl Store {
                 // Every record of the group vanished (the walk above never saw it).
                 let readers = GroupWalk::new((b, g)).readers(&live, h, full_of(g));
                 let reason = format!("the exception records of {} vanished", range(g, h));
-                rep.corruption.push(self.damage_line(&reason, &readers));
-                rep.fixes.push(Fix::Damaged {
-                    row: DamagedRow::Missing {
+                self.report_damage(
+                    &mut rep,
+                    DamagedRow::Missing {
                         group: (b, g),
                         t: h,
                         next: None,
                         prev: 0,
                     },
-                    snapshots: self.ids_at(&readers),
                     reason,
-                });
+                    &readers,
+                );
                 sound = false;
             }
         }
@@ -597,6 +597,23 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Lost copies: named with the snapshots that may read them, and the fix that drops the
+    /// row with those snapshots (`--drop-damaged`).
+    fn report_damage(
+        &self,
+        rep: &mut CheckReport,
+        row: DamagedRow,
+        reason: String,
+        points: &[u64],
+    ) {
+        rep.corruption.push(self.damage_line(&reason, points));
+        rep.fixes.push(Fix::Damaged {
+            row,
+            snapshots: self.ids_at(points),
+            reason,
+        });
     }
 
     /// The valid snapshots of the origin's branch at these points.
