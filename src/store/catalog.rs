@@ -83,8 +83,8 @@ impl Snapshot {
 pub(crate) struct Catalog {
     by_id: BTreeMap<u64, Snapshot>,
     by_name: std::collections::HashMap<String, u64>,
-    /// epoch -> how many valid branch-0 snapshots are at it.
-    live: BTreeMap<u64, u32>,
+    /// epoch -> the valid branch-0 snapshots at it (ids).
+    live: BTreeMap<u64, Vec<u64>>,
     writable: usize,
 }
 
@@ -104,10 +104,10 @@ impl Catalog {
         }
         if s.state == SnapState::Valid && s.branch == 0 {
             if add {
-                *self.live.entry(s.epoch).or_insert(0) += 1;
-            } else if let Some(n) = self.live.get_mut(&s.epoch) {
-                *n -= 1;
-                if *n == 0 {
+                self.live.entry(s.epoch).or_default().push(s.id);
+            } else if let Some(ids) = self.live.get_mut(&s.epoch) {
+                ids.retain(|&i| i != s.id);
+                if ids.is_empty() {
                     self.live.remove(&s.epoch);
                 }
             }
@@ -169,6 +169,11 @@ impl Catalog {
     /// Every live epoch, ascending.
     pub(crate) fn live_epochs(&self) -> Vec<u64> {
         self.live.keys().copied().collect()
+    }
+
+    /// The valid snapshots of branch 0 at `epoch` (ids), without a pass over the catalog.
+    pub(crate) fn live_at(&self, epoch: u64) -> &[u64] {
+        self.live.get(&epoch).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 

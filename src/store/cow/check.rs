@@ -528,16 +528,13 @@ impl Store {
         // (from sound rows only): the entries whose readers are exactly one live point. Two
         // snapshots at one point hold nothing alone.
         if sound {
-            let mut at: HashMap<u64, Vec<&crate::store::Snapshot>> = HashMap::new();
-            for s in self
-                .snaps
-                .values()
-                .filter(|s| s.state == SnapState::Valid && s.branch == 0)
-            {
-                at.entry(s.epoch).or_default().push(s);
-            }
             for (k, &e) in live.iter().enumerate() {
-                let here = at.get(&e).map(Vec::as_slice).unwrap_or(&[]);
+                let here: Vec<&crate::store::Snapshot> = self
+                    .snaps
+                    .live_at(e)
+                    .iter()
+                    .filter_map(|id| self.snaps.get(id))
+                    .collect();
                 let want = if here.len() == 1 { alone[k] } else { 0 };
                 let wrong: Vec<&&crate::store::Snapshot> =
                     here.iter().filter(|s| s.exclusive_chunks != want).collect();
@@ -618,20 +615,20 @@ impl Store {
 
     /// The valid snapshots of the origin's branch at these points.
     fn ids_at(&self, points: &[u64]) -> Vec<u64> {
-        self.snaps
-            .values()
-            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && points.contains(&s.epoch))
-            .map(|s| s.id)
-            .collect()
+        let mut ids: Vec<u64> = points
+            .iter()
+            .flat_map(|&e| self.snaps.live_at(e).iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// "snapshots 'a', 'b': REASON; ..." naming who is affected and what repairs it.
     fn damage_line(&self, reason: &str, points: &[u64]) -> String {
         let names: Vec<&str> = self
-            .snaps
-            .values()
-            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && points.contains(&s.epoch))
-            .map(|s| s.name.as_str())
+            .ids_at(points)
+            .iter()
+            .filter_map(|id| self.snaps.get(id).map(|s| s.name.as_str()))
             .collect();
         if names.is_empty() {
             format!("{reason} (no snapshot reads it)")

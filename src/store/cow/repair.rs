@@ -377,9 +377,9 @@ impl Store {
                     self.set_exclusive(&tx, *e, *n)?;
                     let names: Vec<String> = self
                         .snaps
-                        .values()
-                        .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == *e)
-                        .map(|s| s.name.clone())
+                        .live_at(*e)
+                        .iter()
+                        .filter_map(|id| self.snaps.get(id).map(|s| s.name.clone()))
                         .collect();
                     done.push(format!(
                         "recounted the space held by snapshot '{}'",

@@ -144,12 +144,7 @@ impl Store {
         epoch: u64,
         n: u64,
     ) -> Result<()> {
-        let ids: Vec<u64> = self
-            .snaps
-            .values()
-            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == epoch)
-            .map(|s| s.id)
-            .collect();
+        let ids: Vec<u64> = self.snaps.live_at(epoch).to_vec();
         let n = if ids.len() == 1 { n } else { 0 };
         for id in ids {
             if self.snaps.get(&id).is_some_and(|s| s.exclusive_chunks != n) {

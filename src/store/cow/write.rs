@@ -279,12 +279,7 @@ impl Store {
                     .map_err(|e| meta_err(&sn, e))?;
             }
         }
-        let newest: Vec<u64> = self
-            .snaps
-            .values()
-            .filter(|s| s.state == SnapState::Valid && s.branch == 0 && s.epoch == e_max)
-            .map(|s| s.id)
-            .collect();
+        let newest: Vec<u64> = self.snaps.live_at(e_max).to_vec();
         // Several snapshots at one epoch share everything: none holds anything alone.
         if newest.len() == 1 && exclusive > 0 {
             if let Some(s) = self.snaps.get(&newest[0]) {
