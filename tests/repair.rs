@@ -435,3 +435,49 @@ fn drop_damaged_needs_repair() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--repair"), "{}", o.stderr);
 }
+
+/// A snapshot's catalog row damaged: every command refuses the store, naming `check`; `check`
+/// opens it and names the snapshot; `--repair` alone frees nothing (what only that snapshot
+/// held may look unread); `--drop-damaged` removes it, and every other view stays exact.
+#[test]
+fn a_damaged_snapshot_row_is_named_and_only_that_snapshot_dropped() {
+    let lab = Lab::new();
+    for n in [0usize, 3, 5] {
+        lab.reset();
+        assert!(lab.harm(Harm::DamageSnapshotRow(n)), "row {n}");
+        let o = lab.run(&["list"]);
+        assert_eq!(o.code, 6, "{}", o.stderr);
+        assert!(o.stderr.contains("snapctl check"), "{}", o.stderr);
+        let (code, before) = lab.check(&[]);
+        assert_eq!(code, 6, "row {n}: {before}");
+        assert!(before.to_string().contains("--drop-damaged"), "{before}");
+        let (code, rep) = lab.check(&["--repair"]);
+        assert_eq!(code, 6, "row {n}: {rep}");
+        // Nothing freed: the chunks only that snapshot held still look in use.
+        assert_eq!(rep["free_chunks"], before["free_chunks"], "row {n}: {rep}");
+        assert_eq!(rep["used_chunks"], before["used_chunks"], "row {n}: {rep}");
+        let (code, rep) = lab.check(&["--repair", "--drop-damaged"]);
+        assert_eq!(code, 10, "row {n}: {rep}");
+        let listed: Vec<String> = {
+            let o = lab.ok(&["--json", "list"]);
+            let v: Value = serde_json::from_str(&o).expect("json");
+            v["snapshots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        };
+        assert_eq!(listed.len(), lab.views.len() - 2, "row {n}: {listed:?}");
+        for (name, want) in &lab.views {
+            if name == "origin" || listed.contains(name) {
+                assert!(
+                    lab.export(name).as_deref() == Some(want.as_slice()),
+                    "row {n}: '{name}'"
+                );
+            }
+        }
+        let (code, rep) = lab.check(&["--data"]);
+        assert_eq!(code, 0, "row {n}: {rep}");
+    }
+}

@@ -195,15 +195,21 @@ impl Store {
         self.epoch = get_u64(&config, K_EPOCH, &name)?;
         let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
         self.snaps.clear();
+        self.damaged_snapshots.clear();
         for row in snaps.iter().map_err(|e| meta_err(&name, e))? {
             let (k, v) = row.map_err(|e| meta_err(&name, e))?;
-            let s =
-                crate::store::codec::decode_snapshot(k.value(), v.value()).ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "{name}: snapshot record {} is damaged; run `snapctl check`",
-                        k.value()
-                    ))
-                })?;
+            let Some(s) = crate::store::codec::decode_snapshot(k.value(), v.value()) else {
+                // `check` names it (and `--repair --drop-damaged` removes it); anything else
+                // refuses the store.
+                if self.for_check {
+                    self.damaged_snapshots.push(k.value());
+                    continue;
+                }
+                return Err(Error::Corrupt(format!(
+                    "{name}: the catalog row of snapshot id {} is damaged; run `snapctl check`",
+                    k.value()
+                )));
+            };
             self.snaps.insert(k.value(), s);
         }
         // Nothing read from the catalog may silently lie: a snapshot row that disappeared

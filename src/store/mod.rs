@@ -115,6 +115,8 @@ pub struct Store {
     pub resumed_restore: Option<String>,
     /// Opened by `check` (see [`OpenOptions::for_check`]).
     pub(crate) for_check: bool,
+    /// Snapshot ids whose catalog row fails its check (only when opened by `check`).
+    pub(crate) damaged_snapshots: Vec<u64>,
     _lock: Option<File>,
 }
 
@@ -626,6 +628,7 @@ impl Store {
             version: FORMAT_VERSION,
             resumed_restore: None,
             for_check: false,
+            damaged_snapshots: Vec::new(),
             _lock: lock_file,
         };
         let n = store.name.clone();
@@ -942,6 +945,8 @@ pub mod testing {
         FreeAChunkInUse,
         /// Every snapshot's exclusive count is set to 7.
         WrongExclusive,
+        /// The `n`th snapshot's catalog row fails its row check.
+        DamageSnapshotRow(usize),
     }
 
     type RecordRow = ((u32, u64, u64), Vec<u8>);
@@ -1035,6 +1040,25 @@ pub mod testing {
                     }
                     None => false,
                 },
+                Harm::DamageSnapshotRow(n) => {
+                    let mut t = tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
+                    let row = match t.iter().map_err(|e| me(e.into()))?.nth(n) {
+                        Some(r) => {
+                            let (k, v) = r.map_err(|e| me(e.into()))?;
+                            Some((k.value(), v.value().to_vec()))
+                        }
+                        None => None,
+                    };
+                    match row {
+                        Some((k, mut v)) => {
+                            let last = v.len() - 1;
+                            v[last] ^= 0x55;
+                            t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
+                            true
+                        }
+                        None => false,
+                    }
+                }
                 Harm::WrongExclusive => {
                     let snaps: Vec<Snapshot> = s.snaps.values().cloned().collect();
                     for mut sn2 in snaps {

@@ -501,6 +501,21 @@ impl Store {
         for row in names.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
             nnames += 1;
+            if let Some(&id) = self.damaged_snapshots.iter().find(|&&i| i == v.value()) {
+                let reason = format!(
+                    "the catalog row of snapshot '{}' (id {id}) is damaged: its point in time is lost",
+                    k.value()
+                );
+                rep.corruption.push(format!(
+                    "{reason}; `check --repair --drop-damaged` removes it (what only it held is freed after)"
+                ));
+                rep.fixes.push(Fix::Damaged {
+                    row: DamagedRow::Snapshot(id),
+                    snapshots: Vec::new(),
+                    reason,
+                });
+                continue;
+            }
             match self.snaps.get(&v.value()) {
                 Some(s) if s.name == k.value() => {}
                 _ => {
@@ -513,7 +528,30 @@ impl Store {
             }
         }
         rep.snapshots = self.snaps.len() as u64;
-        if nnames != rep.snapshots {
+        for &id in &self.damaged_snapshots {
+            if !rep
+                .fixes
+                .iter()
+                .any(|f| matches!(f, Fix::Damaged { row: DamagedRow::Snapshot(i), .. } if *i == id))
+            {
+                let reason =
+                    format!("the catalog row of snapshot id {id} (no name names it) is damaged");
+                rep.corruption.push(format!(
+                    "{reason}; `check --repair --drop-damaged` removes it"
+                ));
+                rep.fixes.push(Fix::Damaged {
+                    row: DamagedRow::Snapshot(id),
+                    snapshots: Vec::new(),
+                    reason,
+                });
+            }
+        }
+        if !self.damaged_snapshots.is_empty() && !rep.leaks.is_empty() {
+            rep.notes.push(
+                "the leaks above are not certain while a snapshot's row is damaged (its point in time is unknown): they are freed only after `--drop-damaged` removes it".into(),
+            );
+        }
+        if nnames != rep.snapshots + self.damaged_snapshots.len() as u64 {
             rep.corruption
                 .push(format!("{} names for {} snapshots", nnames, rep.snapshots));
             reindex = true;

@@ -152,6 +152,9 @@ pub(crate) enum DamagedRow {
     Overlay((u32, u64)),
     /// Saved bytes that fail their hash (`--data`): only the readers go.
     Data,
+    /// A snapshot whose catalog row fails its check: its point in time is unknown, so the
+    /// snapshot itself goes (row and name), and what only it held becomes a leak freed after.
+    Snapshot(u64),
 }
 
 /// Where each chunk of a group is for a view at an epoch: a saved copy, or the origin (`None`).

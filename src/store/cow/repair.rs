@@ -138,6 +138,22 @@ impl Store {
                 if let DamagedRow::Overlay(k) = row {
                     ovl.remove(*k).map_err(|e| meta_err(&sn, e))?;
                 }
+                if let DamagedRow::Snapshot(id) = row {
+                    let mut snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+                    snaps.remove(*id).map_err(|e| meta_err(&sn, e))?;
+                    let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+                    let gone: Vec<String> = names
+                        .iter()
+                        .map_err(|e| meta_err(&sn, e))?
+                        .filter_map(|r| r.ok())
+                        .filter(|(_, v)| v.value() == *id)
+                        .map(|(k, _)| k.value().to_string())
+                        .collect();
+                    for n in &gone {
+                        names.remove(n.as_str()).map_err(|e| meta_err(&sn, e))?;
+                    }
+                    done.push(format!("removed snapshot id {id}: {reason}"));
+                }
                 for id in snapshots {
                     if !victims.iter().any(|(v, _)| v == id) {
                         victims.push((*id, reason.clone()));
@@ -408,12 +424,26 @@ impl Store {
 /// rebuilt (a damaged record's chunks are unknown and must not be handed out).
 fn next_class(fixes: &[Fix], drop_damaged: bool) -> Vec<Fix> {
     let damaged_left = fixes.iter().any(|f| matches!(f, Fix::Damaged { .. }));
+    // A snapshot whose row is damaged may still read what looks unread: nothing is freed.
+    let snapshot_row_left = fixes.iter().any(|f| {
+        matches!(
+            f,
+            Fix::Damaged {
+                row: DamagedRow::Snapshot(_),
+                ..
+            }
+        )
+    }) && !drop_damaged;
     let pick =
         |p: &dyn Fn(&Fix) -> bool| -> Vec<Fix> { fixes.iter().filter(|f| p(f)).cloned().collect() };
     let classes: [Vec<Fix>; 6] = [
         pick(&|f| matches!(f, Fix::WritePrimary | Fix::WriteBackup)),
         pick(&|f| matches!(f, Fix::Reindex)),
         pick(&|f| match f {
+            Fix::Damaged {
+                row: DamagedRow::Snapshot(_),
+                ..
+            } => drop_damaged,
             Fix::Damaged { snapshots, .. } => drop_damaged || snapshots.is_empty(),
             _ => false,
         }),
@@ -422,7 +452,11 @@ fn next_class(fixes: &[Fix], drop_damaged: bool) -> Vec<Fix> {
         } else {
             pick(&|f| matches!(f, Fix::RebuildFreeList))
         },
-        pick(&|f| matches!(f, Fix::DropEntries(..) | Fix::DropOverlay(_))),
+        if snapshot_row_left {
+            Vec::new()
+        } else {
+            pick(&|f| matches!(f, Fix::DropEntries(..) | Fix::DropOverlay(_)))
+        },
         pick(&|f| {
             matches!(
                 f,
