@@ -958,6 +958,28 @@ pub mod testing {
         let sn = s.name.clone();
         let me = |e: redb::Error| meta_err(&sn, e);
         let tx = s.wtx()?;
+        // The `n`th row of a table of checksummed values, its last byte flipped: whether any.
+        macro_rules! flip_nth {
+            ($table:expr, $n:expr) => {{
+                let mut t = tx.open_table($table).map_err(|e| me(e.into()))?;
+                let row = match t.iter().map_err(|e| me(e.into()))?.nth($n) {
+                    Some(r) => {
+                        let (k, v) = r.map_err(|e| me(e.into()))?;
+                        Some((k.value(), v.value().to_vec()))
+                    }
+                    None => None,
+                };
+                match row {
+                    Some((k, mut v)) => {
+                        let last = v.len() - 1;
+                        v[last] ^= 0x55;
+                        t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
+                        true
+                    }
+                    None => false,
+                }
+            }};
+        }
         let did = {
             let nth_record = |n: usize| -> Result<Option<RecordRow>> {
                 let t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
@@ -971,16 +993,7 @@ pub mod testing {
                 })
             };
             match harm {
-                Harm::DamageRecord(n) => match nth_record(n)? {
-                    Some((k, mut v)) => {
-                        let last = v.len() - 1;
-                        v[last] ^= 0x55;
-                        let mut t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
-                        t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
-                        true
-                    }
-                    None => false,
-                },
+                Harm::DamageRecord(n) => flip_nth!(RECORDS, n),
                 Harm::RemoveRecord(n) => match nth_record(n)? {
                     Some((k, _)) => {
                         let mut t = tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
@@ -989,25 +1002,7 @@ pub mod testing {
                     }
                     None => false,
                 },
-                Harm::DamageOverlay(n) => {
-                    let mut t = tx.open_table(OVERLAYS).map_err(|e| me(e.into()))?;
-                    let row = match t.iter().map_err(|e| me(e.into()))?.nth(n) {
-                        Some(r) => {
-                            let (k, v) = r.map_err(|e| me(e.into()))?;
-                            Some((k.value(), v.value().to_vec()))
-                        }
-                        None => None,
-                    };
-                    match row {
-                        Some((k, mut v)) => {
-                            let last = v.len() - 1;
-                            v[last] ^= 0x55;
-                            t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
-                            true
-                        }
-                        None => false,
-                    }
-                }
+                Harm::DamageOverlay(n) => flip_nth!(OVERLAYS, n),
                 Harm::DropTimeIndex => {
                     tx.delete_table(BY_TIME).map_err(|e| me(e.into()))?;
                     tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
@@ -1040,25 +1035,7 @@ pub mod testing {
                     }
                     None => false,
                 },
-                Harm::DamageSnapshotRow(n) => {
-                    let mut t = tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
-                    let row = match t.iter().map_err(|e| me(e.into()))?.nth(n) {
-                        Some(r) => {
-                            let (k, v) = r.map_err(|e| me(e.into()))?;
-                            Some((k.value(), v.value().to_vec()))
-                        }
-                        None => None,
-                    };
-                    match row {
-                        Some((k, mut v)) => {
-                            let last = v.len() - 1;
-                            v[last] ^= 0x55;
-                            t.insert(k, v.as_slice()).map_err(|e| me(e.into()))?;
-                            true
-                        }
-                        None => false,
-                    }
-                }
+                Harm::DamageSnapshotRow(n) => flip_nth!(SNAPS, n),
                 Harm::WrongExclusive => {
                     let snaps: Vec<Snapshot> = s.snaps.values().cloned().collect();
                     for mut sn2 in snaps {
