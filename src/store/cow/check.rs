@@ -498,22 +498,13 @@ impl Store {
         // Catalog: names and snapshots agree.
         let names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
         let mut nnames = 0u64;
+        // The names of snapshots whose row is damaged: reported below, not as index damage.
+        let mut damaged_names: HashMap<u64, String> = HashMap::new();
         for row in names.iter().map_err(|e| meta_err(&sn, e))? {
             let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
             nnames += 1;
-            if let Some(&id) = self.damaged_snapshots.iter().find(|&&i| i == v.value()) {
-                let reason = format!(
-                    "the catalog row of snapshot '{}' (id {id}) is damaged: its point in time is lost",
-                    k.value()
-                );
-                rep.corruption.push(format!(
-                    "{reason}; `check --repair --drop-damaged` removes it (what only it held is freed after)"
-                ));
-                rep.fixes.push(Fix::Damaged {
-                    row: DamagedRow::Snapshot(id),
-                    snapshots: Vec::new(),
-                    reason,
-                });
+            if self.damaged_snapshots.contains(&v.value()) {
+                damaged_names.insert(v.value(), k.value().to_string());
                 continue;
             }
             match self.snaps.get(&v.value()) {
@@ -529,22 +520,20 @@ impl Store {
         }
         rep.snapshots = self.snaps.len() as u64;
         for &id in &self.damaged_snapshots {
-            if !rep
-                .fixes
-                .iter()
-                .any(|f| matches!(f, Fix::Damaged { row: DamagedRow::Snapshot(i), .. } if *i == id))
-            {
-                let reason =
-                    format!("the catalog row of snapshot id {id} (no name names it) is damaged");
-                rep.corruption.push(format!(
-                    "{reason}; `check --repair --drop-damaged` removes it"
-                ));
-                rep.fixes.push(Fix::Damaged {
-                    row: DamagedRow::Snapshot(id),
-                    snapshots: Vec::new(),
-                    reason,
-                });
-            }
+            let reason = match damaged_names.get(&id) {
+                Some(n) => format!(
+                    "the catalog row of snapshot '{n}' (id {id}) is damaged: its point in time is lost"
+                ),
+                None => format!("the catalog row of snapshot id {id} (no name names it) is damaged"),
+            };
+            rep.corruption.push(format!(
+                "{reason}; `check --repair --drop-damaged` removes it (what only it held is freed after)"
+            ));
+            rep.fixes.push(Fix::Damaged {
+                row: DamagedRow::Snapshot(id),
+                snapshots: Vec::new(),
+                reason,
+            });
         }
         if !self.damaged_snapshots.is_empty() && !rep.leaks.is_empty() {
             rep.notes.push(
