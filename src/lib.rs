@@ -12,7 +12,7 @@
 //!   allocator, value layouts ([`store::codec`]), the copy-on-write engine ([`store::cow`]),
 //!   upgrades;
 //! - [`io`]: device I/O engines;
-//! - [`names`], [`error`], [`signals`]: shared vocabulary.
+//! - [`names`], [`error`], [`signals`], [`profile`]: shared vocabulary.
 
 pub mod cli;
 pub mod error;
@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod io;
 pub mod names;
 pub mod ops;
+pub mod profile;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -310,6 +310,9 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     store.flush()?;
     drop(store);
     drop(shared); // closes the metadata cleanly
+    if let Some(table) = crate::profile::report() {
+        eprint!("{table}");
+    }
     eprintln!("snapctl serve: stopped");
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use super::state::Shared;
 use crate::error::Error;
 use crate::io::AlignedBuf;
+use crate::profile::{self, Phase};
 use crate::store::cow::ReadReq;
 use crate::store::{SnapState, Store};
 
@@ -620,6 +621,7 @@ where
         sc.spawn(move || {
             let mut w = Stream(stream);
             for buf in rep_rx {
+                let _reply = profile::span(Phase::Reply);
                 if w.write_all(&buf).is_err() {
                     return;
                 }
@@ -641,6 +643,7 @@ where
                 Ok(r) => vec![r],
                 Err(e) => break Err(e),
             };
+            let gather = profile::span(Phase::Gather);
             let mut bytes = batch[0].length as usize;
             let mut disc = batch[0].kind == CMD_DISC;
             let mut failed = None;
@@ -670,6 +673,7 @@ where
                     }
                 }
             }
+            drop(gather);
             last_batch = batch.len();
             let out = match serve_batch(shared, export, neg, &batch) {
                 Ok(out) => out,
@@ -706,7 +710,10 @@ fn serve_batch(
     let mut read_bufs: Vec<Option<AlignedBuf>> = (0..batch.len()).map(|_| None).collect();
     let mut statuses: Vec<Option<Vec<(u64, bool)>>> = (0..batch.len()).map(|_| None).collect();
     {
+        let lock = profile::span(Phase::Lock);
         let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
+        drop(lock);
+        let _batch = profile::span(Phase::Batch);
         // Validate, and collect the writes (up to each flush) and the reads.
         let mut writes: Vec<usize> = Vec::new();
         let mut reads: Vec<usize> = Vec::new();

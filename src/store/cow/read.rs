@@ -53,6 +53,7 @@ impl Store {
     /// Long on purpose: the read path of every view in one place (map, gather, read, verify,
     /// copy out), so that what is verified before a byte leaves is visible in one reading.
     pub(crate) fn read_batch_inner(&self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
+        let _read = crate::profile::span(crate::profile::Phase::Read);
         let sn = &self.name;
         let cs = self.sb.chunk_size;
         let mut tx = None;

@@ -2,6 +2,7 @@
 //! (invariant 2), for one write or a batch.
 
 use super::*;
+use crate::profile::{self, Phase};
 
 /// From this many copies on, they are hashed on a second thread while they are written.
 const HASH_BESIDE: usize = 8;
@@ -47,6 +48,7 @@ impl Store {
                 }
             }
         }
+        let _origin_write = profile::span(Phase::OriginWrite);
         let werr = |e| Error::io(format!("origin {}: write", self.sb.origin_path), e);
         let mut sorted: Vec<(u64, u64)> =
             writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
@@ -69,6 +71,7 @@ impl Store {
     /// Makes every completed write durable: the origin's, and those into writable snapshots'
     /// overlays (metadata commits already are).
     pub fn flush(&self) -> Result<()> {
+        let _flush = profile::span(Phase::Flush);
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
@@ -105,6 +108,8 @@ impl Store {
         if chunks.iter().all(|&c| self.bit(c)) {
             return Ok(Preserve::Done);
         }
+        let _preserve = profile::span(Phase::Preserve);
+        let decide = profile::span(Phase::Decide);
         // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
         // number of snapshots.
         let (Some(e_max), e_prev) = self.newest_epochs() else {
@@ -128,12 +133,15 @@ impl Store {
                 }
             }
         }
+        drop(decide);
         if need.is_empty() {
             return Ok(Preserve::Done);
         }
+        let alloc = profile::span(Phase::Alloc);
         let Some(extents) = self.alloc(&tx, need.len() as u64)? else {
             return Ok(Preserve::Full);
         };
+        drop(alloc);
         // Map needed chunks onto the allocated store chunks, in order.
         let mut locs = Vec::with_capacity(need.len());
         for (start, n) in &extents {
@@ -158,6 +166,7 @@ impl Store {
         }
         let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, n)| AlignedBuf::new(n * cs)).collect();
         {
+            let _read = profile::span(Phase::OriginRead);
             let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
             for ((first, n), buf) in runs.iter().zip(bufs.iter_mut()) {
                 let ooff = need[*first] * cs as u64;
@@ -202,6 +211,7 @@ impl Store {
                 .write_many(&writes)
                 .map_err(|e| Error::io(format!("store {sn}: write"), e))
         };
+        let copy_write = profile::span(Phase::CopyWrite);
         let hashes = if need.len() >= HASH_BESIDE {
             std::thread::scope(|s| {
                 let hasher = s.spawn(hash_all);
@@ -216,6 +226,8 @@ impl Store {
             write_copies()?;
             h
         };
+        drop(copy_write);
+        let index = profile::span(Phase::Index);
         let pending = Pending {
             epoch,
             runs: runs
@@ -289,7 +301,11 @@ impl Store {
                 self.snaps.insert(s.id, s);
             }
         }
-        match tx.commit() {
+        drop(index);
+        let commit = profile::span(Phase::Commit);
+        let committed = tx.commit();
+        drop(commit);
+        match committed {
             Ok(()) => {}
             Err(e) => {
                 let err = meta_err(&sn, e);

@@ -1,0 +1,142 @@
+//! Where the data path's time goes: wall-clock totals per phase of a batch, kept only when
+//! `SNAPCTL_PROFILE` is set (otherwise each span costs one cached load), and printed by
+//! `snapctl serve` when it stops. `scripts/bench.sh` turns it on for a profiled first-write
+//! pass and prints the table beside its ratios.
+//!
+//! Phases nest: `batch` is one NBD batch under the store lock, and the copy-on-write phases
+//! (`decide` .. `commit`) fall inside `preserve`, which falls inside `batch`. Totals are sums
+//! over every connection's thread, so with several connections they can exceed the wall time.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// A phase of the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the rest of a batch after its first request arrived.
+    Gather,
+    /// Waiting for the store lock.
+    Lock,
+    /// One batch, from taking the store lock to its replies being ready.
+    Batch,
+    /// Copy-on-write for a batch's writes: everything from `decide` to `commit`.
+    Preserve,
+    /// Which chunks need a copy: the index lookups.
+    Decide,
+    /// Allocating store chunks for the copies.
+    Alloc,
+    /// Reading the old contents from the origin.
+    OriginRead,
+    /// Writing the copies to the store (and hashing them beside).
+    CopyWrite,
+    /// Inserting the records into the metadata tables.
+    Index,
+    /// The metadata commit: its page writes and flushes.
+    Commit,
+    /// The origin writes themselves.
+    OriginWrite,
+    /// FLUSH and FUA: making the origin durable.
+    Flush,
+    /// Reads, of any view.
+    Read,
+    /// Sending replies to the client.
+    Reply,
+}
+
+const PHASES: [Phase; 14] = [
+    Phase::Gather,
+    Phase::Lock,
+    Phase::Batch,
+    Phase::Preserve,
+    Phase::Decide,
+    Phase::Alloc,
+    Phase::OriginRead,
+    Phase::CopyWrite,
+    Phase::Index,
+    Phase::Commit,
+    Phase::OriginWrite,
+    Phase::Flush,
+    Phase::Read,
+    Phase::Reply,
+];
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Gather => "gather",
+            Phase::Lock => "lock wait",
+            Phase::Batch => "batch",
+            Phase::Preserve => "  preserve",
+            Phase::Decide => "    decide",
+            Phase::Alloc => "    allocate",
+            Phase::OriginRead => "    origin read",
+            Phase::CopyWrite => "    copy write",
+            Phase::Index => "    index",
+            Phase::Commit => "    commit",
+            Phase::OriginWrite => "  origin write",
+            Phase::Flush => "  flush",
+            Phase::Read => "  read",
+            Phase::Reply => "reply",
+        }
+    }
+}
+
+static NANOS: [AtomicU64; PHASES.len()] = [const { AtomicU64::new(0) }; PHASES.len()];
+static CALLS: [AtomicU64; PHASES.len()] = [const { AtomicU64::new(0) }; PHASES.len()];
+
+/// Whether `SNAPCTL_PROFILE` asks for a profile (read once).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("SNAPCTL_PROFILE").is_some_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// Times its phase until dropped.
+#[must_use]
+pub struct Span(Option<(Phase, Instant)>);
+
+/// Starts timing `phase`.
+pub fn span(phase: Phase) -> Span {
+    Span(enabled().then(|| (phase, Instant::now())))
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some((p, t)) = self.0 {
+            let i = p as usize;
+            NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            CALLS[i].fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The table of every phase seen: calls, total, time per batch and share of the batches' time.
+pub fn report() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let batches = CALLS[Phase::Batch as usize].load(Relaxed).max(1);
+    let batch_ns = NANOS[Phase::Batch as usize].load(Relaxed).max(1);
+    let mut out = format!(
+        "profile: {batches} batches\n{:<18} {:>9} {:>11} {:>12} {:>9}\n",
+        "phase", "calls", "total ms", "µs/batch", "of batch"
+    );
+    for p in PHASES {
+        let calls = CALLS[p as usize].load(Relaxed);
+        if calls == 0 {
+            continue;
+        }
+        let ns = NANOS[p as usize].load(Relaxed);
+        out.push_str(&format!(
+            "{:<18} {:>9} {:>11.1} {:>12.1} {:>8.1}%\n",
+            p.name(),
+            calls,
+            ns as f64 / 1e6,
+            ns as f64 / 1e3 / batches as f64,
+            ns as f64 * 100.0 / batch_ns as f64,
+        ));
+    }
+    Some(out)
+}
