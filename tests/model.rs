@@ -386,3 +386,39 @@ fn create_and_list_do_not_read_the_exception_index() {
         "open+create+list read {full_cost} bytes with {r1} records, {empty_cost} with none"
     );
 }
+
+/// A first write's records reach the metadata without a durable commit: the copy journal holds
+/// them. A process that dies without closing the store (here: the store is leaked, never
+/// dropped) leaves them only in the journal; the next open replays them, and the open after
+/// that (whose predecessor closed cleanly) finds nothing left to replay, so nothing is applied
+/// twice. Without the replay the snapshot would read the origin's new bytes.
+#[test]
+fn journaled_writes_survive_a_process_that_never_closed_the_store() {
+    let chunk = 4096;
+    let (mut s, origin, dev) = mem_store(256 * chunk, 32 << 20, chunk, OnFull::FailWrites, 5);
+    let at_a = read_all(&s, "origin");
+    s.create("a", None, BTreeMap::new(), None).unwrap();
+    for (i, c) in [3u64, 90, 91, 200, 17].iter().enumerate() {
+        s.write_origin(c * chunk + 100, &[i as u8 + 1; 5000], false)
+            .unwrap();
+    }
+    let now = read_all(&s, "origin");
+    let journal = &dev.snapshot()[8192..8200];
+    assert_eq!(journal, b"SNAPJRN\0", "the writes were not journaled");
+    std::mem::forget(s);
+
+    for round in 0..2 {
+        let mut s = snapctl::store::Store::open_io(dev.clone(), origin.clone(), "mem").unwrap();
+        assert!(
+            read_all(&s, "a") == at_a,
+            "round {round}: snapshot a differs"
+        );
+        assert!(
+            read_all(&s, "origin") == now,
+            "round {round}: origin differs"
+        );
+        let rep = s.check().unwrap();
+        assert!(rep.is_clean(), "round {round}: {rep:?}");
+        assert_eq!(rep.used_chunks, 9, "round {round}");
+    }
+}

@@ -63,7 +63,7 @@ fn a_version_2_store_is_refused_by_name_then_upgraded_in_place() {
     let o = cli(d, &["upgrade"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("from format version 2 to 3"), "{out}");
+    assert!(out.contains("from format version 2 to 4"), "{out}");
     for v in ["a", "b", "c", "d", "e", "origin"] {
         let o = cli(d, &["export", v]);
         assert!(
@@ -93,4 +93,87 @@ fn a_version_2_store_is_refused_by_name_then_upgraded_in_place() {
     assert!(o.stdout == std::fs::read(d.join("expected/origin.img")).expect("origin"));
     let o = cli(d, &["check", "--data"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Version 3 (before the copy journal): refused by name, upgraded by clearing the journal's
+/// space (which a version-3 store may hold anything in, if it was not made by snapctl 0.x's
+/// init) and rewriting the superblock; every view stays exact and the journal then works.
+#[test]
+fn a_version_3_store_is_refused_by_name_then_upgraded_in_place() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let d = dir.path();
+    let origin: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(d.join("origin.img"), &origin).expect("origin");
+    let f = std::fs::File::create(d.join("store.img")).expect("store");
+    f.set_len(64 << 20).expect("size");
+    let ok = |args: &[&str]| {
+        let o = cli(d, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    ok(&[
+        "init",
+        "store.img",
+        "--origin",
+        "origin.img",
+        "--chunk-size",
+        "4K",
+    ]);
+    ok(&["create", "a"]);
+    std::fs::write(d.join("w"), vec![9u8; 20000]).expect("w");
+    ok(&["write", "--offset", "5000", "-i", "w"]);
+    let mut after = origin.clone();
+    after[5000..25000].fill(9);
+
+    // Make it a version-3 store: its superblocks say 3, and the journal's space holds bytes
+    // that are no record (version 3 promised nothing there).
+    let store = d.join("store.img");
+    let mut img = std::fs::read(&store).expect("read store");
+    let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
+    let mut b = sb.encode();
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let sum = *blake3::hash(&b[..4064]).as_bytes();
+    b[4064..].copy_from_slice(&sum);
+    img[..4096].copy_from_slice(&b);
+    img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
+    for (i, x) in img[8192..512 << 10].iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    std::fs::write(&store, &img).expect("write store");
+
+    let o = cli(d, &["list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("version 3") && err.contains("upgrade"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&store).expect("read"),
+        img,
+        "a refused command wrote"
+    );
+
+    let out = String::from_utf8_lossy(&ok(&["upgrade"])).to_string();
+    assert!(out.contains("from format version 3 to 4"), "{out}");
+    let img = std::fs::read(&store).expect("read");
+    assert!(
+        img[8192..512 << 10].iter().all(|&x| x == 0),
+        "journal not cleared"
+    );
+    assert_eq!(ok(&["export", "a"]), origin);
+    assert_eq!(ok(&["export", "origin"]), after);
+    // The journal in use: a first write after a new snapshot, then everything exact.
+    ok(&["create", "b"]);
+    let at_b = after.clone();
+    ok(&["write", "--offset", "0", "-i", "w"]);
+    after[..20000].fill(9);
+    assert_eq!(ok(&["export", "a"]), origin);
+    assert_eq!(ok(&["export", "b"]), at_b);
+    assert_eq!(ok(&["export", "origin"]), after);
+    ok(&["check", "--data"]);
 }

@@ -14,7 +14,7 @@ const CHECK: usize = 16;
 const RECORD_LAYOUT: u8 = 1;
 /// Layout version of snapshot values.
 const SNAP_LAYOUT: u8 = 1;
-const HASH: usize = 32;
+pub const HASH: usize = 32;
 const RUN: usize = 12;
 const RECORD_HEAD: usize = 12;
 

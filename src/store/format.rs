@@ -4,13 +4,19 @@
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
+/// 4: the copy journal (records of an origin write's copies, flushed with them, folded into the
+/// metadata by the next durable commit); upgraded from 3 by `snapctl upgrade`.
 /// 3: a checksum for every saved chunk and every metadata value; record chains.
 /// 2: snapshot overlays (writable snapshots and snapshots of them); upgraded by `snapctl upgrade`.
 /// See docs/FORMAT.md.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version `snapctl upgrade` converts.
 pub const UPGRADABLE_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
+/// The copy journal: from 8 KiB up to the backup superblock (space zero and unused before
+/// version 4). See `store/journal.rs`.
+pub const JOURNAL_OFFSET: u64 = 8 << 10;
+pub const JOURNAL_LEN: u64 = BACKUP_OFFSET - JOURNAL_OFFSET;
 /// Where the backup copy of the superblock lives: in the reserved space before the metadata,
 /// far enough from offset 0 that what damages the first sectors (a partition table, another
 /// tool's signature, a stray `dd` of a few KiB) leaves it whole. Written with the superblock
@@ -127,9 +133,11 @@ impl Superblock {
     pub fn decode(b: &[u8], what: &str) -> Result<Self> {
         match Self::decode_any(b, what)? {
             (sb, FORMAT_VERSION) => Ok(sb),
-            (_, UPGRADABLE_VERSION) => Err(Error::Invalid(format!(
-                "{what} uses store format version {UPGRADABLE_VERSION}, written by an older snapctl; run `snapctl -s {what} upgrade` once to convert it to version {FORMAT_VERSION} (it adds a checksum to every saved chunk)"
-            ))),
+            (_, v) if (UPGRADABLE_VERSION..FORMAT_VERSION).contains(&v) => {
+                Err(Error::Invalid(format!(
+                    "{what} uses store format version {v}, written by an older snapctl; run `snapctl -s {what} upgrade` once to convert it to version {FORMAT_VERSION}"
+                )))
+            }
             (_, v) => Err(Error::Corrupt(format!(
                 "{what}: store format version {v} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
             ))),
@@ -156,7 +164,7 @@ impl Superblock {
                 "{what} uses store format version {version}, written by a newer snapctl (this one reads version {FORMAT_VERSION}); use the snapctl that made it, or a newer one"
             )));
         }
-        if version != FORMAT_VERSION && version != UPGRADABLE_VERSION {
+        if version < UPGRADABLE_VERSION {
             return Err(Error::Corrupt(format!(
                 "{what}: store format version {version} is not supported by this snapctl (it reads version {FORMAT_VERSION})"
             )));

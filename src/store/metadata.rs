@@ -74,6 +74,13 @@ impl Region {
         }
     }
 
+    /// Drops every held write (the engine that made them is gone).
+    pub(super) fn discard_held(&self) {
+        if let Ok(mut h) = self.held.lock() {
+            h.writes.clear();
+        }
+    }
+
     fn held(&self) -> io::Result<std::sync::MutexGuard<'_, Held>> {
         self.held
             .lock()

@@ -7,6 +7,7 @@ mod catalog;
 pub mod codec;
 pub mod cow;
 pub mod format;
+mod journal;
 mod metadata;
 pub mod upgrade;
 
@@ -117,7 +118,18 @@ pub struct Store {
     pub(crate) for_check: bool,
     /// Snapshot ids whose catalog row fails its check (only when opened by `check`).
     pub(crate) damaged_snapshots: Vec<u64>,
+    /// The copy journal's position (see `journal.rs`).
+    pub(crate) journal: journal::Journal,
     _lock: Option<File>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing folds the journal, so that the next open has nothing to replay. Should this
+        // fail (or the process die first), that open replays it.
+        let n = self.name.clone();
+        let _ = guard_panic(&n, || self.fold_journal());
+    }
 }
 
 fn now() -> i64 {
@@ -422,6 +434,7 @@ impl Store {
         // The backup is cleared too: an old store's backup must never describe the new one.
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], 0))?;
         w(io.write_at(&[0u8; SUPERBLOCK_SIZE], BACKUP_OFFSET))?;
+        w(zero_journal(io.as_ref()))?;
         format_metadata(&io, meta_len, &name)?;
         w(write_superblocks(io.as_ref(), &sb))?;
         w(io.flush())?;
@@ -502,6 +515,9 @@ impl Store {
         let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false)?;
         store.for_check = opts.for_check;
         guard_panic(&store.name.clone(), || store.load_catalog())?;
+        // Before anything reads a view or writes the origin: the journal's records are part of
+        // what the store holds.
+        guard_panic(&store.name.clone(), || store.open_journal())?;
         if store.restore_pending()? {
             // A restore was cut short: finish it before anything reads the origin, with the
             // origin opened for writing (and exclusively) for that.
@@ -532,6 +548,7 @@ impl Store {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
         let mut store = Self::open_on(dev, origin, sb, name.to_string(), None, true)?;
+        guard_panic(name, || store.open_journal())?;
         if store.restore_pending()? {
             store.resume_restore()?;
         }
@@ -565,6 +582,7 @@ impl Store {
         };
         let e = |r: io::Result<()>| r.map_err(|e| Error::io("init", e));
         e(dev.write_at(&[0u8; SUPERBLOCK_SIZE], BACKUP_OFFSET))?;
+        e(zero_journal(dev.as_ref()))?;
         format_metadata(&dev, meta_len, "init")?;
         e(write_superblocks(dev.as_ref(), &sb))?;
         e(dev.flush())?;
@@ -629,6 +647,7 @@ impl Store {
             resumed_restore: None,
             for_check: false,
             damaged_snapshots: Vec::new(),
+            journal: Default::default(),
             _lock: lock_file,
         };
         let n = store.name.clone();
@@ -663,6 +682,11 @@ impl Store {
     /// leaves no trace in this process either (a server keeps serving what is on disk).
     fn change<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         let n = self.name.clone();
+        if self.journal.failed {
+            return Err(Error::Corrupt(format!(
+                "store {n}: a write to its copy journal failed, so this process can change nothing more; stop it and open the store again (opening replays the journal)"
+            )));
+        }
         let r = guard_panic(&n, || f(self));
         if r.is_err() {
             self.resolved.clear();
@@ -858,6 +882,12 @@ pub(crate) fn read_backup_superblock(io: &dyn BlockIo, name: &str) -> Result<Opt
 }
 
 /// Writes the superblock and its backup copy (no flush: the caller's flush covers both).
+/// Clears the copy journal's area: whatever an earlier store or format left there is no record.
+pub(crate) fn zero_journal(io: &dyn BlockIo) -> io::Result<()> {
+    let zeros = crate::io::AlignedBuf::new(format::JOURNAL_LEN as usize);
+    io.write_at(zeros.as_slice(), format::JOURNAL_OFFSET)
+}
+
 pub(crate) fn write_superblocks(io: &dyn BlockIo, sb: &Superblock) -> io::Result<()> {
     let b = sb.encode();
     io.write_at(&b, BACKUP_OFFSET)?;

@@ -1,6 +1,7 @@
-//! `snapctl upgrade`: converts a store of format version 2 to version 3 in place
-//! (docs/FORMAT.md, "Upgrading from version 2"). Version 2 kept snapshot rows as JSON and
-//! records as bare runs; version 3 adds a checksum to every saved chunk and to every row, and
+//! `snapctl upgrade`: converts a store of format version 2 or 3 to version 4 in place
+//! (docs/FORMAT.md, "Upgrading"). Version 3 -> 4 only clears the copy journal's area and
+//! rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
+//! version 2 kept snapshot rows as JSON and records as bare runs; version 3 adds a checksum to every saved chunk and to every row, and
 //! chains each group's records. The conversion reads every saved chunk once to hash it, writes
 //! the new rows in one metadata commit, then the new superblock. A crash between the two leaves
 //! a store whose metadata says it is converted (`format` in `config`) under an old superblock:
@@ -17,8 +18,10 @@ use crate::store::cow::{put_overlay, put_record};
 use crate::store::format::{FORMAT_VERSION, GROUP_CHUNKS, UPGRADABLE_VERSION};
 use crate::store::{Snapshot, Store, CONFIG, HEADS, OVERLAYS, RECORDS, SNAPS};
 
-/// Set in `config` by the conversion's commit.
+/// Set in `config` by the conversion's commit: the version of the rows' layout.
 const K_FORMAT: &str = "format";
+/// The version whose rows (checksummed, chained) are still the current ones.
+const ROWS_VERSION: u32 = 3;
 
 /// What an upgrade did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -104,19 +107,20 @@ impl Store {
         if self.version == FORMAT_VERSION {
             return Ok(rep);
         }
-        if self.version != UPGRADABLE_VERSION {
+        if !(UPGRADABLE_VERSION..FORMAT_VERSION).contains(&self.version) {
             return Err(Error::Invalid(format!(
                 "{sn}: format version {} cannot be upgraded",
                 self.version
             )));
         }
-        let converted = {
+        // Version 2 -> 3: the rows. Version 3's rows are version 4's.
+        let converted = self.version >= ROWS_VERSION || {
             let tx = self.rtx()?;
             let c = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
             c.get(K_FORMAT)
                 .map_err(|e| meta_err(&sn, e))?
                 .map(|v| v.value())
-        } == Some(FORMAT_VERSION as u64);
+        } >= Some(ROWS_VERSION as u64);
         if !converted {
             let tx = self.wtx()?;
             {
@@ -185,13 +189,18 @@ impl Store {
             }
             {
                 let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
-                c.insert(K_FORMAT, FORMAT_VERSION as u64)
+                c.insert(K_FORMAT, ROWS_VERSION as u64)
                     .map_err(|e| meta_err(&sn, e))?;
             }
             tx.commit().map_err(|e| meta_err(&sn, e))?;
         }
+        // Version 3 -> 4: the copy journal, in space version 3 left unused (zero). Cleared all
+        // the same, so that it holds no record; the metadata has no journal position yet, which
+        // reads as "sequence 1 at the start".
         // The metadata is converted and durable: now the superblock says so.
-        crate::store::write_superblocks(self.dev.as_ref(), &self.sb)
+        crate::store::zero_journal(self.dev.as_ref())
+            .and_then(|_| self.dev.flush())
+            .and_then(|_| crate::store::write_superblocks(self.dev.as_ref(), &self.sb))
             .and_then(|_| self.dev.flush())
             .map_err(|e| Error::io(format!("store {sn}: write superblock"), e))?;
         self.version = FORMAT_VERSION;

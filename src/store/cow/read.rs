@@ -179,7 +179,7 @@ impl Store {
 
 impl Store {
     /// Reads saved chunks whole, as they are on disk (not verified: callers check the hash).
-    pub(super) fn read_chunks_unverified(&self, items: &[(u64, Entry)]) -> Result<Vec<AlignedBuf>> {
+    pub(crate) fn read_chunks_unverified(&self, items: &[(u64, Entry)]) -> Result<Vec<AlignedBuf>> {
         let cs = self.sb.chunk_size;
         let mut bufs: Vec<AlignedBuf> =
             items.iter().map(|_| AlignedBuf::new(cs as usize)).collect();

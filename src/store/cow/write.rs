@@ -3,6 +3,9 @@
 
 use super::*;
 use crate::profile::{self, Phase};
+use crate::store::codec::ChunkHash;
+use crate::store::format::{JOURNAL_LEN, JOURNAL_OFFSET};
+use crate::store::journal::{self, set_journal_position, JournalRecord};
 
 /// From this many copies on, they are hashed on a second thread while they are written.
 const HASH_BESIDE: usize = 8;
@@ -36,6 +39,13 @@ impl Store {
         loop {
             match self.preserve(&chunks)? {
                 Preserve::Done => break,
+                Preserve::Full if self.journal.unfolded => {
+                    // Metadata pages the journaled commits replaced are reused only after a
+                    // durable commit, and a metadata engine that met a full region must be
+                    // opened again: reopen, replay the journal and fold it, then try again
+                    // before any snapshot pays for room.
+                    self.reopen_metadata()?;
+                }
                 Preserve::Full => {
                     attempts += 1;
                     if attempts > self.snaps.len() as u64 + 1 {
@@ -112,7 +122,7 @@ impl Store {
         let decide = profile::span(Phase::Decide);
         // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
         // number of snapshots.
-        let (Some(e_max), e_prev) = self.newest_epochs() else {
+        let (Some(e_max), _) = self.newest_epochs() else {
             return Ok(Preserve::Done);
         };
         let epoch = self.epoch;
@@ -147,50 +157,36 @@ impl Store {
         for (start, n) in &extents {
             locs.extend(*start..*start + *n);
         }
-        // Copy: runs of adjacent origin chunks going to adjacent store chunks, all read in one
-        // batch and all written in one batch, so the engine keeps them in flight together.
+        // Copy: one buffer per run of adjacent store chunks (one write each, however scattered
+        // the origin chunks are), read from the origin by runs of adjacent origin chunks inside
+        // it; all reads in one batch and all writes in one batch, in flight together.
         let cs = self.sb.chunk_size as usize;
-        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first index into need, count)
-        let mut i = 0;
-        while i < need.len() {
-            let mut j = i + 1;
-            while j < need.len()
-                && need[j] == need[j - 1] + 1
-                && locs[j] == locs[j - 1] + 1
-                && j - i < 256
-            {
-                j += 1;
-            }
-            runs.push((i, j - i));
-            i = j;
-        }
+        let runs = store_runs(&locs);
         let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, n)| AlignedBuf::new(n * cs)).collect();
         {
             let _read = profile::span(Phase::OriginRead);
             let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
             for ((first, n), buf) in runs.iter().zip(bufs.iter_mut()) {
-                let ooff = need[*first] * cs as u64;
-                let olen = (n * cs).min((self.sb.origin_size - ooff) as usize);
-                reads.push((ooff, &mut buf.as_mut_slice()[..olen]));
+                let mut rest = buf.as_mut_slice();
+                let mut i = *first;
+                while i < first + n {
+                    let mut j = i + 1;
+                    while j < first + n && need[j] == need[j - 1] + 1 {
+                        j += 1;
+                    }
+                    let (piece, tail) = rest.split_at_mut((j - i) * cs);
+                    rest = tail;
+                    let ooff = need[i] * cs as u64;
+                    let olen = ((j - i) * cs).min((self.sb.origin_size - ooff) as usize);
+                    reads.push((ooff, &mut piece[..olen]));
+                    i = j;
+                }
             }
             self.origin
                 .read_many(&mut reads)
                 .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
         }
-        // The hash of each copy, from the buffer already in memory: a chunk's bytes inside the
-        // origin (the last chunk may be partial). Hashing reads the buffers the copy writes
-        // read too, so it runs beside the write and its flush instead of before them.
-        let hash_all = || {
-            let mut hashes = Vec::with_capacity(need.len());
-            for ((first, n), buf) in runs.iter().zip(&bufs) {
-                for i in 0..*n {
-                    let len = self.chunk_len(need[first + i]);
-                    hashes.push(chunk_hash(&buf.as_slice()[i * cs..i * cs + len]));
-                }
-            }
-            hashes
-        };
-        let writes: Vec<(u64, &[u8])> = runs
+        let mut writes: Vec<(u64, &[u8])> = runs
             .iter()
             .zip(&bufs)
             .map(|((first, _), buf)| {
@@ -200,53 +196,153 @@ impl Store {
                 )
             })
             .collect();
-        // The copies are written, not flushed: the commit's own flush makes them durable with
-        // the records that point at them, before any origin write is issued. A crash before
-        // that flush completes may keep the commit and lose copies; the `pending_copies` row
-        // names them, and the next open after an unclean shutdown checks each against its
-        // hash and makes it again from the origin, which no write has touched since (see
-        // `settle_pending_copies`).
-        let write_copies = || {
+        let hashes = self.hash_copies(&need, &runs, &bufs);
+        // One flush per batch. The records go to the copy journal (store/journal.rs), written
+        // with the copies and made durable by one flush, and to the metadata in a commit that
+        // is not made durable; the next durable commit folds them. When the record does not fit
+        // in what is left of the journal, the batch commits durably instead (which folds what
+        // the journal held and starts it over): the copies are written first, unflushed, and
+        // the commit's own flush makes them durable with the records that point at them. A
+        // crash before that flush completes may keep the commit and lose copies; the
+        // `pending_copies` row names them, and the next open after an unclean shutdown checks
+        // each against its hash and makes it again from the origin, which no write has touched
+        // since (see `settle_pending_copies`).
+        let seq = self.journal.seq;
+        let rec_len = journal::record_len(need.len());
+        let journaled = self.journal.enabled
+            && self.journal.records < journal::MAX_RECORDS
+            && self.journal.offset + rec_len <= JOURNAL_LEN;
+        let mut tx = tx;
+        if !journaled {
+            let _write = profile::span(Phase::CopyWrite);
             self.dev
                 .write_many(&writes)
-                .map_err(|e| Error::io(format!("store {sn}: write"), e))
-        };
-        let copy_write = profile::span(Phase::CopyWrite);
-        let hashes = if need.len() >= HASH_BESIDE {
-            std::thread::scope(|s| {
-                let hasher = s.spawn(hash_all);
-                let written = write_copies();
-                let hashes = hasher
-                    .join()
-                    .map_err(|_| Error::Internal("hashing the copies failed".into()));
-                written.and(hashes)
-            })?
-        } else {
-            let h = hash_all();
-            write_copies()?;
-            h
-        };
-        drop(copy_write);
-        let index = profile::span(Phase::Index);
-        let pending = Pending {
-            epoch,
-            runs: runs
-                .iter()
-                .map(|(first, n)| (need[*first], locs[*first], *n as u32))
-                .collect(),
-        };
-        {
+                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            let pending = Pending {
+                epoch,
+                runs: copy_runs(&need, &locs),
+            };
             let mut t = tx.open_table(PENDING).map_err(|e| meta_err(&sn, e))?;
             t.insert(0, encode_pending(&pending).as_slice())
                 .map_err(|e| meta_err(&sn, e))?;
         }
+        {
+            let _index = profile::span(Phase::Index);
+            self.index_copies(&tx, &need, &locs, &hashes)?;
+            if journaled {
+                set_journal_position(&tx, &sn, seq + 1, self.journal.offset + rec_len)?;
+                tx.set_durability(redb::Durability::None)
+                    .map_err(|e| Error::Internal(format!("{sn}: {e}")))?;
+            } else {
+                set_journal_position(&tx, &sn, seq, 0)?;
+            }
+        }
+        let commit = profile::span(Phase::Commit);
+        let committed = tx.commit();
+        drop(commit);
+        if let Err(e) = committed {
+            let err = meta_err(&sn, e);
+            self.load_catalog()?;
+            return match err {
+                Error::NoSpace(_) => Ok(Preserve::Full),
+                other => Err(other),
+            };
+        }
+        if journaled {
+            let _write = profile::span(Phase::CopyWrite);
+            let record = JournalRecord {
+                seq,
+                epoch,
+                copies: need
+                    .iter()
+                    .zip(&locs)
+                    .zip(&hashes)
+                    .map(|((c, loc), h)| (*c, *loc, *h))
+                    .collect(),
+            };
+            let rb = journal::encode_record(&self.sb.uuid, &record);
+            writes.push((JOURNAL_OFFSET + self.journal.offset, rb.as_slice()));
+            let landed = self.dev.write_many(&writes).and_then(|()| self.dev.flush());
+            if let Err(e) = landed {
+                // The metadata in this process names copies that may not be on disk: refuse
+                // every further change (the replay at the next open settles them).
+                self.journal.failed = true;
+                return Err(Error::io(format!("store {sn}: write journal"), e));
+            }
+            self.journal.seq = seq + 1;
+            self.journal.offset += rec_len;
+            self.journal.records += 1;
+            self.journal.unfolded = true;
+        } else {
+            self.journal.offset = 0;
+            self.journal.records = 0;
+            self.journal.unfolded = false;
+        }
+        for c in need {
+            self.set_bit(c);
+        }
+        Ok(Preserve::Done)
+    }
+
+    /// The hash of each copy, from the buffers already in memory: a chunk's bytes inside the
+    /// origin (the last chunk may be partial). A large batch is hashed on two threads.
+    fn hash_copies(
+        &self,
+        need: &[u64],
+        runs: &[(usize, usize)],
+        bufs: &[AlignedBuf],
+    ) -> Vec<ChunkHash> {
+        let cs = self.sb.chunk_size as usize;
+        let items: Vec<(u64, &[u8])> = runs
+            .iter()
+            .zip(bufs)
+            .flat_map(|((first, n), buf)| {
+                (0..*n).map(move |i| (need[first + i], &buf.as_slice()[i * cs..(i + 1) * cs]))
+            })
+            .collect();
+        let hash = |part: &[(u64, &[u8])]| -> Vec<ChunkHash> {
+            part.iter()
+                .map(|(c, b)| chunk_hash(&b[..self.chunk_len(*c)]))
+                .collect()
+        };
+        if items.len() < HASH_BESIDE {
+            return hash(&items);
+        }
+        let (a, b) = items.split_at(items.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| hash(b));
+            let mut out = hash(a);
+            match other.join() {
+                Ok(rest) => out.extend(rest),
+                Err(_) => out.extend(hash(b)),
+            }
+            out
+        })
+    }
+
+    /// Inserts the records of copies `need[i] -> locs[i]` (hashes `hashes[i]`) at the current
+    /// epoch, chaining each group's new record to its previous one, and counts what only the
+    /// newest snapshot holds. Shared by the write path and the journal's replay, which must
+    /// apply a batch exactly as it was applied.
+    pub(crate) fn index_copies(
+        &mut self,
+        tx: &redb::WriteTransaction,
+        need: &[u64],
+        locs: &[u64],
+        hashes: &[ChunkHash],
+    ) -> Result<()> {
+        let sn = self.name.clone();
+        let epoch = self.epoch;
+        let (Some(e_max), e_prev) = self.newest_epochs() else {
+            return Ok(());
+        };
         let mut exclusive = 0u64;
         {
             let mut recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
             let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
             let mut heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
             let mut groups: BTreeMap<u64, Vec<Entry>> = BTreeMap::new();
-            for ((c, p), hash) in need.iter().zip(&locs).zip(&hashes) {
+            for ((c, p), hash) in need.iter().zip(locs).zip(hashes) {
                 groups.entry(c / GROUP_CHUNKS).or_default().push(Entry {
                     off: (c % GROUP_CHUNKS) as u16,
                     loc: *p,
@@ -297,30 +393,42 @@ impl Store {
             if let Some(s) = self.snaps.get(&newest[0]) {
                 let mut s = s.clone();
                 s.exclusive_chunks += exclusive;
-                put_snap(&tx, &s, &sn)?;
+                put_snap(tx, &s, &sn)?;
                 self.snaps.insert(s.id, s);
             }
         }
-        drop(index);
-        let commit = profile::span(Phase::Commit);
-        let committed = tx.commit();
-        drop(commit);
-        match committed {
-            Ok(()) => {}
-            Err(e) => {
-                let err = meta_err(&sn, e);
-                self.load_catalog()?;
-                return match err {
-                    Error::NoSpace(_) => Ok(Preserve::Full),
-                    other => Err(other),
-                };
-            }
-        }
-        for c in need {
-            self.set_bit(c);
-        }
-        Ok(Preserve::Done)
+        Ok(())
     }
+}
+
+/// Runs of adjacent store chunks: (first index, count), at most 256 chunks each.
+fn store_runs(locs: &[u64]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < locs.len() {
+        let mut j = i + 1;
+        while j < locs.len() && locs[j] == locs[j - 1] + 1 && j - i < 256 {
+            j += 1;
+        }
+        runs.push((i, j - i));
+        i = j;
+    }
+    runs
+}
+
+/// The `pending_copies` runs: adjacent origin chunks going to adjacent store chunks.
+fn copy_runs(need: &[u64], locs: &[u64]) -> Vec<(u64, u64, u32)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < need.len() {
+        let mut j = i + 1;
+        while j < need.len() && need[j] == need[j - 1] + 1 && locs[j] == locs[j - 1] + 1 {
+            j += 1;
+        }
+        runs.push((need[i], locs[i], (j - i) as u32));
+        i = j;
+    }
+    runs
 }
 
 impl Store {
@@ -378,40 +486,8 @@ impl Store {
                 }
             }
         }
-        let mut fixed = 0u64;
-        for part in items.chunks(256) {
-            let bufs = self.read_chunks_unverified(part)?;
-            let mut again: Vec<(u64, AlignedBuf)> = Vec::new();
-            for ((c, en), b) in part.iter().zip(&bufs) {
-                let len = self.chunk_len(*c);
-                if chunk_hash(&b.as_slice()[..len]) == en.hash {
-                    continue;
-                }
-                let mut o = AlignedBuf::new(cs as usize);
-                self.origin
-                    .read_at(&mut o.as_mut_slice()[..len], c * cs)
-                    .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
-                if chunk_hash(&o.as_slice()[..len]) != en.hash {
-                    // Not what was copied: leave it to fail its checksum on read and in check,
-                    // never to be served.
-                    continue;
-                }
-                again.push((self.sb.data_offset + en.loc * cs, o));
-            }
-            if !again.is_empty() {
-                let writes: Vec<(u64, &[u8])> =
-                    again.iter().map(|(off, b)| (*off, b.as_slice())).collect();
-                self.dev
-                    .write_many(&writes)
-                    .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
-                fixed += again.len() as u64;
-            }
-        }
-        if fixed > 0 {
-            self.dev
-                .flush()
-                .map_err(|e| Error::io(format!("store {sn}: flush"), e))?;
-        }
-        Ok(fixed)
+        let items: Vec<(u64, u64, ChunkHash)> =
+            items.iter().map(|(c, en)| (*c, en.loc, en.hash)).collect();
+        self.settle_copies(&items)
     }
 }
