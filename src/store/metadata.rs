@@ -53,6 +53,12 @@ pub(super) const META_CACHE_BYTES: usize = 32 << 20;
 #[derive(Clone)]
 pub(super) struct Region {
     pub(super) io: Arc<dyn BlockIo>,
+    /// Where page reads go: the store again, through the page cache when the store is opened
+    /// with O_DIRECT. redb reads a page at a time; through the page cache the kernel's
+    /// readahead turns a pass over the catalog (every command loads it) into large reads.
+    /// Coherent with the O_DIRECT writes: the kernel drops cached pages a direct write covers,
+    /// and this handle never dirties one.
+    pub(super) reader: Arc<dyn BlockIo>,
     pub(super) off: u64,
     pub(super) cap: u64,
     pub(super) len: Arc<AtomicU64>,
@@ -62,6 +68,7 @@ pub(super) struct Region {
 impl Region {
     pub(super) fn new(io: Arc<dyn BlockIo>, off: u64, cap: u64, len: u64) -> Region {
         Region {
+            reader: io.clone(),
             held: Arc::new(Mutex::new(Held {
                 io: io.clone(),
                 off,
@@ -170,7 +177,7 @@ impl redb::StorageBackend for Region {
                 "read past the end of the metadata",
             ));
         }
-        self.io.read_at(out, self.off + offset)?;
+        self.reader.read_at(out, self.off + offset)?;
         let held = self.held()?;
         let end = offset + out.len() as u64;
         let first = held

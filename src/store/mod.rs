@@ -507,12 +507,27 @@ impl Store {
         }
         let origin = engine_for(odev, opts.engine)
             .map_err(|e| Error::io(format!("origin {}: I/O engine", sb.origin_path), e))?;
+        // The metadata's page reads through the page cache (see `Region::reader`).
+        let reader = if opts.for_check {
+            None
+        } else {
+            open_device(
+                store,
+                OpenMode {
+                    write: false,
+                    exclusive: false,
+                    buffered: true,
+                },
+            )
+            .and_then(|d| engine_for(d, EngineChoice::Sync))
+            .ok()
+        };
         if upgrade {
-            let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false)?;
+            let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false, reader)?;
             store.version = version;
             return Ok(store);
         }
-        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false)?;
+        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false, reader)?;
         store.for_check = opts.for_check;
         guard_panic(&store.name.clone(), || store.load_catalog())?;
         // Before anything reads a view or writes the origin: the journal's records are part of
@@ -547,7 +562,7 @@ impl Store {
         if origin.len() != sb.origin_size {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
-        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None, true)?;
+        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None, true, None)?;
         guard_panic(name, || store.open_journal())?;
         if store.restore_pending()? {
             store.resume_restore()?;
@@ -596,6 +611,7 @@ impl Store {
         name: String,
         lock_file: Option<File>,
         load: bool,
+        meta_reader: Option<Arc<dyn BlockIo>>,
     ) -> Result<Store> {
         let want = sb.data_offset + sb.data_chunks * sb.chunk_size;
         if want > io.len() {
@@ -614,7 +630,10 @@ impl Store {
                     "store {name}: the metadata length block is damaged; run `snapctl check`"
                 ))
             })?;
-        let region = Region::new(io.clone(), sb.meta_offset, sb.meta_len, len);
+        let mut region = Region::new(io.clone(), sb.meta_offset, sb.meta_len, len);
+        if let Some(r) = meta_reader {
+            region.reader = r;
+        }
         let mut unclean = false;
         let db = guard_panic(&name, || {
             match db_builder().open_read_only_with_backend(region.clone()) {
