@@ -414,6 +414,20 @@ record rss.hwm_mib "$(hwm_mib "$srv")"
 record rss.rss_mib "$(rss_mib "$srv")"
 stop "$srv"
 rm -f "$work/origin.img" "$work/store.img"
+
+# ---- 5. where a first write's time goes: a server of its own with SNAPCTL_PROFILE=1 (phase
+# timers, src/profile.rs), one first-write pass over A after a snapshot, and the table it prints
+# when it stops (per batch: gather, lock, preserve's phases, origin write, reply)
+log "bench: profile of a first-write pass"
+cp "$work/base.img" "$work/origin.img"
+truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
+"$SNAPCTL" -q init "$work/store.img" --origin "$work/origin.img" --force
+"$SNAPCTL" -q create profiled
+SNAPCTL_PROFILE=1 start_snapctl "$work/store.img" "$work/profile.sock"
+fio_run profile.first --ioengine=nbd --uri="nbd+unix:///origin?socket=$work/profile.sock" --rw=randwrite "${RAND[@]}" --offset="${A_K}k" --size="${R_K}k"
+stop "$srv"
+sed -n '/^profile:/,/^reply/p' "$work/profile.sock.log" > "$work/profile.txt"
+rm -f "$work/origin.img" "$work/store.img"
 record total_s "$(($(date +%s) - t_start))"
 
 # ---- the table
@@ -545,3 +559,8 @@ for group, items in raw:
 if isinstance(v.get("total_s"), float):
     print(f"  whole run: {int(v['total_s']) // 60} min {int(v['total_s']) % 60} s")
 EOF
+if [ -s "$work/profile.txt" ]; then
+  printf '\nwhere a first write goes (SNAPCTL_PROFILE=1, one first-write pass over A: %s IOPS)\n' \
+    "$(awk -F'\t' '$1 == "profile.first_iops" { print $2 }' "$results")"
+  sed 's/^/  /' "$work/profile.txt"
+fi

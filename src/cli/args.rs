@@ -222,7 +222,7 @@ pub enum Cmd {
         #[arg(long, value_name = "SNAP")]
         snapshot: Option<String>,
     },
-    /// Convert a store written by an older snapctl (format 2) to this version, in place
+    /// Convert a store written by an older snapctl (format 2 or 3) to this version, in place
     ///
     /// Adds a checksum to every saved chunk (each is read once) and to every metadata row, in
     /// one commit; a crash part way leaves the store as it was or converted, and running it

@@ -7,8 +7,11 @@ use crate::store::codec::ChunkHash;
 use crate::store::format::{JOURNAL_LEN, JOURNAL_OFFSET};
 use crate::store::journal::{self, set_journal_position, JournalRecord};
 
-/// From this many copies on, they are hashed on a second thread while they are written.
+/// From this many copies on, they are hashed on two threads.
 const HASH_BESIDE: usize = 8;
+/// From this many copies on, a journaled batch writes them while it hashes and indexes them,
+/// and its record after the commit.
+const WRITE_BESIDE: usize = 64;
 
 impl Store {
     /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
@@ -196,7 +199,6 @@ impl Store {
                 )
             })
             .collect();
-        let hashes = self.hash_copies(&need, &runs, &bufs);
         // One flush per batch. The records go to the copy journal (store/journal.rs), written
         // with the copies and made durable by one flush, and to the metadata in a commit that
         // is not made durable; the next durable commit folds them. When the record does not fit
@@ -213,11 +215,26 @@ impl Store {
             && self.journal.records < journal::MAX_RECORDS
             && self.journal.offset + rec_len <= JOURNAL_LEN;
         let mut tx = tx;
+        // The copies go out while they are hashed (and a large batch's hashing takes a while)
+        // when the commit needs them written first, or when the batch is large; a small
+        // journaled batch writes them with its record instead (one round trip). Written early
+        // or late, nothing points at them until the flush after which the origin is written.
+        let early = !journaled || need.len() >= WRITE_BESIDE;
+        let dev = self.dev.clone();
+        let (hashes, written) = std::thread::scope(|sc| {
+            let copier = early.then(|| sc.spawn(|| dev.write_many(&writes)));
+            let hashes = self.hash_copies(&need, &runs, &bufs);
+            let written = copier.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the copy writer failed")))
+            });
+            (hashes, written)
+        });
+        if let Some(w) = written {
+            w.map_err(|e| Error::io(format!("store {sn}: write"), e))?;
+            writes.clear();
+        }
         if !journaled {
-            let _write = profile::span(Phase::CopyWrite);
-            self.dev
-                .write_many(&writes)
-                .map_err(|e| Error::io(format!("store {sn}: write"), e))?;
             let pending = Pending {
                 epoch,
                 runs: copy_runs(&need, &locs),
