@@ -36,12 +36,29 @@ fn unpack(dir: &Path) {
     let origin = dir.join("origin.img");
     sb.origin_path = origin.display().to_string();
     sb.fingerprint = snapctl::store::origin_fingerprint(&origin).expect("fingerprint");
+    img[..4096].copy_from_slice(&superblock_of_version(&sb, 2));
+    std::fs::write(&store, img).expect("write store");
+}
+
+/// `list` is refused with one line naming the store's version and `snapctl -s ... upgrade`.
+fn refused_naming_upgrade(d: &Path, version: &str) {
+    let o = cli(d, &["list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(version) && err.contains("snapctl -s") && err.contains("upgrade"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// `sb` encoded as a superblock of format `version`, with its checksum.
+fn superblock_of_version(sb: &snapctl::store::format::Superblock, version: u32) -> Vec<u8> {
     let mut b = sb.encode();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
     let sum = *blake3::hash(&b[..4064]).as_bytes();
     b[4064..].copy_from_slice(&sum);
-    img[..4096].copy_from_slice(&b);
-    std::fs::write(&store, img).expect("write store");
+    b
 }
 
 #[test]
@@ -50,14 +67,7 @@ fn a_version_2_store_is_refused_by_name_then_upgraded_in_place() {
     let d = dir.path();
     unpack(d);
     let before = std::fs::read(d.join("store.img")).expect("read");
-    let o = cli(d, &["list"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("snapctl -s") && err.contains("upgrade"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    refused_naming_upgrade(d, "version 2");
     assert_eq!(std::fs::read(d.join("store.img")).expect("read"), before);
 
     let o = cli(d, &["upgrade"]);
@@ -134,10 +144,7 @@ fn a_version_3_store_is_refused_by_name_then_upgraded_in_place() {
     let store = d.join("store.img");
     let mut img = std::fs::read(&store).expect("read store");
     let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
-    let mut b = sb.encode();
-    b[8..12].copy_from_slice(&3u32.to_le_bytes());
-    let sum = *blake3::hash(&b[..4064]).as_bytes();
-    b[4064..].copy_from_slice(&sum);
+    let b = superblock_of_version(&sb, 3);
     img[..4096].copy_from_slice(&b);
     img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
     for (i, x) in img[8192..512 << 10].iter_mut().enumerate() {
@@ -145,13 +152,7 @@ fn a_version_3_store_is_refused_by_name_then_upgraded_in_place() {
     }
     std::fs::write(&store, &img).expect("write store");
 
-    let o = cli(d, &["list"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("version 3") && err.contains("upgrade"),
-        "{err}"
-    );
+    refused_naming_upgrade(d, "version 3");
     assert_eq!(
         std::fs::read(&store).expect("read"),
         img,
