@@ -150,12 +150,13 @@ impl Store {
     }
 
     /// The records after the metadata's position, in order, up to the first that is not whole
-    /// (a record cut by a crash, or one left from before the journal last started over).
+    /// (a record cut by a crash, or one left from before the journal last started over), each
+    /// with the offset just past it.
     pub(crate) fn journal_records(
         &self,
         mut seq: u64,
         mut offset: u64,
-    ) -> Result<Vec<JournalRecord>> {
+    ) -> Result<Vec<(JournalRecord, u64)>> {
         let sn = &self.name;
         let mut out = Vec::new();
         let read = |off: u64, len: u64| -> Result<AlignedBuf> {
@@ -182,9 +183,9 @@ impl Store {
             let Some(r) = decode_record(&self.sb.uuid, whole.as_slice(), seq) else {
                 break;
             };
-            out.push(r);
             offset += len;
             seq += 1;
+            out.push((r, offset));
         }
         Ok(out)
     }
@@ -208,26 +209,23 @@ impl Store {
         let sn = self.name.clone();
         // The last record's copies may not have landed (its flush may not have returned): no
         // origin write was issued after it, so the origin still holds what each copy must be.
-        if let Some(last) = records.last() {
-            self.settle_copies(
-                &last
-                    .copies
-                    .iter()
-                    .map(|(c, loc, hash)| (*c, *loc, *hash))
-                    .collect::<Vec<_>>(),
-            )?;
+        if let Some((last, _)) = records.last() {
+            self.settle_copies(&last.copies)?;
         }
-        let tx = self.wtx()?;
-        let mut next = seq;
-        for r in &records {
+        // One durable commit per record, each advancing the position past it (the last one to
+        // the journal's start): a record applied alone needs no more metadata than its batch
+        // did, and each commit frees what the one before replaced, so a replay fits wherever
+        // the batches fitted. Interrupted, the next open resumes after the last commit.
+        let n = records.len();
+        for (i, (r, after)) in records.iter().enumerate() {
             if r.epoch != self.epoch {
                 return Err(Error::Corrupt(format!(
                     "store {sn}: journal record {} belongs to write interval {}, not the current {}; run `snapctl check`",
                     r.seq, r.epoch, self.epoch
                 )));
             }
-            let n = r.copies.len() as u64;
-            let extents = self.alloc(&tx, n)?.ok_or_else(|| {
+            let tx = self.wtx()?;
+            let extents = self.alloc(&tx, r.copies.len() as u64)?.ok_or_else(|| {
                 Error::Corrupt(format!(
                     "store {sn}: journal record {} names more chunks than are free; run `snapctl check`",
                     r.seq
@@ -243,12 +241,12 @@ impl Store {
             let need: Vec<u64> = r.copies.iter().map(|(c, _, _)| *c).collect();
             let hashes: Vec<ChunkHash> = r.copies.iter().map(|(_, _, h)| *h).collect();
             self.index_copies(&tx, &need, &locs, &hashes)?;
-            next = r.seq + 1;
+            let offset = if i + 1 == n { 0 } else { *after };
+            set_journal_position(&tx, &sn, r.seq + 1, offset)?;
+            tx.commit().map_err(|e| meta_err(&sn, e))?;
+            self.journal.seq = r.seq + 1;
+            self.journal.offset = offset;
         }
-        set_journal_position(&tx, &sn, next, 0)?;
-        tx.commit().map_err(|e| meta_err(&sn, e))?;
-        self.journal.seq = next;
-        self.journal.offset = 0;
         self.journal.records = 0;
         Ok(())
     }

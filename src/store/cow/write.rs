@@ -211,9 +211,14 @@ impl Store {
         // since (see `settle_pending_copies`).
         let seq = self.journal.seq;
         let rec_len = journal::record_len(need.len());
+        // Journaled only while the metadata region has room to grow once more (redb grows its
+        // file by doubling): the pages journaled commits replace stay in use until the next
+        // durable commit, and a replay must find room where the batches did. Short of that,
+        // every batch commits durably, as a full region needs.
         let journaled = self.journal.enabled
             && self.journal.records < journal::MAX_RECORDS
-            && self.journal.offset + rec_len <= JOURNAL_LEN;
+            && self.journal.offset + rec_len <= JOURNAL_LEN
+            && self.region.len.load(std::sync::atomic::Ordering::SeqCst) * 2 <= self.region.cap;
         let mut tx = tx;
         // The copies go out while they are hashed (and a large batch's hashing takes a while)
         // when the commit needs them written first, or when the batch is large; a small
