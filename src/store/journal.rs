@@ -12,7 +12,8 @@
 //! is applied as the batch applied it (same allocation, same rows), checked against what the
 //! allocator hands out, and the last one's copies are checked against their hashes and made
 //! again from the origin where they did not land (no origin write was issued before the flush
-//! that would have made them durable). Then one durable commit folds them all.
+//! that would have made them durable). Then each record is applied in a durable commit of its
+//! own that moves the position past it.
 
 use super::*;
 use crate::io::AlignedBuf;
@@ -191,7 +192,7 @@ impl Store {
     }
 
     /// Opening: loads the journal's position, and replays what the metadata lacks (after an
-    /// unclean shutdown), then folds it with one durable commit.
+    /// unclean shutdown), one durable commit per record.
     pub(crate) fn open_journal(&mut self) -> Result<()> {
         let (seq, offset) = self.journal_position()?;
         let records = self.journal_records(seq, offset)?;
