@@ -9,8 +9,8 @@ use crate::store::journal::{self, set_journal_position, JournalRecord};
 
 /// From this many copies on, they are hashed on two threads.
 const HASH_BESIDE: usize = 8;
-/// From this many copies on, a journaled batch writes them while it hashes and indexes them,
-/// and its record after the commit.
+/// From this many copies on, a journaled batch writes them while it hashes them (before its
+/// commit), and its record alone after the commit.
 const WRITE_BESIDE: usize = 64;
 
 impl Store {
