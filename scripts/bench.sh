@@ -417,7 +417,8 @@ rm -f "$work/origin.img" "$work/store.img"
 
 # ---- 5. where a first write's time goes: a server of its own with SNAPCTL_PROFILE=1 (phase
 # timers, src/profile.rs), one first-write pass over A after a snapshot, and the table it prints
-# when it stops (per batch: gather, lock, preserve's phases, origin write, reply)
+# when it stops (per batch: gather, lock, preserve's phases, reply; then the writeback worker's
+# rounds, which flush the store and write the queued origin data behind the batches)
 log "bench: profile of a first-write pass"
 cp "$work/base.img" "$work/origin.img"
 truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
@@ -426,7 +427,7 @@ truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
 SNAPCTL_PROFILE=1 start_snapctl "$work/store.img" "$work/profile.sock"
 fio_run profile.first --ioengine=nbd --uri="nbd+unix:///origin?socket=$work/profile.sock" --rw=randwrite "${RAND[@]}" --offset="${A_K}k" --size="${R_K}k"
 stop "$srv"
-sed -n '/^profile:/,/^reply/p' "$work/profile.sock.log" > "$work/profile.txt"
+sed -n '/^profile:/,$p' "$work/profile.sock.log" | grep -v '^snapctl serve:' > "$work/profile.txt"
 rm -f "$work/origin.img" "$work/store.img"
 record total_s "$(($(date +%s) - t_start))"
 

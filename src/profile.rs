@@ -4,8 +4,10 @@
 //! pass and prints the table beside its ratios.
 //!
 //! Phases nest: `batch` is one NBD batch under the store lock, and the copy-on-write phases
-//! (`decide` .. `commit`) fall inside `preserve`, which falls inside `batch`. Totals are sums
-//! over every connection's thread, so with several connections they can exceed the wall time.
+//! (`decide` .. `commit`) fall inside `preserve`, which falls inside `batch`. A `writeback
+//! round` (pipelined writes, store/writeback.rs) runs beside the batches on the queue's worker:
+//! its store flush and origin writes are not part of any batch. Totals are sums over every
+//! thread, so with several connections (or the worker) they can exceed the wall time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -42,9 +44,15 @@ pub enum Phase {
     Read,
     /// Sending replies to the client.
     Reply,
+    /// One round of the writeback worker (pipelined origin writes), outside any batch.
+    Writeback,
+    /// The store flush a writeback round makes before its origin writes.
+    StoreFlush,
+    /// A writeback round's origin writes.
+    RoundWrite,
 }
 
-const PHASES: [Phase; 14] = [
+const PHASES: [Phase; 17] = [
     Phase::Gather,
     Phase::Lock,
     Phase::Batch,
@@ -59,6 +67,9 @@ const PHASES: [Phase; 14] = [
     Phase::Flush,
     Phase::Read,
     Phase::Reply,
+    Phase::Writeback,
+    Phase::StoreFlush,
+    Phase::RoundWrite,
 ];
 
 impl Phase {
@@ -78,6 +89,9 @@ impl Phase {
             Phase::Flush => "  flush",
             Phase::Read => "  read",
             Phase::Reply => "reply",
+            Phase::Writeback => "writeback round",
+            Phase::StoreFlush => "  store flush",
+            Phase::RoundWrite => "  origin write",
         }
     }
 }

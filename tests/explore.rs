@@ -85,6 +85,7 @@ use std::time::Instant;
 
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 use snapctl::io::testing::{Event, Image, ImageIo, Power};
+use snapctl::io::AlignedBuf;
 use snapctl::ops::schedule::policy;
 use snapctl::store::format::OnFull;
 use snapctl::store::{SnapState, Store};
@@ -265,6 +266,12 @@ enum Step {
     Write(u64, Vec<u8>, bool),
     /// Origin writes with one preservation commit, as the NBD server sends them.
     Batch(Vec<(u64, Vec<u8>)>),
+    /// The same, pipelined as `serve` queues them: acknowledged once the copies are written;
+    /// the store flush and the origin writes follow at the next [`Step::Pump`] or whatever
+    /// waits for the queue (any operation, a flush, the close).
+    Queued(Vec<(u64, Vec<u8>)>),
+    /// The queue's worker writes what is queued.
+    Pump,
     Flush,
     /// The store closes cleanly.
     Close,
@@ -296,13 +303,23 @@ fn seed_of(s: &str) -> u64 {
 fn gap(k: usize, flush: bool, rng: &mut SmallRng, g: &Geo) -> Vec<Step> {
     let c = g.chunk;
     let cross = (1 + (2 + 5 * k as u64) % (g.whole() - 1)) * c - 700;
-    let mut v = vec![Step::Write(cross, bytes(rng, 1500), false)];
+    let first = (cross, bytes(rng, 1500));
     let (off, len) = match k % 3 {
         0 => (g.origin - 1000, 1000),
         1 => ((g.edge() - 1) * c + 512, 2 * c as usize),
         _ => (5 * c, c as usize),
     };
-    v.push(Step::Write(off, bytes(rng, len), false));
+    let second = (off, bytes(rng, len));
+    // Odd gaps pipeline their writes: two batches queued, neither written to the origin
+    // before the operation (or flush, or close) after the gap waits for them.
+    let mut v = if k % 2 == 1 {
+        vec![Step::Queued(vec![first]), Step::Queued(vec![second])]
+    } else {
+        vec![
+            Step::Write(first.0, first.1, false),
+            Step::Write(second.0, second.1, false),
+        ]
+    };
     if flush {
         v.push(Step::Flush);
     }
@@ -373,7 +390,15 @@ fn random_run(seed: u64, b: usize, ops: &[Op]) -> Workload {
             }
             7 => {
                 let n = rng.gen_range(2..5);
-                steps.push(Step::Batch((0..n).map(|_| write(&mut rng)).collect()));
+                let ws = (0..n).map(|_| write(&mut rng)).collect();
+                steps.push(if rng.gen_bool(0.5) {
+                    Step::Queued(ws)
+                } else {
+                    Step::Batch(ws)
+                });
+                if rng.gen_bool(0.3) {
+                    steps.push(Step::Pump);
+                }
             }
             _ => steps.push(Step::Flush),
         }
@@ -846,6 +871,14 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
     let mut st = Some(
         Store::open_io(sdev.clone(), odev.clone(), "explore").map_err(|e| format!("open: {e}"))?,
     );
+    // Pipelined, as `serve` runs it, with the queue written only where the workload says.
+    if let Some(s) = st.as_mut() {
+        s.pipeline_writes(false)
+            .map_err(|e| format!("pipeline: {e}"))?;
+    }
+    // Acknowledged user writes not yet seen at the origin, in order: the origin must get
+    // exactly these, in this order, whenever the queue writes them.
+    let mut owed: std::collections::VecDeque<(u64, Vec<u8>)> = Default::default();
     let mut m = base.model.clone();
     let mut catalogs = vec![m.cat.clone()];
     let mut steps = Vec::new();
@@ -911,6 +944,36 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
                     ws.len(),
                     if refused { ", refused: store full" } else { "" }
                 )
+            }
+            (Step::Queued(ws), Some(s)) => {
+                let refs: Vec<(u64, &[u8])> = ws.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+                (may_fill, needs) = (true, room(&refs));
+                let mut bufs: Vec<(u64, AlignedBuf)> = ws
+                    .iter()
+                    .map(|(o, d)| {
+                        let mut b = AlignedBuf::new(d.len());
+                        b.as_mut_slice().copy_from_slice(d);
+                        (*o, b)
+                    })
+                    .collect();
+                match s.write_queued(&mut bufs, false) {
+                    Err(snapctl::Error::NoSpace(_)) if g.on_full == OnFull::FailWrites => {
+                        refused = true
+                    }
+                    r => r.map_err(|e| format!("queued batch: {e}"))?,
+                }
+                if !refused {
+                    user.extend(ws.iter().cloned());
+                }
+                format!(
+                    "a queued batch of {} origin writes{}",
+                    ws.len(),
+                    if refused { ", refused: store full" } else { "" }
+                )
+            }
+            (Step::Pump, Some(s)) => {
+                s.pump_writes();
+                "the queue written".to_string()
             }
             (Step::Op(op, k), Some(s)) => {
                 let mut commit = |m: &Model| {
@@ -994,41 +1057,62 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
                 _ => None,
             })
             .collect();
-        if let Some(to) = &restore_to {
-            for (j, off, d) in &writes {
-                if d[..] != to[*off as usize..*off as usize + d.len()] {
+        // The queued writes this step waited for come first, in the order acknowledged, then
+        // its own (every step but a queued batch waits for the whole queue before it writes);
+        // a restore's writes after them.
+        owed.extend(user.iter().cloned());
+        let mut restored: Vec<usize> = Vec::new();
+        for (j, off, d) in writes {
+            if let Some((uo, ud)) = owed.front() {
+                if *uo != off || ud[..] != d[..] {
                     return Err(format!(
-                        "step {n} ({what}): origin write {j} is not the restore target's bytes"
+                        "step {n} ({what}): origin write {j} ({} bytes at {off}) is not the \
+                         next acknowledged user write ({} bytes at {uo})",
+                        d.len(),
+                        ud.len()
                     ));
                 }
-            }
-            if let (Some(a), Some(b)) = (writes.first(), writes.last()) {
-                updates.push(Update {
-                    first: a.0,
-                    last: b.0,
-                    change: Change::Restore(to.clone()),
-                });
-            }
-        } else {
-            let same = writes.len() == user.len()
-                && writes
-                    .iter()
-                    .zip(&user)
-                    .all(|((_, o, d), (uo, ud))| o == uo && d[..] == ud[..]);
-            if !same {
-                return Err(format!(
-                    "step {n} ({what}): the origin got {} writes, the user made {}",
-                    writes.len(),
-                    user.len()
-                ));
-            }
-            for (j, off, d) in writes {
+                owed.pop_front();
                 updates.push(Update {
                     first: j,
                     last: j,
                     change: Change::Write(off, d),
                 });
+                continue;
             }
+            match &restore_to {
+                Some(to) if d[..] == to[off as usize..off as usize + d.len()] => restored.push(j),
+                Some(_) => {
+                    return Err(format!(
+                        "step {n} ({what}): origin write {j} is not the restore target's bytes"
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "step {n} ({what}): origin write {j} ({} bytes at {off}) is no \
+                         acknowledged user write",
+                        d.len()
+                    ))
+                }
+            }
+        }
+        if let (Some(to), Some(a), Some(b)) = (&restore_to, restored.first(), restored.last()) {
+            updates.push(Update {
+                first: *a,
+                last: *b,
+                change: Change::Restore(to.clone()),
+            });
+        }
+        // Steps that wait for the whole queue leave nothing owed.
+        let waits = matches!(
+            step,
+            Step::Write(..) | Step::Batch(_) | Step::Flush | Step::Pump | Step::Close
+        );
+        if waits && !owed.is_empty() {
+            return Err(format!(
+                "step {n} ({what}): {} acknowledged writes did not reach the origin",
+                owed.len()
+            ));
         }
         steps.push(StepTrace {
             start,

@@ -34,16 +34,27 @@ pub fn have(tool: &str) -> bool {
 pub struct Served {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
+    /// Environment the server runs with, besides the store's.
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl Served {
     /// A 32 MiB origin of known bytes, a store, and a server on a unix socket.
     pub fn start() -> Served {
+        Served::start_with(&[])
+    }
+
+    /// The same, the server run with `env`.
+    pub fn start_with(env: &[(&'static str, &'static str)]) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
         std::fs::write(dir.path().join("origin.img"), &img).unwrap();
         std::fs::write(dir.path().join("store.img"), vec![0u8; 96 << 20]).unwrap();
-        let mut s = Served { dir, child: None };
+        let mut s = Served {
+            dir,
+            child: None,
+            env: env.to_vec(),
+        };
         let o = s.cli(&["init", "store.img", "--origin", "origin.img"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         s.spawn();
@@ -58,6 +69,7 @@ impl Served {
             .current_dir(self.dir.path())
             .env("SNAPCTL_STORE", self.p("store.img"))
             .env("SNAPCTL_RUN_DIR", self.p("run"))
+            .envs(self.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -968,7 +980,11 @@ fn block_status_reports_holes_and_copies_skip_them() {
     }
     const MIB: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Served { dir, child: None };
+    let mut s = Served {
+        dir,
+        child: None,
+        env: Vec::new(),
+    };
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::create(s.p("origin.img")).unwrap();

@@ -121,7 +121,11 @@ impl Case {
             size - 8 * MIB
         );
         let c = Case {
-            srv: Served { dir, child: None },
+            srv: Served {
+                dir,
+                child: None,
+                env: Vec::new(),
+            },
             size,
             cs,
             tag,

@@ -154,13 +154,18 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         euid: unsafe { libc::geteuid() },
         group: opts.group.as_deref().map(resolve_group).transpose()?,
     };
-    let store = Store::open(
+    let mut store = Store::open(
         store_path,
         OpenOptions {
             write_origin: true,
             ..OpenOptions::default()
         },
     )?;
+    // Origin writes queued behind the flush of their copies (store/writeback.rs), unless
+    // SNAPCTL_PIPELINE=0 asks for each batch to be written before it is answered.
+    if std::env::var_os("SNAPCTL_PIPELINE").is_none_or(|v| v != "0") {
+        store.pipeline_writes(true)?;
+    }
     let sb = store.sb.clone();
     let nbd_path = opts.socket.clone().unwrap_or_else(|| default_socket(&sb));
     let ctl_path = control_path(&sb);

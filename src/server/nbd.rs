@@ -675,7 +675,7 @@ where
             }
             drop(gather);
             last_batch = batch.len();
-            let out = match serve_batch(shared, export, neg, &batch) {
+            let out = match serve_batch(shared, export, neg, &mut batch) {
                 Ok(out) => out,
                 Err(e) => break Err(e),
             };
@@ -703,7 +703,7 @@ fn serve_batch(
     shared: &Shared,
     export: &Export,
     neg: Negotiated,
-    batch: &[Request],
+    batch: &mut [Request],
 ) -> io::Result<Vec<u8>> {
     let size = export.size;
     let mut errors = vec![0u32; batch.len()];
@@ -723,7 +723,8 @@ fn serve_batch(
                 .checked_add(r.length as u64)
                 .is_some_and(|e| e <= size)
         };
-        for (i, r) in batch.iter().enumerate() {
+        for i in 0..batch.len() {
+            let r = &batch[i];
             let known_flags = CMD_FLAG_FUA
                 | match r.kind {
                     CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
@@ -893,15 +894,52 @@ fn structured_reply(
 }
 
 /// Applies the collected writes of a batch (one preservation commit), attributing errors.
+/// Origin writes are queued when the store pipelines them: the batch takes the payloads.
 fn flush_writes(
     store: &mut Store,
     view: &str,
-    batch: &[Request],
+    batch: &mut [Request],
     writes: &[usize],
     errors: &mut [u32],
 ) {
     if writes.is_empty() {
         return;
+    }
+    let fua = writes.iter().any(|&i| batch[i].flags & CMD_FLAG_FUA != 0);
+    if view == "origin" && store.pipelined() {
+        let mut list: Vec<(u64, AlignedBuf)> = writes
+            .iter()
+            .map(|&i| {
+                let r = &mut batch[i];
+                let data = match r.kind {
+                    CMD_WRITE => r.data.take(),
+                    _ => None,
+                };
+                // WRITE_ZEROES: a zeroed buffer of its length.
+                (
+                    r.offset,
+                    data.unwrap_or_else(|| AlignedBuf::new(r.length as usize)),
+                )
+            })
+            .collect();
+        match store.write_queued(&mut list, fua) {
+            Ok(()) => return,
+            Err(e) if list.len() != writes.len() => {
+                // Some were queued before the queue failed: none can be told apart.
+                for &i in writes {
+                    errors[i] = errno_of(&e);
+                }
+                return;
+            }
+            Err(_) => {
+                // Nothing was queued: the payloads come back for the writes one by one.
+                for (&i, (_, b)) in writes.iter().zip(list) {
+                    if batch[i].kind == CMD_WRITE {
+                        batch[i].data = Some(b);
+                    }
+                }
+            }
+        }
     }
     let zeroes: Vec<Vec<u8>> = writes
         .iter()
@@ -928,7 +966,6 @@ fn flush_writes(
             )
         })
         .collect();
-    let fua = writes.iter().any(|&i| batch[i].flags & CMD_FLAG_FUA != 0);
     let write = |store: &mut Store, list: &[(u64, &[u8])], fua: bool| {
         if view == "origin" {
             store.write_batch(list, fua)

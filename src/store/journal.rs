@@ -57,6 +57,10 @@ pub(crate) struct Journal {
 pub(crate) struct JournalRecord {
     pub(crate) seq: u64,
     pub(crate) epoch: u64,
+    /// How many records just before this one had not been made durable (their flush had not
+    /// returned) when this one was written: pipelined writes flush behind the batches. A
+    /// replay checks the copies of those records as well as this one's.
+    pub(crate) unflushed_before: u32,
     pub(crate) copies: Vec<(u64, u64, ChunkHash)>,
 }
 
@@ -83,6 +87,7 @@ pub(crate) fn encode_record(uuid: &[u8; 16], r: &JournalRecord) -> AlignedBuf {
     s[8..16].copy_from_slice(&r.seq.to_le_bytes());
     s[16..24].copy_from_slice(&r.epoch.to_le_bytes());
     s[24..28].copy_from_slice(&(n as u32).to_le_bytes());
+    s[28..32].copy_from_slice(&r.unflushed_before.to_le_bytes());
     for (i, (c, loc, hash)) in r.copies.iter().enumerate() {
         let o = HEADER + i * ENTRY;
         s[o..o + 8].copy_from_slice(&c.to_le_bytes());
@@ -125,6 +130,7 @@ pub(crate) fn decode_record(uuid: &[u8; 16], b: &[u8], seq: u64) -> Option<Journ
     Some(JournalRecord {
         seq,
         epoch: u64_at(b, 16),
+        unflushed_before: u32::from_le_bytes(b[28..32].try_into().ok()?),
         copies,
     })
 }
@@ -208,10 +214,18 @@ impl Store {
             return Ok(());
         }
         let sn = self.name.clone();
-        // The last record's copies may not have landed (its flush may not have returned): no
-        // origin write was issued after it, so the origin still holds what each copy must be.
+        // The last record's copies may not have landed (its flush may not have returned), nor
+        // those of the records it names as unflushed before it: no origin write was issued
+        // after any of them, so the origin still holds what each copy must be.
         if let Some((last, _)) = records.last() {
-            self.settle_copies(&last.copies)?;
+            let from = records
+                .len()
+                .saturating_sub(last.unflushed_before as usize + 1);
+            let copies: Vec<(u64, u64, ChunkHash)> = records[from..]
+                .iter()
+                .flat_map(|(r, _)| r.copies.iter().copied())
+                .collect();
+            self.settle_copies(&copies)?;
         }
         // One durable commit per record, each advancing the position past it (the last one to
         // the journal's start): a record applied alone needs no more metadata than its batch
@@ -365,6 +379,7 @@ mod tests {
         let r = JournalRecord {
             seq: 42,
             epoch: 3,
+            unflushed_before: 5,
             copies: (0..100)
                 .map(|i| (i * 3, 1000 + i, [i as u8; HASH]))
                 .collect(),
@@ -375,7 +390,7 @@ mod tests {
         assert_eq!(decode_record(&uuid, b.as_slice(), 42), Some(r.clone()));
         assert_eq!(decode_record(&[8u8; 16], b.as_slice(), 42), None);
         assert_eq!(decode_record(&uuid, b.as_slice(), 43), None);
-        for i in [0, 9, 17, 25, 40, 64, 100, 64 + 100 * ENTRY - 1] {
+        for i in [0, 9, 17, 25, 29, 40, 64, 100, 64 + 100 * ENTRY - 1] {
             let mut d = b.as_slice().to_vec();
             d[i] ^= 1;
             assert_eq!(decode_record(&uuid, &d, 42), None, "byte {i}");

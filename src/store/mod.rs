@@ -10,6 +10,7 @@ pub mod format;
 mod journal;
 mod metadata;
 pub mod upgrade;
+mod writeback;
 
 pub use catalog::{Event, SnapState, Snapshot};
 pub(crate) use metadata::*;
@@ -28,7 +29,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{meta_err, Error, Result};
-use crate::io::{engine_for, open_device, BlockIo, EngineChoice, OpenMode};
+use crate::io::{engine_for, open_device, AlignedBuf, BlockIo, EngineChoice, OpenMode};
 use crate::store::format::{
     OnFull, Superblock, BACKUP_OFFSET, FORMAT_VERSION, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE,
 };
@@ -120,11 +121,25 @@ pub struct Store {
     pub(crate) damaged_snapshots: Vec<u64>,
     /// The copy journal's position (see `journal.rs`).
     pub(crate) journal: journal::Journal,
+    /// Pipelined origin writes, once a server turns them on (see `writeback.rs`).
+    pub(crate) writeback: Option<Arc<writeback::Writeback>>,
+    writeback_worker: Option<std::thread::JoinHandle<()>>,
+    /// The journal record this batch wrote without a flush (pipelined writes only): its origin
+    /// writes are queued behind a store flush.
+    pub(crate) unflushed_record: Option<u64>,
     _lock: Option<File>,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // Queued origin writes first (a failed queue has said so to every later flush).
+        if let Some(wb) = self.writeback.take() {
+            let _ = wb.drain();
+            wb.stop();
+            if let Some(t) = self.writeback_worker.take() {
+                let _ = t.join();
+            }
+        }
         // Closing folds the journal, so that the next open has nothing to replay. Should this
         // fail (or the process die first), that open replays it.
         let n = self.name.clone();
@@ -667,6 +682,9 @@ impl Store {
             for_check: false,
             damaged_snapshots: Vec::new(),
             journal: Default::default(),
+            writeback: None,
+            writeback_worker: None,
+            unflushed_record: None,
             _lock: lock_file,
         };
         let n = store.name.clone();
@@ -700,11 +718,23 @@ impl Store {
     /// found no room): the catalog is read again from what is committed, so a refused change
     /// leaves no trace in this process either (a server keeps serving what is on disk).
     fn change<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        // Every change but a queued write starts after the queued writes (see writeback.rs).
+        self.drain_writes()?;
+        self.change_queued(f)
+    }
+
+    /// `change` without waiting for the queued origin writes: for the write that queues more.
+    fn change_queued<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         let n = self.name.clone();
         if self.journal.failed {
             return Err(Error::Corrupt(format!(
                 "store {n}: a write to its copy journal failed, so this process can change nothing more; stop it and open the store again (opening replays the journal)"
             )));
+        }
+        if let Some(wb) = &self.writeback {
+            if let Some(why) = wb.failed() {
+                return Err(wb.failure(&why));
+            }
         }
         let r = guard_panic(&n, || f(self));
         if r.is_err() {
@@ -765,6 +795,7 @@ impl Store {
 
     /// Byte ranges where two views differ (see `cow/`), as sorted chunk numbers.
     pub fn diff_chunks(&self, from: &str, to: &str) -> Result<Vec<u64>> {
+        self.drain_writes()?;
         guard_panic(&self.name, || self.diff_chunks_inner(from, to))
     }
 
@@ -805,8 +836,84 @@ impl Store {
         self.change(|s| s.write_batch_inner(writes, fua))
     }
 
+    /// Turns on pipelined origin writes (see `writeback.rs`): from now on [`Store::write_queued`]
+    /// returns once a batch's copies are written, and its origin writes follow a store flush
+    /// that covers them. With `worker`, a thread of the store's own writes the queue; without,
+    /// nothing does until [`Store::pump_writes`] or anything that waits for the queue.
+    pub fn pipeline_writes(&mut self, worker: bool) -> Result<()> {
+        if self.writeback.is_some() {
+            return Ok(());
+        }
+        let wb = Arc::new(writeback::Writeback::new(
+            self.dev.clone(),
+            self.origin.clone(),
+            &self.name,
+            &self.sb.origin_path,
+        ));
+        if worker {
+            let w = wb.clone();
+            let t = std::thread::Builder::new()
+                .name("snapctl-writeback".into())
+                .spawn(move || w.run())
+                .map_err(|e| Error::io("writeback thread: start".to_string(), e))?;
+            self.writeback_worker = Some(t);
+        }
+        self.writeback = Some(wb);
+        Ok(())
+    }
+
+    /// Whether origin writes are pipelined ([`Store::pipeline_writes`]).
+    pub fn pipelined(&self) -> bool {
+        self.writeback.is_some()
+    }
+
+    /// Origin writes, pipelined: copy-on-write as [`Store::write_batch`], but the writes
+    /// themselves are queued behind the flush of their copies, and reads wait for them. On
+    /// success `writes` is emptied (the queue owns the buffers); on failure it is left as it
+    /// was when nothing was queued. Without [`Store::pipeline_writes`], the same as
+    /// `write_batch`.
+    pub fn write_queued(&mut self, writes: &mut Vec<(u64, AlignedBuf)>, fua: bool) -> Result<()> {
+        if self.writeback.is_none() {
+            let list: Vec<(u64, &[u8])> = writes.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+            self.write_batch(&list, fua)?;
+            writes.clear();
+            return Ok(());
+        }
+        self.change_queued(|s| s.write_queued_inner(writes))?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued now, in this thread (for stores pipelined without a worker).
+    pub fn pump_writes(&self) {
+        if let Some(wb) = &self.writeback {
+            wb.write_queued();
+        }
+    }
+
+    /// Waits for every queued origin write; fails if one failed.
+    pub(crate) fn drain_writes(&self) -> Result<()> {
+        match &self.writeback {
+            Some(wb) => wb.drain(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the queued origin writes over `off..off+len`.
+    fn wait_writes(&self, off: u64, len: u64) -> Result<()> {
+        match &self.writeback {
+            Some(wb) => wb.wait_for(off, len),
+            None => Ok(()),
+        }
+    }
+
     /// Several reads of any views, in flight together.
     pub fn read_batch(&self, reqs: &mut [crate::store::cow::ReadReq<'_>]) -> Result<()> {
+        for r in reqs.iter() {
+            self.wait_writes(r.off, r.buf.len() as u64)?;
+        }
         guard_panic(&self.name, || self.read_batch_inner(reqs))
     }
 
@@ -819,6 +926,7 @@ impl Store {
         len: u64,
         max_chunks: u64,
     ) -> Result<Vec<(u64, bool)>> {
+        self.wait_writes(off, len)?;
         guard_panic(&self.name, || {
             self.extents_inner(view, off, len, max_chunks)
         })
@@ -826,6 +934,7 @@ impl Store {
 
     /// Reads a snapshot, or the live origin for "origin".
     pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.wait_writes(off, buf.len() as u64)?;
         guard_panic(&self.name, || self.read_view_inner(view, off, buf))
     }
 
@@ -841,6 +950,7 @@ impl Store {
         data: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<crate::store::cow::CheckReport> {
+        self.drain_writes()?;
         let n = self.name.clone();
         guard_panic(&n, || self.check_inner(data, progress))
     }

@@ -1,4 +1,4 @@
-//! `snapctl upgrade`: converts a store of format version 2 or 3 to version 4 in place
+//! `snapctl upgrade`: converts a store of format version 2, 3 or 4 to version 5 in place
 //! (docs/FORMAT.md, "Upgrading"). Version 3 -> 4 only clears the copy journal's area and
 //! rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
 //! version 2 kept snapshot rows as JSON and records as bare runs; version 3 adds a checksum to every saved chunk and to every row, and
@@ -113,7 +113,7 @@ impl Store {
                 self.version
             )));
         }
-        // Version 2 -> 3: the rows. Version 3's rows are version 4's.
+        // Version 2 -> 3: the rows. Version 3's rows are still the current ones.
         let converted = self.version >= ROWS_VERSION || {
             let tx = self.rtx()?;
             let c = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
@@ -197,9 +197,16 @@ impl Store {
         // Version 3 -> 4: the copy journal, in space version 3 left unused (zero). Cleared all
         // the same, so that it holds no record; the metadata has no journal position yet, which
         // reads as "sequence 1 at the start".
+        // Version 4 -> 5: a record's bytes 28..32, zero in version 4, count the records before
+        // it whose flush had not returned; zero means what it meant, so a version-4 journal is
+        // a version-5 one and is kept (it may hold records a crash left for replay).
         // The metadata is converted and durable: now the superblock says so.
-        crate::store::zero_journal(self.dev.as_ref())
-            .and_then(|_| self.dev.flush())
+        let journal = if self.version < 4 {
+            crate::store::zero_journal(self.dev.as_ref()).and_then(|_| self.dev.flush())
+        } else {
+            Ok(())
+        };
+        journal
             .and_then(|_| crate::store::write_superblocks(self.dev.as_ref(), &self.sb))
             .and_then(|_| self.dev.flush())
             .map_err(|e| Error::io(format!("store {sn}: write superblock"), e))?;

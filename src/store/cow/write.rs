@@ -6,6 +6,7 @@ use crate::profile::{self, Phase};
 use crate::store::codec::ChunkHash;
 use crate::store::format::{JOURNAL_LEN, JOURNAL_OFFSET};
 use crate::store::journal::{self, set_journal_position, JournalRecord};
+use crate::store::writeback::Job;
 
 /// From this many copies on, they are hashed on two threads.
 const HASH_BESIDE: usize = 8;
@@ -25,42 +26,7 @@ impl Store {
     /// flush and one commit for the batch, however deep the client's queue), then the writes go
     /// out together. Overlapping writes are applied in order.
     pub(crate) fn write_batch_inner(&mut self, writes: &[(u64, &[u8])], fua: bool) -> Result<()> {
-        let cs = self.sb.chunk_size;
-        let mut chunks = Vec::new();
-        for (off, data) in writes {
-            self.check_origin_range(*off, data.len())?;
-            if !data.is_empty() {
-                chunks.extend(off / cs..=(off + data.len() as u64 - 1) / cs);
-            }
-        }
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        chunks.sort_unstable();
-        chunks.dedup();
-        let mut attempts = 0u64;
-        loop {
-            match self.preserve(&chunks)? {
-                Preserve::Done => break,
-                Preserve::Full if self.journal.unfolded => {
-                    // Metadata pages the journaled commits replaced are reused only after a
-                    // durable commit, and a metadata engine that met a full region must be
-                    // opened again: reopen, replay the journal and fold it, then try again
-                    // before any snapshot pays for room.
-                    self.reopen_metadata()?;
-                }
-                Preserve::Full => {
-                    attempts += 1;
-                    if attempts > self.snaps.len() as u64 + 1 {
-                        return Err(Error::NoSpace(format!(
-                            "store {} is full and the on-full policy could not make room",
-                            self.name
-                        )));
-                    }
-                    self.apply_full_policy(&[])?;
-                }
-            }
-        }
+        self.preserve_for(writes, false)?;
         let _origin_write = profile::span(Phase::OriginWrite);
         let werr = |e| Error::io(format!("origin {}: write", self.sb.origin_path), e);
         let mut sorted: Vec<(u64, u64)> =
@@ -80,11 +46,98 @@ impl Store {
         Ok(())
     }
 
-    /// Makes every completed origin write durable (metadata commits already are).
+    /// Pipelined origin writes (see `store/writeback.rs`): the copies as `write_batch_inner`
+    /// makes them, but when they were journaled their flush is left to the queue, which makes
+    /// it before these writes go out. `writes` is taken only once the copies are done.
+    pub(crate) fn write_queued_inner(&mut self, writes: &mut Vec<(u64, AlignedBuf)>) -> Result<()> {
+        self.unflushed_record = None;
+        {
+            let list: Vec<(u64, &[u8])> = writes.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+            self.preserve_for(&list, true)?;
+        }
+        let mut record = self.unflushed_record.take();
+        let Some(wb) = self.writeback.clone() else {
+            return Err(Error::Internal("queued writes without a queue".into()));
+        };
+        // Jobs of writes that do not overlap, in order: a write that overlaps one already in
+        // the job starts the next.
+        let mut job: Vec<(u64, AlignedBuf)> = Vec::new();
+        for (off, buf) in std::mem::take(writes) {
+            let len = buf.as_slice().len() as u64;
+            if len == 0 {
+                continue;
+            }
+            let clash = job
+                .iter()
+                .any(|(o, b)| *o < off + len && off < o + b.as_slice().len() as u64);
+            if clash {
+                wb.push(Job {
+                    writes: std::mem::take(&mut job),
+                    record: record.take(),
+                })?;
+            }
+            job.push((off, buf));
+        }
+        if !job.is_empty() || record.is_some() {
+            wb.push(Job {
+                writes: job,
+                record,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the writes' ranges and preserves every chunk they touch (invariant 2), making
+    /// room by the on-full policy when the store is full. `queued`: the writes go to the
+    /// writeback queue, which flushes journaled copies before it writes them.
+    fn preserve_for(&mut self, writes: &[(u64, &[u8])], queued: bool) -> Result<()> {
+        let cs = self.sb.chunk_size;
+        let mut chunks = Vec::new();
+        for (off, data) in writes {
+            self.check_origin_range(*off, data.len())?;
+            if !data.is_empty() {
+                chunks.extend(off / cs..=(off + data.len() as u64 - 1) / cs);
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut attempts = 0u64;
+        loop {
+            match self.preserve(&chunks, queued)? {
+                Preserve::Done => return Ok(()),
+                Preserve::Full if self.journal.unfolded => {
+                    // Metadata pages the journaled commits replaced are reused only after a
+                    // durable commit, and a metadata engine that met a full region must be
+                    // opened again: reopen, replay the journal and fold it, then try again
+                    // before any snapshot pays for room.
+                    self.drain_writes()?;
+                    self.reopen_metadata()?;
+                }
+                Preserve::Full => {
+                    attempts += 1;
+                    if attempts > self.snaps.len() as u64 + 1 {
+                        return Err(Error::NoSpace(format!(
+                            "store {} is full and the on-full policy could not make room",
+                            self.name
+                        )));
+                    }
+                    // The policy changes the snapshot set: after the queued writes, as every
+                    // such change.
+                    self.drain_writes()?;
+                    self.apply_full_policy(&[])?;
+                }
+            }
+        }
+    }
+
     /// Makes every completed write durable: the origin's, and those into writable snapshots'
     /// overlays (metadata commits already are).
     pub fn flush(&self) -> Result<()> {
         let _flush = profile::span(Phase::Flush);
+        self.drain_writes()?;
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
@@ -115,7 +168,7 @@ impl Store {
     /// Long on purpose: this is the copy-on-write step whose order is the crash argument
     /// (DESIGN.md invariant 2: decide, allocate, read, hash, write, commit with its one flush);
     /// it reads top to bottom in that order instead of across helpers.
-    pub(super) fn preserve(&mut self, chunks: &[u64]) -> Result<Preserve> {
+    pub(super) fn preserve(&mut self, chunks: &[u64], queued: bool) -> Result<Preserve> {
         // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
         // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
         if chunks.iter().all(|&c| self.bit(c)) {
@@ -272,9 +325,21 @@ impl Store {
         }
         if journaled {
             let _write = profile::span(Phase::CopyWrite);
+            // Pipelined, the flush is the queue's (before this batch's origin writes), and
+            // the records before this one whose flush has not returned yet are named, so that
+            // a replay checks their copies too.
+            let queued = self.writeback.clone().filter(|_| queued);
+            let unflushed_before = match &queued {
+                Some(wb) => (seq - 1)
+                    .saturating_sub(wb.durable_record())
+                    .min(self.journal.records)
+                    .min(u32::MAX as u64) as u32,
+                None => 0,
+            };
             let record = JournalRecord {
                 seq,
                 epoch,
+                unflushed_before,
                 copies: need
                     .iter()
                     .zip(&locs)
@@ -284,12 +349,18 @@ impl Store {
             };
             let rb = journal::encode_record(&self.sb.uuid, &record);
             writes.push((JOURNAL_OFFSET + self.journal.offset, rb.as_slice()));
-            let landed = self.dev.write_many(&writes).and_then(|()| self.dev.flush());
+            let landed = self.dev.write_many(&writes).and_then(|()| match queued {
+                Some(_) => Ok(()),
+                None => self.dev.flush(),
+            });
             if let Err(e) = landed {
                 // The metadata in this process names copies that may not be on disk: refuse
                 // every further change (the replay at the next open settles them).
                 self.journal.failed = true;
                 return Err(Error::io(format!("store {sn}: write journal"), e));
+            }
+            if queued.is_some() {
+                self.unflushed_record = Some(seq);
             }
             self.journal.seq = seq + 1;
             self.journal.offset += rec_len;
