@@ -97,6 +97,7 @@ impl Phase {
 }
 
 static NANOS: [AtomicU64; PHASES.len()] = [const { AtomicU64::new(0) }; PHASES.len()];
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static CALLS: [AtomicU64; PHASES.len()] = [const { AtomicU64::new(0) }; PHASES.len()];
 
 /// Whether `SNAPCTL_PROFILE` asks for a profile (read once).
@@ -126,6 +127,13 @@ impl Drop for Span {
     }
 }
 
+/// Counts the requests of a batch (for the requests per batch in the report).
+pub fn requests(n: usize) {
+    if enabled() {
+        REQUESTS.fetch_add(n as u64, Relaxed);
+    }
+}
+
 /// The table of every phase seen: calls, total, time per batch and share of the batches' time.
 pub fn report() -> Option<String> {
     if !enabled() {
@@ -133,8 +141,10 @@ pub fn report() -> Option<String> {
     }
     let batches = CALLS[Phase::Batch as usize].load(Relaxed).max(1);
     let batch_ns = NANOS[Phase::Batch as usize].load(Relaxed).max(1);
+    let requests = REQUESTS.load(Relaxed);
     let mut out = format!(
-        "profile: {batches} batches\n{:<18} {:>9} {:>11} {:>12} {:>9}\n",
+        "profile: {batches} batches, {requests} requests ({:.1} per batch)\n{:<18} {:>9} {:>11} {:>12} {:>9}\n",
+        requests as f64 / batches as f64,
         "phase", "calls", "total ms", "µs/batch", "of batch"
     );
     for p in PHASES {

@@ -1,6 +1,7 @@
 //! The engine against a model: full copies of every snapshot, compared after every step.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use snapctl::store::format::OnFull;
@@ -421,4 +422,70 @@ fn journaled_writes_survive_a_process_that_never_closed_the_store() {
         assert!(rep.is_clean(), "round {round}: {rep:?}");
         assert_eq!(rep.used_chunks, 9, "round {round}");
     }
+}
+
+fn queued(off: u64, len: usize, byte: u8) -> Vec<(u64, snapctl::io::AlignedBuf)> {
+    let mut b = snapctl::io::AlignedBuf::new(len);
+    b.as_mut_slice().fill(byte);
+    vec![(off, b)]
+}
+
+/// Pipelined writes (store/writeback.rs): a queued write is read back before the queue is
+/// written (the read waits for it); a queued write the origin then refuses stops the queue for
+/// good: reading its range fails (never the old bytes), every later flush, write and change is
+/// refused with a line naming the failed write, and snapshots still read exact.
+#[test]
+fn a_failed_queued_write_is_reported_and_stops_every_later_change() {
+    let chunk = 4096;
+    let (s, origin, dev) = mem_store(64 * chunk, 16 << 20, chunk, OnFull::FailWrites, 9);
+    drop(s);
+    let failing = Arc::new(Failing::new(as_io(&origin)));
+    let mut s = snapctl::store::Store::open_io(as_io(&dev), failing.clone(), "mem").unwrap();
+    s.pipeline_writes(false).unwrap();
+    let at_a = read_all(&s, "origin");
+    s.create("a", None, BTreeMap::new(), None).unwrap();
+
+    let mut w = queued(3 * chunk + 10, 5000, 7);
+    s.write_queued(&mut w, false).unwrap();
+    assert!(w.is_empty(), "the queue took the buffer");
+    assert_eq!(
+        origin.snapshot()[3 * chunk as usize + 10],
+        at_a[3 * chunk as usize + 10]
+    );
+    let mut b = vec![0u8; 5000];
+    s.read_view("origin", 3 * chunk + 10, &mut b).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 7),
+        "a queued write was not read back"
+    );
+    assert_eq!(origin.snapshot()[3 * chunk as usize + 10], 7);
+
+    failing
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut w = queued(10 * chunk, 100, 9);
+    s.write_queued(&mut w, false).unwrap();
+    s.pump_writes();
+    let lost = s.read_view("origin", 10 * chunk, &mut [0u8; 100]);
+    assert!(
+        lost.is_err(),
+        "a lost write's range read as if nothing happened"
+    );
+    s.read_view("origin", 0, &mut [0u8; 100]).unwrap();
+    let refusals = [
+        s.flush().err(),
+        s.write_queued(&mut queued(0, 10, 1), false).err(),
+        s.write_origin(0, &[1; 10], false).err(),
+        s.create("b", None, BTreeMap::new(), None).err(),
+    ];
+    for (i, e) in refusals.into_iter().enumerate() {
+        let e = e.unwrap_or_else(|| panic!("refusal {i} did not happen"));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("a queued write failed") && msg.lines().count() == 1,
+            "{msg}"
+        );
+    }
+    assert!(read_all(&s, "a") == at_a, "snapshot a differs");
+    assert_eq!(s.snapshots().count(), 1);
 }

@@ -66,3 +66,44 @@ impl BlockIo for Counting {
         "counting"
     }
 }
+
+/// Passes everything through until told to fail its writes (and flushes).
+pub struct Failing {
+    pub inner: Arc<dyn BlockIo>,
+    pub fail: std::sync::atomic::AtomicBool,
+}
+
+impl Failing {
+    pub fn new(inner: Arc<dyn BlockIo>) -> Failing {
+        Failing {
+            inner,
+            fail: Default::default(),
+        }
+    }
+    fn check(&self) -> std::io::Result<()> {
+        match self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            false => Ok(()),
+        }
+    }
+}
+
+impl BlockIo for Failing {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.flush()
+    }
+    fn engine(&self) -> &'static str {
+        "failing"
+    }
+}

@@ -674,6 +674,7 @@ where
                 }
             }
             drop(gather);
+            profile::requests(batch.len());
             last_batch = batch.len();
             let out = match serve_batch(shared, export, neg, &mut batch) {
                 Ok(out) => out,

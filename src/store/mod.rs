@@ -901,18 +901,21 @@ impl Store {
         }
     }
 
-    /// Waits for the queued origin writes over `off..off+len`.
-    fn wait_writes(&self, off: u64, len: u64) -> Result<()> {
+    /// Waits for the queued origin writes over `off..off+len` of `view`. Only the origin's
+    /// reads wait: a snapshot never reads the origin where a write is queued, because every
+    /// queued write's chunks were preserved since the newest snapshot before it was queued
+    /// (and a snapshot taken since waited for the whole queue).
+    fn wait_writes(&self, view: &str, off: u64, len: u64) -> Result<()> {
         match &self.writeback {
-            Some(wb) => wb.wait_for(off, len),
-            None => Ok(()),
+            Some(wb) if view == "origin" => wb.wait_for(off, len),
+            _ => Ok(()),
         }
     }
 
     /// Several reads of any views, in flight together.
     pub fn read_batch(&self, reqs: &mut [crate::store::cow::ReadReq<'_>]) -> Result<()> {
         for r in reqs.iter() {
-            self.wait_writes(r.off, r.buf.len() as u64)?;
+            self.wait_writes(r.view, r.off, r.buf.len() as u64)?;
         }
         guard_panic(&self.name, || self.read_batch_inner(reqs))
     }
@@ -926,7 +929,7 @@ impl Store {
         len: u64,
         max_chunks: u64,
     ) -> Result<Vec<(u64, bool)>> {
-        self.wait_writes(off, len)?;
+        self.wait_writes(view, off, len)?;
         guard_panic(&self.name, || {
             self.extents_inner(view, off, len, max_chunks)
         })
@@ -934,7 +937,7 @@ impl Store {
 
     /// Reads a snapshot, or the live origin for "origin".
     pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.wait_writes(off, buf.len() as u64)?;
+        self.wait_writes(view, off, buf.len() as u64)?;
         guard_panic(&self.name, || self.read_view_inner(view, off, buf))
     }
 

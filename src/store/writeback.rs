@@ -13,12 +13,13 @@
 //! - **Order.** Jobs are written in the order they were queued, each after a store flush issued
 //!   once every earlier job's copies had completed: no origin write precedes the durability of
 //!   the copies that preserve what it overwrites (invariant 2).
-//! - **Reads see acknowledged writes.** A read waits for every queued job that overlaps it
-//!   ([`Writeback::wait_for`]); everything else (a snapshot created or deleted, a restore, a
+//! - **Reads see acknowledged writes.** A read of the origin waits for every queued job that
+//!   overlaps it ([`Writeback::wait_for`]); a snapshot never reads the origin where a write is
+//!   queued (its chunks were preserved before it was queued); everything else (a snapshot created or deleted, a restore, a
 //!   check, FLUSH, closing) waits for the whole queue first ([`Writeback::drain`]).
 //! - **Failure is final.** A store flush or an origin write that fails stops the queue: the
 //!   jobs not written are dropped and named as lost, every later flush, write and change is
-//!   refused, and reads of a lost range fail instead of returning the old bytes.
+//!   refused, and origin reads of a lost range fail instead of returning the old bytes.
 //!
 //! A process that dies with jobs queued loses writes that were never flushed, which NBD allows;
 //! a power cut can leave several journal records whose flush had not returned, and each record
@@ -62,10 +63,9 @@ impl Job {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<(u64, Job)>,
+    queue: VecDeque<Job>,
     /// The ranges of the jobs a round took and is writing.
     busy: Option<Vec<(u64, u64)>>,
-    next_id: u64,
     queued_bytes: usize,
     /// The newest journal record whose copies a completed flush covered.
     durable_record: u64,
@@ -147,30 +147,38 @@ impl Writeback {
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.next_id += 1;
-        let id = st.next_id;
         st.queued_bytes += job.bytes();
-        st.queue.push_back((id, job));
+        st.queue.push_back(job);
         self.changed.notify_all();
         Ok(())
     }
 
-    /// Waits until no queued job overlaps `off..off+len` (the whole queue when `len` is
-    /// u64::MAX from 0). Fails if the queue stopped with a job there dropped.
+    /// Waits until no queued job overlaps `off..off+len`. Fails if the queue stopped with a
+    /// job there dropped.
     pub(crate) fn wait_for(&self, off: u64, len: u64) -> Result<()> {
+        self.wait(Some((off, len)))
+    }
+
+    /// Waits for the jobs over a range, or for every job (`None`).
+    fn wait(&self, range: Option<(u64, u64)>) -> Result<()> {
         let mut st = self.lock();
+        let (off, len) = range.unwrap_or((0, u64::MAX));
+        let end = off.saturating_add(len);
         loop {
-            let end = off.saturating_add(len);
             if let Some(why) = &st.failed {
                 if st.lost.iter().any(|(o, l)| *o < end && off < o + l) {
                     return Err(self.failure(why));
                 }
             }
-            let queued = st.queue.iter().any(|(_, j)| j.overlaps(off, len));
-            let busy = st
-                .busy
-                .as_ref()
-                .is_some_and(|r| r.iter().any(|(o, l)| *o < end && off < o + l));
+            let (queued, busy) = match range {
+                None => (!st.queue.is_empty(), st.busy.is_some()),
+                Some(_) => (
+                    st.queue.iter().any(|j| j.overlaps(off, len)),
+                    st.busy
+                        .as_ref()
+                        .is_some_and(|r| r.iter().any(|(o, l)| *o < end && off < o + l)),
+                ),
+            };
             if !queued && !busy {
                 return Ok(());
             }
@@ -184,7 +192,7 @@ impl Writeback {
 
     /// Waits until every queued job is written; fails if the queue has stopped.
     pub(crate) fn drain(&self) -> Result<()> {
-        self.wait_for(0, u64::MAX)?;
+        self.wait(None)?;
         match &self.lock().failed {
             Some(why) => Err(self.failure(why)),
             None => Ok(()),
@@ -225,19 +233,19 @@ impl Writeback {
     /// then writes their origin data in order. Called with the lock held and no round busy;
     /// returns with it held again.
     fn write_round<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        let jobs: Vec<(u64, Job)> = st.queue.drain(..).collect();
+        let jobs: Vec<Job> = st.queue.drain(..).collect();
         if jobs.is_empty() {
             return st;
         }
         let ranges: Vec<(u64, u64)> = jobs
             .iter()
-            .flat_map(|(_, j)| j.writes.iter())
+            .flat_map(|j| j.writes.iter())
             .map(|(o, b)| (*o, b.as_slice().len() as u64))
             .collect();
         st.queued_bytes = 0;
         st.busy = Some(ranges);
         drop(st);
-        let record = jobs.iter().filter_map(|(_, j)| j.record).max();
+        let record = jobs.iter().filter_map(|j| j.record).max();
         let round = profile::span(Phase::Writeback);
         let outcome = self.write_jobs(&jobs, record.is_some());
         drop(round);
@@ -251,11 +259,11 @@ impl Writeback {
             }
             Err(why) => {
                 // Everything not written is lost, and so is what is still queued behind it.
-                let behind: Vec<(u64, Job)> = st.queue.drain(..).collect();
+                let behind: Vec<Job> = st.queue.drain(..).collect();
                 st.lost.extend(
                     jobs.iter()
                         .chain(behind.iter())
-                        .flat_map(|(_, j)| j.writes.iter())
+                        .flat_map(|j| j.writes.iter())
                         .map(|(o, b)| (*o, b.as_slice().len() as u64)),
                 );
                 st.queued_bytes = 0;
@@ -268,7 +276,7 @@ impl Writeback {
         st
     }
 
-    fn write_jobs(&self, jobs: &[(u64, Job)], flush: bool) -> std::result::Result<(), String> {
+    fn write_jobs(&self, jobs: &[Job], flush: bool) -> std::result::Result<(), String> {
         if flush {
             let _flush = profile::span(Phase::StoreFlush);
             self.dev
@@ -281,7 +289,7 @@ impl Writeback {
         // job, in order (each job's own writes never overlap).
         let all: Vec<(u64, &[u8])> = jobs
             .iter()
-            .flat_map(|(_, j)| j.writes.iter())
+            .flat_map(|j| j.writes.iter())
             .map(|(o, b)| (*o, b.as_slice()))
             .collect();
         let mut ranges: Vec<(u64, u64)> = all.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
@@ -290,7 +298,7 @@ impl Writeback {
         if !overlap {
             return self.origin.write_many(&all).map_err(werr);
         }
-        for (_, j) in jobs {
+        for j in jobs {
             let list: Vec<(u64, &[u8])> =
                 j.writes.iter().map(|(o, b)| (*o, b.as_slice())).collect();
             self.origin.write_many(&list).map_err(werr)?;
