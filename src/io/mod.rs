@@ -401,14 +401,14 @@ pub fn engine_for(dev: Device, choice: EngineChoice) -> io::Result<Arc<dyn Block
         1
     };
     if choice != EngineChoice::Sync {
-        match io_uring::IoUring::new(64) {
+        match uring::RingPool::first() {
             Ok(ring) => {
                 return Ok(Arc::new(UringIo {
                     file: dev.file,
                     tail: Tail::new(dev.tail, dev.size, align),
                     size: dev.size,
                     align,
-                    ring: Mutex::new(ring),
+                    rings: uring::RingPool::new(ring),
                 }))
             }
             Err(e) if choice == EngineChoice::Uring => return Err(e),

@@ -1,14 +1,115 @@
-//! The io_uring engine: one ring per engine; batches go in flight together.
+//! The io_uring engine: a small pool of rings per engine, so that callers on several threads
+//! (connections, the writeback worker) never wait for each other's I/O; each call's requests go
+//! in flight together on one ring.
 
 use super::*;
 
-/// io_uring engine: one ring per engine; batches go in flight together.
+/// Rings an engine makes at most: one per thread doing I/O at the same moment, beyond which a
+/// caller waits for a ring to come back.
+const MAX_RINGS: usize = 4;
+/// Submission queue entries per ring.
+const RING_DEPTH: u32 = 64;
+
+/// io_uring engine: batches go in flight together, on a ring of the engine's pool.
 pub struct UringIo {
     pub(super) file: File,
     pub(super) tail: Tail,
     pub(super) size: u64,
     pub(super) align: usize,
-    pub(super) ring: Mutex<io_uring::IoUring>,
+    pub(super) rings: RingPool,
+}
+
+/// Idle rings, taken by a call for its whole duration and given back after.
+pub(super) struct RingPool {
+    idle: Mutex<(Vec<io_uring::IoUring>, usize)>,
+    back: std::sync::Condvar,
+}
+
+impl RingPool {
+    /// A pool holding `first` (made by the caller, which proves io_uring is allowed here).
+    pub(super) fn new(first: io_uring::IoUring) -> RingPool {
+        RingPool {
+            idle: Mutex::new((vec![first], 1)),
+            back: std::sync::Condvar::new(),
+        }
+    }
+
+    pub(super) fn first() -> io::Result<io_uring::IoUring> {
+        io_uring::IoUring::new(RING_DEPTH)
+    }
+
+    fn take(&self) -> io::Result<Ring<'_>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .map_err(|_| io::Error::other("io_uring pool lock poisoned"))?;
+        loop {
+            if let Some(r) = idle.0.pop() {
+                return Ok(Ring {
+                    pool: self,
+                    ring: Some(r),
+                });
+            }
+            if idle.1 < MAX_RINGS {
+                // Another ring, made outside the lock; should the kernel refuse it, wait for
+                // one of those already made.
+                idle.1 += 1;
+                drop(idle);
+                match io_uring::IoUring::new(RING_DEPTH) {
+                    Ok(r) => {
+                        return Ok(Ring {
+                            pool: self,
+                            ring: Some(r),
+                        })
+                    }
+                    Err(_) => {
+                        idle = self
+                            .idle
+                            .lock()
+                            .map_err(|_| io::Error::other("io_uring pool lock poisoned"))?;
+                        idle.1 = MAX_RINGS;
+                        continue;
+                    }
+                }
+            }
+            idle = self
+                .back
+                .wait(idle)
+                .map_err(|_| io::Error::other("io_uring pool lock poisoned"))?;
+        }
+    }
+}
+
+/// A ring taken from the pool; given back when dropped.
+struct Ring<'a> {
+    pool: &'a RingPool,
+    ring: Option<io_uring::IoUring>,
+}
+
+impl std::ops::Deref for Ring<'_> {
+    type Target = io_uring::IoUring;
+    fn deref(&self) -> &io_uring::IoUring {
+        self.ring
+            .as_ref()
+            .expect("a taken ring holds one until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Ring<'_> {
+    fn deref_mut(&mut self) -> &mut io_uring::IoUring {
+        self.ring
+            .as_mut()
+            .expect("a taken ring holds one until dropped")
+    }
+}
+
+impl Drop for Ring<'_> {
+    fn drop(&mut self) {
+        if let (Some(r), Ok(mut idle)) = (self.ring.take(), self.pool.idle.lock()) {
+            idle.0.push(r);
+            self.pool.back.notify_one();
+        }
+    }
 }
 
 pub(super) enum Op<'a> {
@@ -21,11 +122,11 @@ impl UringIo {
     /// (short transfers are continued, not mistaken for success).
     fn run(&self, ops: &mut [(u64, Op<'_>)]) -> io::Result<()> {
         use io_uring::{opcode, types};
+        if ops.is_empty() {
+            return Ok(());
+        }
         let fd = types::Fd(self.file.as_raw_fd());
-        let mut ring = self
-            .ring
-            .lock()
-            .map_err(|_| io::Error::other("io_uring lock poisoned"))?;
+        let mut ring = self.rings.take()?;
         let depth = ring.params().sq_entries() as usize;
         // progress[i]: bytes done for request i.
         let mut progress = vec![0usize; ops.len()];
