@@ -927,46 +927,35 @@ fn record(w: &Workload, base: &Base) -> Result<Recorded, String> {
                     if refused { ", refused: store full" } else { "" }
                 )
             }
-            (Step::Batch(ws), Some(s)) => {
+            (Step::Batch(ws) | Step::Queued(ws), Some(s)) => {
                 let refs: Vec<(u64, &[u8])> = ws.iter().map(|(o, d)| (*o, d.as_slice())).collect();
                 (may_fill, needs) = (true, room(&refs));
-                match s.write_batch(&refs, false) {
+                let queued = matches!(step, Step::Queued(_));
+                let done = if queued {
+                    let mut bufs: Vec<(u64, AlignedBuf)> = ws
+                        .iter()
+                        .map(|(o, d)| {
+                            let mut b = AlignedBuf::new(d.len());
+                            b.as_mut_slice().copy_from_slice(d);
+                            (*o, b)
+                        })
+                        .collect();
+                    s.write_queued(&mut bufs, false)
+                } else {
+                    s.write_batch(&refs, false)
+                };
+                let kind = if queued { "a queued batch" } else { "a batch" };
+                match done {
                     Err(snapctl::Error::NoSpace(_)) if g.on_full == OnFull::FailWrites => {
                         refused = true
                     }
-                    r => r.map_err(|e| format!("batch: {e}"))?,
+                    r => r.map_err(|e| format!("{kind}: {e}"))?,
                 }
                 if !refused {
                     user.extend(ws.iter().cloned());
                 }
                 format!(
-                    "a batch of {} origin writes{}",
-                    ws.len(),
-                    if refused { ", refused: store full" } else { "" }
-                )
-            }
-            (Step::Queued(ws), Some(s)) => {
-                let refs: Vec<(u64, &[u8])> = ws.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-                (may_fill, needs) = (true, room(&refs));
-                let mut bufs: Vec<(u64, AlignedBuf)> = ws
-                    .iter()
-                    .map(|(o, d)| {
-                        let mut b = AlignedBuf::new(d.len());
-                        b.as_mut_slice().copy_from_slice(d);
-                        (*o, b)
-                    })
-                    .collect();
-                match s.write_queued(&mut bufs, false) {
-                    Err(snapctl::Error::NoSpace(_)) if g.on_full == OnFull::FailWrites => {
-                        refused = true
-                    }
-                    r => r.map_err(|e| format!("queued batch: {e}"))?,
-                }
-                if !refused {
-                    user.extend(ws.iter().cloned());
-                }
-                format!(
-                    "a queued batch of {} origin writes{}",
+                    "{kind} of {} origin writes{}",
                     ws.len(),
                     if refused { ", refused: store full" } else { "" }
                 )

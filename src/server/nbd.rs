@@ -648,12 +648,15 @@ where
             let mut disc = batch[0].kind == CMD_DISC;
             let mut failed = None;
             // A client keeping a deep queue sends its next requests as replies reach it: wait a
-            // moment for them, so they share this batch's commit (never at queue depth 1).
+            // moment for them, so that writes share this batch's copies, flush and commit
+            // (never at queue depth 1). Reads share nothing: a batch of reads only takes what
+            // has arrived, and its replies go out the sooner.
             let linger = last_batch > 1;
+            let mut writes = batch[0].kind == CMD_WRITE || batch[0].kind == CMD_WRITE_ZEROES;
             while !disc && batch.len() < BATCH_REQUESTS && bytes < BATCH_BYTES {
                 let next = match req_rx.try_recv() {
                     Ok(m) => m,
-                    Err(_) if linger && batch.len() < last_batch => {
+                    Err(_) if linger && writes && batch.len() < last_batch => {
                         match req_rx.recv_timeout(Duration::from_micros(300)) {
                             Ok(m) => m,
                             Err(_) => break,
@@ -665,6 +668,7 @@ where
                     Ok(r) => {
                         bytes += r.length as usize;
                         disc = r.kind == CMD_DISC;
+                        writes |= r.kind == CMD_WRITE || r.kind == CMD_WRITE_ZEROES;
                         batch.push(r);
                     }
                     Err(e) => {
