@@ -869,9 +869,10 @@ impl Store {
 
     /// Origin writes, pipelined: copy-on-write as [`Store::write_batch`], but the writes
     /// themselves are queued behind the flush of their copies, and reads wait for them. On
-    /// success `writes` is emptied (the queue owns the buffers); on failure it is left as it
-    /// was when nothing was queued. Without [`Store::pipeline_writes`], the same as
-    /// `write_batch`.
+    /// success `writes` is emptied (the queue owns the buffers). A failure before anything was
+    /// queued (a range, a full store, the copies) leaves it whole, so that the caller can tell
+    /// the writes apart; one while queuing (the queue stopped under it) leaves it short. Without
+    /// [`Store::pipeline_writes`], the same as `write_batch`.
     pub fn write_queued(&mut self, writes: &mut Vec<(u64, AlignedBuf)>, fua: bool) -> Result<()> {
         if self.writeback.is_none() {
             let list: Vec<(u64, &[u8])> = writes.iter().map(|(o, b)| (*o, b.as_slice())).collect();

@@ -1,6 +1,6 @@
 //! `snapctl upgrade`: converts a store of format version 2, 3 or 4 to version 5 in place
-//! (docs/FORMAT.md, "Upgrading"). Version 3 -> 4 only clears the copy journal's area and
-//! rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
+//! (docs/FORMAT.md, "Upgrading"). Version 4 -> 5 rewrites the superblock alone (the journal
+//! is kept); version 3 -> 4 clears the copy journal's area and rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
 //! version 2 kept snapshot rows as JSON and records as bare runs; version 3 adds a checksum to every saved chunk and to every row, and
 //! chains each group's records. The conversion reads every saved chunk once to hash it, writes
 //! the new rows in one metadata commit, then the new superblock. A crash between the two leaves

@@ -15,8 +15,9 @@
 //!   the copies that preserve what it overwrites (invariant 2).
 //! - **Reads see acknowledged writes.** A read of the origin waits for every queued job that
 //!   overlaps it ([`Writeback::wait_for`]); a snapshot never reads the origin where a write is
-//!   queued (its chunks were preserved before it was queued); everything else (a snapshot created or deleted, a restore, a
-//!   check, FLUSH, closing) waits for the whole queue first ([`Writeback::drain`]).
+//!   queued (its chunks were preserved before it was queued); everything else (a snapshot
+//!   created or deleted, a restore, a check, FLUSH, closing) waits for the whole queue first
+//!   ([`Writeback::drain`]).
 //! - **Failure is final.** A store flush or an origin write that fails stops the queue: the
 //!   jobs not written are dropped and named as lost, every later flush, write and change is
 //!   refused, and origin reads of a lost range fail instead of returning the old bytes.
@@ -34,9 +35,10 @@ use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, BlockIo};
 use crate::profile::{self, Phase};
 
-/// Queued data above which a new job waits for the worker (the client's queue, not ours, is
-/// what should be deep).
-const MAX_QUEUED_BYTES: usize = 96 << 20;
+/// Queued data above which a new job waits for the worker: one batch's worth (a batch is at
+/// most 32 MiB), so that the queue adds at most that to the server's memory; the client's queue,
+/// not ours, is what should be deep.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// Jobs queued at most.
 const MAX_QUEUED_JOBS: usize = 64;
 
