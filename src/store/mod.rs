@@ -124,9 +124,6 @@ pub struct Store {
     /// Pipelined origin writes, once a server turns them on (see `writeback.rs`).
     pub(crate) writeback: Option<Arc<writeback::Writeback>>,
     writeback_worker: Option<std::thread::JoinHandle<()>>,
-    /// The journal record this batch wrote without a flush (pipelined writes only): its origin
-    /// writes are queued behind a store flush.
-    pub(crate) unflushed_record: Option<u64>,
     _lock: Option<File>,
 }
 
@@ -684,7 +681,6 @@ impl Store {
             journal: Default::default(),
             writeback: None,
             writeback_worker: None,
-            unflushed_record: None,
             _lock: lock_file,
         };
         let n = store.name.clone();

@@ -59,8 +59,13 @@ impl Job {
     fn overlaps(&self, off: u64, len: u64) -> bool {
         self.writes
             .iter()
-            .any(|(o, b)| *o < off.saturating_add(len) && off < o + b.as_slice().len() as u64)
+            .any(|(o, b)| meets((*o, b.as_slice().len() as u64), (off, len)))
     }
+}
+
+/// Whether two byte ranges (offset, length) share a byte.
+fn meets(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }
 
 #[derive(Default)]
@@ -165,10 +170,9 @@ impl Writeback {
     fn wait(&self, range: Option<(u64, u64)>) -> Result<()> {
         let mut st = self.lock();
         let (off, len) = range.unwrap_or((0, u64::MAX));
-        let end = off.saturating_add(len);
         loop {
             if let Some(why) = &st.failed {
-                if st.lost.iter().any(|(o, l)| *o < end && off < o + l) {
+                if st.lost.iter().any(|r| meets(*r, (off, len))) {
                     return Err(self.failure(why));
                 }
             }
@@ -178,7 +182,7 @@ impl Writeback {
                     st.queue.iter().any(|j| j.overlaps(off, len)),
                     st.busy
                         .as_ref()
-                        .is_some_and(|r| r.iter().any(|(o, l)| *o < end && off < o + l)),
+                        .is_some_and(|r| r.iter().any(|r| meets(*r, (off, len)))),
                 ),
             };
             if !queued && !busy {
@@ -245,11 +249,15 @@ impl Writeback {
             .map(|(o, b)| (*o, b.as_slice().len() as u64))
             .collect();
         st.queued_bytes = 0;
+        // Overlapping writes in the round are written job by job (checked on sorted ranges).
+        let mut sorted = ranges.clone();
+        sorted.sort_unstable();
+        let overlap = sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
         st.busy = Some(ranges);
         drop(st);
         let record = jobs.iter().filter_map(|j| j.record).max();
         let round = profile::span(Phase::Writeback);
-        let outcome = self.write_jobs(&jobs, record.is_some());
+        let outcome = self.write_jobs(&jobs, record.is_some(), overlap);
         drop(round);
         let mut st = self.lock();
         st.busy = None;
@@ -278,7 +286,12 @@ impl Writeback {
         st
     }
 
-    fn write_jobs(&self, jobs: &[Job], flush: bool) -> std::result::Result<(), String> {
+    fn write_jobs(
+        &self,
+        jobs: &[Job],
+        flush: bool,
+        overlap: bool,
+    ) -> std::result::Result<(), String> {
         if flush {
             let _flush = profile::span(Phase::StoreFlush);
             self.dev
@@ -289,15 +302,12 @@ impl Writeback {
         let werr = |e: io::Error| format!("origin {}: write: {e}", self.origin_name);
         // One submission for the whole round unless two of its writes overlap: then job by
         // job, in order (each job's own writes never overlap).
-        let all: Vec<(u64, &[u8])> = jobs
-            .iter()
-            .flat_map(|j| j.writes.iter())
-            .map(|(o, b)| (*o, b.as_slice()))
-            .collect();
-        let mut ranges: Vec<(u64, u64)> = all.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
-        ranges.sort_unstable();
-        let overlap = ranges.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
         if !overlap {
+            let all: Vec<(u64, &[u8])> = jobs
+                .iter()
+                .flat_map(|j| j.writes.iter())
+                .map(|(o, b)| (*o, b.as_slice()))
+                .collect();
             return self.origin.write_many(&all).map_err(werr);
         }
         for j in jobs {

@@ -52,7 +52,9 @@ enum Piece {
 }
 
 enum Preserve {
-    Done,
+    /// Every chunk is preserved. Pipelined, a journal record may have been written whose flush
+    /// is left to the writeback queue: its sequence number.
+    Done(Option<u64>),
     Full,
 }
 

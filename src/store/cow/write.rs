@@ -50,12 +50,10 @@ impl Store {
     /// makes them, but when they were journaled their flush is left to the queue, which makes
     /// it before these writes go out. `writes` is taken only once the copies are done.
     pub(crate) fn write_queued_inner(&mut self, writes: &mut Vec<(u64, AlignedBuf)>) -> Result<()> {
-        self.unflushed_record = None;
-        {
+        let mut record = {
             let list: Vec<(u64, &[u8])> = writes.iter().map(|(o, b)| (*o, b.as_slice())).collect();
-            self.preserve_for(&list, true)?;
-        }
-        let mut record = self.unflushed_record.take();
+            self.preserve_for(&list, true)?
+        };
         let Some(wb) = self.writeback.clone() else {
             return Err(Error::Internal("queued writes without a queue".into()));
         };
@@ -89,8 +87,9 @@ impl Store {
 
     /// Checks the writes' ranges and preserves every chunk they touch (invariant 2), making
     /// room by the on-full policy when the store is full. `queued`: the writes go to the
-    /// writeback queue, which flushes journaled copies before it writes them.
-    fn preserve_for(&mut self, writes: &[(u64, &[u8])], queued: bool) -> Result<()> {
+    /// writeback queue, which flushes journaled copies before it writes them; returns the
+    /// journal record whose flush is left to the queue, if any.
+    fn preserve_for(&mut self, writes: &[(u64, &[u8])], queued: bool) -> Result<Option<u64>> {
         let cs = self.sb.chunk_size;
         let mut chunks = Vec::new();
         for (off, data) in writes {
@@ -100,14 +99,14 @@ impl Store {
             }
         }
         if chunks.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         chunks.sort_unstable();
         chunks.dedup();
         let mut attempts = 0u64;
         loop {
             match self.preserve(&chunks, queued)? {
-                Preserve::Done => return Ok(()),
+                Preserve::Done(record) => return Ok(record),
                 Preserve::Full if self.journal.unfolded => {
                     // Metadata pages the journaled commits replaced are reused only after a
                     // durable commit, and a metadata engine that met a full region must be
@@ -172,14 +171,14 @@ impl Store {
         // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
         // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
         if chunks.iter().all(|&c| self.bit(c)) {
-            return Ok(Preserve::Done);
+            return Ok(Preserve::Done(None));
         }
         let _preserve = profile::span(Phase::Preserve);
         let decide = profile::span(Phase::Decide);
         // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
         // number of snapshots.
         let (Some(e_max), _) = self.newest_epochs() else {
-            return Ok(Preserve::Done);
+            return Ok(Preserve::Done(None));
         };
         let epoch = self.epoch;
         let sn = self.name.clone();
@@ -201,7 +200,7 @@ impl Store {
         }
         drop(decide);
         if need.is_empty() {
-            return Ok(Preserve::Done);
+            return Ok(Preserve::Done(None));
         }
         let alloc = profile::span(Phase::Alloc);
         let Some(extents) = self.alloc(&tx, need.len() as u64)? else {
@@ -323,6 +322,7 @@ impl Store {
                 other => Err(other),
             };
         }
+        let mut queued_record = None;
         if journaled {
             let _write = profile::span(Phase::CopyWrite);
             // Pipelined, the flush is the queue's (before this batch's origin writes), and
@@ -359,9 +359,7 @@ impl Store {
                 self.journal.failed = true;
                 return Err(Error::io(format!("store {sn}: write journal"), e));
             }
-            if queued.is_some() {
-                self.unflushed_record = Some(seq);
-            }
+            queued_record = queued.map(|_| seq);
             self.journal.seq = seq + 1;
             self.journal.offset += rec_len;
             self.journal.records += 1;
@@ -374,7 +372,7 @@ impl Store {
         for c in need {
             self.set_bit(c);
         }
-        Ok(Preserve::Done)
+        Ok(Preserve::Done(queued_record))
     }
 
     /// The hash of each copy, from the buffers already in memory: a chunk's bytes inside the
