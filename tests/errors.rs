@@ -1057,12 +1057,12 @@ fn cases() -> Vec<Case> {
         |w| {
             w.init();
             let mut b = superblock(w);
-            b[8..12].copy_from_slice(&6u32.to_le_bytes());
+            b[8..12].copy_from_slice(&(snapctl::store::format::FORMAT_VERSION + 1).to_le_bytes());
             put_superblock(w, b);
         },
         &["list"],
         2,
-        &["store.img", "version 6", "newer snapctl"],
+        &["store.img", "version 7", "newer snapctl"],
         "Use the snapctl that wrote it, or a newer one.",
     ));
     v.push(case(

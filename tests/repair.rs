@@ -217,7 +217,7 @@ impl Lab {
 fn repair_mends_leaks_indexes_and_counters_without_changing_a_byte() {
     let lab = Lab::new();
     type Damage<'a> = &'a dyn Fn(&Lab) -> bool;
-    let cases: [(&str, Damage, i32); 7] = [
+    let cases: [(&str, Damage, i32); 8] = [
         (
             "leaked chunks",
             &|l| {
@@ -237,6 +237,7 @@ fn repair_mends_leaks_indexes_and_counters_without_changing_a_byte() {
         ("time index", &|l| l.harm(Harm::DropTimeIndex), 6),
         ("stale heads", &|l| l.harm(Harm::StaleHeads), 6),
         ("name index", &|l| l.harm(Harm::DropNames), 6),
+        ("live-point index", &|l| l.harm(Harm::DropLiveIndex), 6),
         (
             "a chunk both free and in use",
             &|l| l.harm(Harm::FreeAChunkInUse),

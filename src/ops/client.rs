@@ -72,6 +72,13 @@ impl Client for Local {
                 // `check` reports a damaged superblock (and `--repair` rewrites it) instead of
                 // refusing to open the store.
                 for_check: matches!(req, Request::Check { .. }),
+                // A create of the origin and a delete touch a few catalog rows, whatever the
+                // number of snapshots: reading them all would make both grow with it.
+                catalog_on_demand: match &req {
+                    Request::Create(c) => c.from.is_none() && !c.writable,
+                    Request::Delete { .. } => true,
+                    _ => false,
+                },
                 ..OpenOptions::default()
             },
         )?;

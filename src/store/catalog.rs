@@ -86,6 +86,9 @@ pub(crate) struct Catalog {
     /// epoch -> the valid branch-0 snapshots at it (ids).
     live: BTreeMap<u64, Vec<u64>>,
     writable: usize,
+    /// Read on demand (see [`Store::find`]): only the snapshots a create or delete touched are
+    /// here, so none of the questions about all of them may be asked.
+    pub(crate) partial: bool,
 }
 
 impl Catalog {
@@ -171,6 +174,11 @@ impl Catalog {
         self.live.keys().copied().collect()
     }
 
+    /// How many valid snapshots of branch 0 there are.
+    pub(crate) fn live_count(&self) -> usize {
+        self.live.values().map(Vec::len).sum()
+    }
+
     /// The valid snapshots of branch 0 at `epoch` (ids), without a pass over the catalog.
     pub(crate) fn live_at(&self, epoch: u64) -> &[u64] {
         self.live.get(&epoch).map(Vec::as_slice).unwrap_or(&[])
@@ -186,16 +194,88 @@ pub struct Event {
     pub reason: String,
 }
 
+/// The catalog counters every snapshot lies below: (epoch, next id, next overlay).
+fn counters(config: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<(u64, u64, u64)> {
+    let next_overlay = config
+        .get(K_NEXT_OVERLAY)
+        .map_err(|e| meta_err(name, e))?
+        .map_or(1, |v| v.value());
+    Ok((
+        get_u64(config, K_EPOCH, name)?,
+        get_u64(config, K_NEXT_ID, name)?,
+        next_overlay,
+    ))
+}
+
+/// Snapshot `id`'s row, checked as a full load checks every row: its checksum, and that it
+/// lies below the counters.
+fn read_row(
+    snaps: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+    (epoch, next_id, next_overlay): (u64, u64, u64),
+    name: &str,
+) -> Result<Option<Snapshot>> {
+    let Some(v) = snaps.get(id).map_err(|e| meta_err(name, e))? else {
+        return Ok(None);
+    };
+    let s = crate::store::codec::decode_snapshot(id, v.value()).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "{name}: the catalog row of snapshot id {id} is damaged; run `snapctl check`"
+        ))
+    })?;
+    if s.epoch >= epoch || s.id >= next_id || s.overlay as u64 >= next_overlay {
+        return Err(Error::Corrupt(format!(
+            "{name}: snapshot '{}' lies beyond the store's counters; run `snapctl check`",
+            s.name
+        )));
+    }
+    Ok(Some(s))
+}
+
+/// The live-point index's entries from `rows` (in order away from a point) while they are at
+/// most `n` distinct epochs.
+fn first_epochs<'a>(
+    rows: impl Iterator<
+        Item = std::result::Result<
+            (redb::AccessGuard<'a, (u64, u64)>, redb::AccessGuard<'a, ()>),
+            redb::StorageError,
+        >,
+    >,
+    n: usize,
+    keys: &mut Vec<(u64, u64)>,
+    name: &str,
+) -> Result<()> {
+    let mut epochs = 0;
+    let mut last = None;
+    for row in rows {
+        let (ep, id) = row.map_err(|e| meta_err(name, e))?.0.value();
+        if last != Some(ep) {
+            epochs += 1;
+            if epochs > n {
+                break;
+            }
+            last = Some(ep);
+        }
+        keys.push((ep, id));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Loads the config and the snapshot table: one row per snapshot, never the exception index.
+    /// A store opened with [`OpenOptions::catalog_on_demand`] loads the counters alone.
     pub(crate) fn load_catalog(&mut self) -> Result<()> {
         let name = self.name.clone();
         let tx = self.rtx()?;
         let config = tx.open_table(CONFIG).map_err(|e| meta_err(&name, e))?;
         self.epoch = get_u64(&config, K_EPOCH, &name)?;
-        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
         self.snaps.clear();
         self.damaged_snapshots.clear();
+        if self.catalog_on_demand {
+            self.snaps.partial = true;
+            return Ok(());
+        }
+        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
         for row in snaps.iter().map_err(|e| meta_err(&name, e))? {
             let (k, v) = row.map_err(|e| meta_err(&name, e))?;
             let Some(s) = crate::store::codec::decode_snapshot(k.value(), v.value()) else {
@@ -250,6 +330,168 @@ impl Store {
                 )));
             }
         }
+        // The live-point index, which a delete on demand trusts, names exactly the live
+        // points (`check` reports a damaged one itself, and `--repair` rebuilds it).
+        if !self.for_check {
+            if let Some(what) =
+                self.live_index_disagrees(&tx.open_table(LIVE).map_err(|e| meta_err(&name, e))?)?
+            {
+                return Err(damaged(what));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the live-point index and the catalog in memory disagree (a full catalog), if they
+    /// do; entries of the damaged rows `check` found are passed over.
+    pub(crate) fn live_index_disagrees(
+        &self,
+        live: &impl ReadableTable<(u64, u64), ()>,
+    ) -> Result<Option<String>> {
+        let mut n = 0usize;
+        for row in live.iter().map_err(|e| meta_err(&self.name, e))? {
+            let (k, _) = row.map_err(|e| meta_err(&self.name, e))?;
+            let (epoch, id) = k.value();
+            // A snapshot whose row is damaged is `check`'s to report.
+            if self.damaged_snapshots.contains(&id) {
+                continue;
+            }
+            if !self.snaps.live_at(epoch).contains(&id) {
+                return Ok(Some(format!(
+                    "the live-point index names snapshot id {id} at epoch {epoch}, which is no valid snapshot of the origin there"
+                )));
+            }
+            n += 1;
+        }
+        let want = self.snaps.live_count();
+        Ok((n != want)
+            .then(|| format!("the live-point index holds {n} entries for {want} live points")))
+    }
+
+    /// Whether a snapshot is named `name`; with a catalog on demand, asked of the name index.
+    pub(crate) fn name_taken(&mut self, name: &str) -> Result<bool> {
+        Ok(self.find(name)?.is_some())
+    }
+
+    /// The snapshot named `name`. A catalog on demand reads it (and keeps it) on first use,
+    /// checked as a full load checks it: the row's checksum, its counters, and that the name
+    /// index and the row agree.
+    pub(crate) fn find(&mut self, name: &str) -> Result<Option<Snapshot>> {
+        if let Some(s) = self.snaps.by_name(name) {
+            return Ok(Some(s.clone()));
+        }
+        if !self.snaps.partial {
+            return Ok(None);
+        }
+        let sn = self.name.clone();
+        let tx = self.rtx()?;
+        let names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+        let Some(id) = names
+            .get(name)
+            .map_err(|e| meta_err(&sn, e))?
+            .map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        let c = counters(&tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?, &sn)?;
+        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+        match read_row(&snaps, id, c, &sn)? {
+            Some(s) if s.name == name => {
+                self.snaps.insert(id, s.clone());
+                Ok(Some(s))
+            }
+            _ => Err(Error::Corrupt(format!(
+                "{sn}: the name '{name}' names no matching snapshot; run `snapctl check`"
+            ))),
+        }
+    }
+
+    /// With a catalog on demand, before a delete's write transaction: the snapshots `ids` will
+    /// need, read and checked while a refusal still changes nothing (see `live_near`). Each
+    /// deleted one can take one of the others' neighbours, so `ids.len() + 1` points on each
+    /// side are read; past a few ids, the whole catalog.
+    pub(crate) fn fetch_for_delete(&mut self, ids: &[u64]) -> Result<()> {
+        if !self.snaps.partial {
+            return Ok(());
+        }
+        if ids.len() > 16 {
+            return self.whole_catalog();
+        }
+        let sn = self.name.clone();
+        let tx = self.rtx()?;
+        let config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
+        let live = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+        for id in ids {
+            if let Some(s) = self.snaps.get(id).cloned() {
+                self.live_near(&config, &live, &snaps, &s, ids.len() + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With a catalog on demand, inside a delete's transaction: the snapshots at `snap`'s live
+    /// point and at the two live points on either side of it, as the transaction sees them
+    /// (after the deletes before it in the same commit). Usually all in memory already.
+    pub(crate) fn fetch_live_around(
+        &mut self,
+        tx: &redb::WriteTransaction,
+        snap: &Snapshot,
+    ) -> Result<()> {
+        if !self.snaps.partial {
+            return Ok(());
+        }
+        let sn = self.name.clone();
+        let config = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
+        let live = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+        let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+        self.live_near(&config, &live, &snaps, snap, 2)
+    }
+
+    /// Reads into the catalog every snapshot at `snap`'s live point and at the `n` live points
+    /// on either side of it, each row checked as a full load checks it and against its index
+    /// entry. Any live point the catalog in memory holds is a real one, so the nearest `n` on
+    /// each side in memory are then the nearest `n` in the store.
+    ///
+    /// The index is trusted where it is silent (a full load checks it whole, as `check` does),
+    /// but not blindly: `snap`, the snapshot about to go, must be in it if it is a live point.
+    fn live_near(
+        &mut self,
+        config: &impl ReadableTable<&'static str, u64>,
+        live: &impl ReadableTable<(u64, u64), ()>,
+        snaps: &impl ReadableTable<u64, &'static [u8]>,
+        snap: &Snapshot,
+        n: usize,
+    ) -> Result<()> {
+        let e = snap.epoch;
+        let sn = self.name.clone();
+        let c = counters(config, &sn)?;
+        let mut keys: Vec<(u64, u64)> = Vec::new();
+        let rows = |r: std::result::Result<_, redb::StorageError>| r.map_err(|e| meta_err(&sn, e));
+        first_epochs(rows(live.range((e, 0)..=(e, u64::MAX)))?, 1, &mut keys, &sn)?;
+        first_epochs(rows(live.range((e + 1, 0)..))?, n, &mut keys, &sn)?;
+        first_epochs(rows(live.range(..(e, 0)))?.rev(), n, &mut keys, &sn)?;
+        if snap.state == SnapState::Valid && snap.branch == 0 && !keys.contains(&(e, snap.id)) {
+            return Err(Error::Corrupt(format!(
+                "{sn}: the live-point index does not name snapshot '{}'; run `snapctl check`",
+                snap.name
+            )));
+        }
+        for (ep, id) in keys {
+            if self.snaps.get(&id).is_some() {
+                continue;
+            }
+            match read_row(snaps, id, c, &sn)? {
+                Some(s) if s.epoch == ep && s.branch == 0 && s.state == SnapState::Valid => {
+                    self.snaps.insert(id, s);
+                }
+                _ => {
+                    return Err(Error::Corrupt(format!(
+                        "{sn}: the live-point index names snapshot id {id} at epoch {ep}, which is no valid snapshot of the origin there; run `snapctl check`"
+                    )))
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -261,12 +503,14 @@ impl Store {
     }
 
     pub fn snapshot(&self, name: &str) -> Result<&Snapshot> {
-        self.snaps.by_name(name).ok_or_else(|| {
-            Error::NotFound(format!(
-                "no snapshot named '{name}' in {} (see `snapctl list`)",
-                self.name
-            ))
-        })
+        self.snaps.by_name(name).ok_or_else(|| self.no_such(name))
+    }
+
+    fn no_such(&self, name: &str) -> Error {
+        Error::NotFound(format!(
+            "no snapshot named '{name}' in {} (see `snapctl list`)",
+            self.name
+        ))
     }
 }
 
@@ -294,7 +538,7 @@ impl Store {
         created: Option<i64>,
     ) -> Result<Snapshot> {
         crate::names::validate(name)?;
-        if self.snaps.by_name(name).is_some() {
+        if self.name_taken(name)? {
             return Err(Error::Exists(format!(
                 "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
                 self.name
@@ -470,7 +714,7 @@ impl Store {
     pub(super) fn delete_inner(&mut self, names: &[String]) -> Result<u64> {
         let mut ids = Vec::new();
         for n in names {
-            let id = self.snapshot(n)?.id;
+            let id = self.find(n)?.ok_or_else(|| self.no_such(n))?.id;
             if ids.contains(&id) {
                 return Err(Error::Invalid(format!(
                     "snapshot '{n}' is named twice; name each snapshot once"
@@ -478,6 +722,7 @@ impl Store {
             }
             ids.push(id);
         }
+        self.fetch_for_delete(&ids)?;
         let sn = self.name.clone();
         let tx = self.wtx()?;
         let mut freed = 0;

@@ -4,6 +4,8 @@
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
+/// 6: the live-point index (`live_points`), so that a delete reads a few catalog rows, not all;
+/// upgraded from 5 by building it from the snapshot rows.
 /// 5: each copy-journal record names the records before it that were written before a flush
 /// had returned for them (pipelined origin writes); upgraded from 4 by rewriting the superblock.
 /// 4: the copy journal (records of an origin write's copies, flushed with them, folded into the
@@ -11,7 +13,7 @@ pub const MAGIC: &[u8; 8] = b"SNAPCTL\0";
 /// 3: a checksum for every saved chunk and every metadata value; record chains.
 /// 2: snapshot overlays (writable snapshots and snapshots of them); upgraded by `snapctl upgrade`.
 /// See docs/FORMAT.md.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest version `snapctl upgrade` converts.
 pub const UPGRADABLE_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;

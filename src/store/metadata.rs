@@ -12,6 +12,10 @@ pub(super) const LENBLOCK_MAGIC: &[u8; 8] = b"SNAPLEN\0";
 pub(crate) const CONFIG: TableDefinition<&str, u64> = TableDefinition::new("config");
 pub(crate) const SNAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 pub(crate) const NAMES: TableDefinition<&str, u64> = TableDefinition::new("names");
+/// (epoch, id) -> (): the live points in time (valid snapshots of branch 0), so that `delete`
+/// finds a snapshot's neighbours without reading the whole catalog. Kept by `put_snap` and
+/// `drop_point`; format version 6.
+pub(crate) const LIVE: TableDefinition<(u64, u64), ()> = TableDefinition::new("live_points");
 /// (branch, group, t) -> runs. See `cow/`.
 pub(crate) const RECORDS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("records");
 /// (branch, t, group) -> (): the same records ordered by time, for delete's window scan.
@@ -324,6 +328,7 @@ pub(super) fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) 
         tx.open_table(SNAPS).map_err(|e| me(e.into()))?;
         tx.open_table(EVENTS).map_err(|e| me(e.into()))?;
         tx.open_table(NAMES).map_err(|e| me(e.into()))?;
+        tx.open_table(LIVE).map_err(|e| me(e.into()))?;
         tx.open_table(RECORDS).map_err(|e| me(e.into()))?;
         tx.open_table(BY_TIME).map_err(|e| me(e.into()))?;
         tx.open_table(HEADS).map_err(|e| me(e.into()))?;

@@ -57,6 +57,11 @@ pub struct OpenOptions {
     /// refusing to open. The store is read through the page cache (one pass over all the
     /// metadata gains the kernel's readahead); `--repair`'s writes are flushed all the same.
     pub for_check: bool,
+    /// Read the catalog on demand instead of whole at open: only the rows a `create` (of the
+    /// origin) or a `delete` touches are read, so that they cost the same at one snapshot or a
+    /// hundred thousand. Any other change reads the whole catalog first; reads and listings
+    /// are for stores opened without it.
+    pub catalog_on_demand: bool,
 }
 
 impl Default for OpenOptions {
@@ -67,6 +72,7 @@ impl Default for OpenOptions {
             engine: EngineChoice::from_env(),
             lock_timeout: lock_timeout_from_env(),
             for_check: false,
+            catalog_on_demand: false,
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct Store {
     pub resumed_restore: Option<String>,
     /// Opened by `check` (see [`OpenOptions::for_check`]).
     pub(crate) for_check: bool,
+    /// The catalog is read on demand (see [`OpenOptions::catalog_on_demand`]).
+    pub(crate) catalog_on_demand: bool,
     /// Snapshot ids whose catalog row fails its check (only when opened by `check`).
     pub(crate) damaged_snapshots: Vec<u64>,
     /// The copy journal's position (see `journal.rs`).
@@ -541,13 +549,15 @@ impl Store {
         }
         let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false, reader)?;
         store.for_check = opts.for_check;
+        store.catalog_on_demand = opts.catalog_on_demand && !opts.for_check;
         guard_panic(&store.name.clone(), || store.load_catalog())?;
         // Before anything reads a view or writes the origin: the journal's records are part of
         // what the store holds.
         guard_panic(&store.name.clone(), || store.open_journal())?;
         if store.restore_pending()? {
             // A restore was cut short: finish it before anything reads the origin, with the
-            // origin opened for writing (and exclusively) for that.
+            // origin opened for writing (and exclusively) for that, and the whole catalog.
+            store.whole_catalog()?;
             if !opts.write_origin {
                 let odev = open_retrying(
                     "origin",
@@ -677,6 +687,7 @@ impl Store {
             version: FORMAT_VERSION,
             resumed_restore: None,
             for_check: false,
+            catalog_on_demand: false,
             damaged_snapshots: Vec::new(),
             journal: Default::default(),
             writeback: None,
@@ -714,9 +725,25 @@ impl Store {
     /// found no room): the catalog is read again from what is committed, so a refused change
     /// leaves no trace in this process either (a server keeps serving what is on disk).
     fn change<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        self.whole_catalog()?;
+        self.change_on_demand(f)
+    }
+
+    /// `change` for the two changes a catalog on demand serves (create of the origin, delete).
+    fn change_on_demand<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         // Every change but a queued write starts after the queued writes (see writeback.rs).
         self.drain_writes()?;
         self.change_queued(f)
+    }
+
+    /// Reads the whole catalog if it was read on demand so far.
+    pub(crate) fn whole_catalog(&mut self) -> Result<()> {
+        if !self.snaps.partial {
+            return Ok(());
+        }
+        self.catalog_on_demand = false;
+        let n = self.name.clone();
+        guard_panic(&n, || self.load_catalog())
     }
 
     /// `change` without waiting for the queued origin writes: for the write that queues more.
@@ -750,7 +777,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         created: Option<i64>,
     ) -> Result<Snapshot> {
-        self.change(|s| s.create_inner(name, expires, labels, created))
+        self.change_on_demand(|s| s.create_inner(name, expires, labels, created))
     }
 
     /// A snapshot of a snapshot: its point in time, and a frozen copy of its overlay (what a
@@ -811,7 +838,7 @@ impl Store {
 
     /// Deletes snapshots in one commit; returns the bytes freed.
     pub fn delete(&mut self, names: &[String]) -> Result<u64> {
-        self.change(|s| s.delete_inner(names))
+        self.change_on_demand(|s| s.delete_inner(names))
     }
 
     pub fn used_chunks(&self) -> Result<u64> {
@@ -876,6 +903,7 @@ impl Store {
             writes.clear();
             return Ok(());
         }
+        self.whole_catalog()?;
         self.change_queued(|s| s.write_queued_inner(writes))?;
         if fua {
             self.flush()?;
@@ -968,10 +996,33 @@ impl Store {
     }
 }
 
+/// Writes snapshot `s`'s row, and its entry in the live-point index (there while it is a
+/// valid snapshot of branch 0; a snapshot's epoch and branch never change).
 pub(crate) fn put_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
     let mut t = tx.open_table(SNAPS).map_err(|e| meta_err(store, e))?;
     let v = crate::store::codec::encode_snapshot(s);
     t.insert(s.id, v.as_slice())
+        .map_err(|e| meta_err(store, e))?;
+    let mut live = tx.open_table(LIVE).map_err(|e| meta_err(store, e))?;
+    if s.state == SnapState::Valid && s.branch == 0 {
+        live.insert((s.epoch, s.id), ())
+    } else {
+        live.remove((s.epoch, s.id)).map(|_| None)
+    }
+    .map_err(|e| meta_err(store, e))?;
+    Ok(())
+}
+
+/// Removes snapshot `s`'s row, its name and its live-point entry.
+pub(crate) fn remove_snap(tx: &redb::WriteTransaction, s: &Snapshot, store: &str) -> Result<()> {
+    let mut snaps = tx.open_table(SNAPS).map_err(|e| meta_err(store, e))?;
+    snaps.remove(s.id).map_err(|e| meta_err(store, e))?;
+    let mut names = tx.open_table(NAMES).map_err(|e| meta_err(store, e))?;
+    names
+        .remove(s.name.as_str())
+        .map_err(|e| meta_err(store, e))?;
+    let mut live = tx.open_table(LIVE).map_err(|e| meta_err(store, e))?;
+    live.remove((s.epoch, s.id))
         .map_err(|e| meta_err(store, e))?;
     Ok(())
 }
@@ -1100,6 +1151,8 @@ pub mod testing {
         StaleHeads,
         /// The name index is emptied.
         DropNames,
+        /// The live-point index is emptied.
+        DropLiveIndex,
         /// The first chunk in use is also put in the free list.
         FreeAChunkInUse,
         /// Every snapshot's exclusive count is set to 7.
@@ -1182,6 +1235,11 @@ pub mod testing {
                 Harm::DropNames => {
                     tx.delete_table(NAMES).map_err(|e| me(e.into()))?;
                     tx.open_table(NAMES).map_err(|e| me(e.into()))?;
+                    true
+                }
+                Harm::DropLiveIndex => {
+                    tx.delete_table(LIVE).map_err(|e| me(e.into()))?;
+                    tx.open_table(LIVE).map_err(|e| me(e.into()))?;
                     true
                 }
                 Harm::FreeAChunkInUse => match nth_record(0)? {

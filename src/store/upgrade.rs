@@ -1,6 +1,6 @@
-//! `snapctl upgrade`: converts a store of format version 2, 3 or 4 to version 5 in place
-//! (docs/FORMAT.md, "Upgrading"). Version 4 -> 5 rewrites the superblock alone (the journal
-//! is kept); version 3 -> 4 clears the copy journal's area and rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
+//! `snapctl upgrade`: converts a store of format version 2, 3, 4 or 5 to version 6 in place
+//! (docs/FORMAT.md, "Upgrading"). Version 5 -> 6 builds the live-point index from the snapshot
+//! rows. Version 4 -> 5 rewrites the superblock alone (the journal is kept); version 3 -> 4 clears the copy journal's area and rewrites the superblock. Version 2 -> 3 (docs/FORMAT.md, "Upgrading from version 2"):
 //! version 2 kept snapshot rows as JSON and records as bare runs; version 3 adds a checksum to every saved chunk and to every row, and
 //! chains each group's records. The conversion reads every saved chunk once to hash it, writes
 //! the new rows in one metadata commit, then the new superblock. A crash between the two leaves
@@ -13,10 +13,10 @@ use redb::ReadableTable;
 
 use crate::error::{meta_err, Error, Result};
 use crate::io::AlignedBuf;
-use crate::store::codec::{chunk_hash, encode_snapshot, Entry, Record};
+use crate::store::codec::{chunk_hash, decode_snapshot, encode_snapshot, Entry, Record};
 use crate::store::cow::{put_overlay, put_record};
 use crate::store::format::{FORMAT_VERSION, GROUP_CHUNKS, UPGRADABLE_VERSION};
-use crate::store::{Snapshot, Store, CONFIG, HEADS, OVERLAYS, RECORDS, SNAPS};
+use crate::store::{SnapState, Snapshot, Store, CONFIG, HEADS, LIVE, OVERLAYS, RECORDS, SNAPS};
 
 /// Set in `config` by the conversion's commit: the version of the rows' layout.
 const K_FORMAT: &str = "format";
@@ -191,6 +191,28 @@ impl Store {
                 let mut c = tx.open_table(CONFIG).map_err(|e| meta_err(&sn, e))?;
                 c.insert(K_FORMAT, ROWS_VERSION as u64)
                     .map_err(|e| meta_err(&sn, e))?;
+            }
+            tx.commit().map_err(|e| meta_err(&sn, e))?;
+        }
+        // Version 5 -> 6: the live-point index, built from the snapshot rows in one commit
+        // (again from scratch by an upgrade run after a crash before the superblock says 6).
+        // A damaged row is left out: opening the store refuses it until `check` mends it.
+        {
+            let tx = self.wtx()?;
+            tx.delete_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+            {
+                let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
+                let mut live = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+                for row in snaps.iter().map_err(|e| meta_err(&sn, e))? {
+                    let (k, v) = row.map_err(|e| meta_err(&sn, e))?;
+                    let Some(s) = decode_snapshot(k.value(), v.value()) else {
+                        continue;
+                    };
+                    if s.state == SnapState::Valid && s.branch == 0 {
+                        live.insert((s.epoch, s.id), ())
+                            .map_err(|e| meta_err(&sn, e))?;
+                    }
+                }
             }
             tx.commit().map_err(|e| meta_err(&sn, e))?;
         }

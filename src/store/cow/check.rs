@@ -545,6 +545,12 @@ impl Store {
                 .push(format!("{} names for {} snapshots", nnames, rep.snapshots));
             reindex = true;
         }
+        let live_index = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+        if let Some(what) = self.live_index_disagrees(&live_index)? {
+            rep.corruption.push(what);
+            reindex = true;
+        }
+        drop(live_index);
         if reindex {
             rep.fixes.push(Fix::Reindex);
             sound = false;

@@ -32,8 +32,9 @@ use crate::store::codec::{
 };
 use crate::store::format::{OnFull, GROUP_CHUNKS};
 use crate::store::{
-    put_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, HEADS, K_EPOCH, K_HIGH_WATER,
-    K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, NAMES, OVERLAYS, PENDING, RECORDS, SNAPS,
+    put_snap, remove_snap, Event, SnapState, Store, BY_TIME, CONFIG, FREE, HEADS, K_EPOCH,
+    K_HIGH_WATER, K_RESTORE_BACKUP, K_RESTORE_TARGET, K_USED, LIVE, NAMES, OVERLAYS, PENDING,
+    RECORDS, SNAPS,
 };
 
 /// One read of a batch: `buf.len()` bytes at `off` of `view` (a snapshot name or "origin").

@@ -152,6 +152,17 @@ impl Store {
                     for n in &gone {
                         names.remove(n.as_str()).map_err(|e| meta_err(&sn, e))?;
                     }
+                    let mut live = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
+                    let points: Vec<(u64, u64)> = live
+                        .iter()
+                        .map_err(|e| meta_err(&sn, e))?
+                        .filter_map(|r| r.ok())
+                        .map(|(k, _)| k.value())
+                        .filter(|&(_, i)| i == *id)
+                        .collect();
+                    for p in points {
+                        live.remove(p).map_err(|e| meta_err(&sn, e))?;
+                    }
                     done.push(format!("removed snapshot id {id}: {reason}"));
                 }
                 for id in snapshots {
@@ -221,9 +232,11 @@ impl Store {
             tx.delete_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
             tx.delete_table(HEADS).map_err(|e| meta_err(&sn, e))?;
             tx.delete_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+            tx.delete_table(LIVE).map_err(|e| meta_err(&sn, e))?;
             let mut by_time = tx.open_table(BY_TIME).map_err(|e| meta_err(&sn, e))?;
             let mut heads = tx.open_table(HEADS).map_err(|e| meta_err(&sn, e))?;
             let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
+            let mut live = tx.open_table(LIVE).map_err(|e| meta_err(&sn, e))?;
             for (i, &(b, g, t)) in keys.iter().enumerate() {
                 by_time
                     .insert((b, t, g), ())
@@ -245,10 +258,17 @@ impl Store {
                 names
                     .insert(s.name.as_str(), s.id)
                     .map_err(|e| meta_err(&sn, e))?;
+                if s.state == SnapState::Valid && s.branch == 0 {
+                    live.insert((s.epoch, s.id), ())
+                        .map_err(|e| meta_err(&sn, e))?;
+                }
             }
         }
         tx.commit().map_err(|e| meta_err(&sn, e))?;
-        done.push("rebuilt the time index, the record heads and the name index".into());
+        done.push(
+            "rebuilt the time index, the record heads, the name index and the live-point index"
+                .into(),
+        );
         Ok(())
     }
 

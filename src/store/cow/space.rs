@@ -73,6 +73,9 @@ impl Store {
         let Some(snap) = self.snaps.get(&id).cloned() else {
             return Err(Error::NotFound(format!("snapshot id {id}")));
         };
+        // A catalog read on demand holds what the window arithmetic below asks: the other
+        // snapshots at this point and at the two live points on either side.
+        self.fetch_live_around(tx, &snap)?;
         // Forget it in memory first, so live_epochs() below is "the others".
         let was_valid = snap.state == SnapState::Valid;
         match &invalid {
@@ -86,12 +89,7 @@ impl Store {
             }
             None => {
                 self.snaps.remove(&id);
-                let mut snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&sn, e))?;
-                snaps.remove(id).map_err(|e| meta_err(&sn, e))?;
-                let mut names = tx.open_table(NAMES).map_err(|e| meta_err(&sn, e))?;
-                names
-                    .remove(snap.name.as_str())
-                    .map_err(|e| meta_err(&sn, e))?;
+                remove_snap(tx, &snap, &sn)?;
             }
         }
         if !was_valid {

@@ -140,7 +140,8 @@ impl Store {
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
-        if self.snaps.any_writable() {
+        // A catalog read on demand cannot say whether a writable snapshot exists: flush.
+        if self.snaps.partial || self.snaps.any_writable() {
             self.dev
                 .flush()
                 .map_err(|e| Error::io(format!("store {}: flush", self.name), e))?;
