@@ -975,7 +975,7 @@ _snapctl() {
             return 0
             ;;
         snapctl__subcmd__serve)
-            opts="-s -q -v -h -V --socket --listen --tls-cert --tls-key --tls-client-ca --no-tls --group --store --json --quiet --verbose --help --version"
+            opts="-s -q -v -h -V --socket --listen --tls-cert --tls-key --tls-client-ca --no-tls --group --cache --store --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1002,6 +1002,10 @@ _snapctl() {
                     return 0
                     ;;
                 --group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

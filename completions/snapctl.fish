@@ -223,6 +223,7 @@ complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-cert -d 'T
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-key -d 'The private key of --tls-cert (PEM)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l tls-client-ca -d 'Require TCP clients to present a certificate signed by this CA (PEM)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l group -d 'Let the members of GROUP (a group name or numeric gid) use the sockets too: sockets 0660 and the run directory 0710, owned by GROUP' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l cache -d 'Memory for the store\'s metadata (like 64M or 1G, at least 4M): half for its page cache, half for the exception records last read, decoded and verified. Whatever the number of snapshots and exceptions, the server grows beyond its start by this, its connections\' buffers and the writes queued behind their copies (at most 32 MiB)' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -s s -l store -d 'The exception store (a block device or a file)' -r -F
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l no-tls -d 'Serve --listen as plain NBD, without TLS: allowed on a loopback address only (127.0.0.0/8 or ::1), where anyone on this machine who can reach the port can read and write the origin and every snapshot'
 complete -c snapctl -n "__fish_snapctl_using_subcommand serve" -l json -d 'Print one JSON object on stdout (errors as JSON on stderr)'

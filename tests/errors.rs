@@ -2047,6 +2047,26 @@ fn cases() -> Vec<Case> {
     ));
     v.push(case(
         g,
+        "cache-not-a-size",
+        "--cache that is not a size",
+        inited,
+        &["serve", "--cache", "lots"],
+        2,
+        &["--cache 'lots'", "not a size", "64M"],
+        "Give a size like 64M or 1G.",
+    ));
+    v.push(case(
+        g,
+        "cache-too-small",
+        "--cache below 4 MiB",
+        inited,
+        &["serve", "--cache", "1M"],
+        2,
+        &["--cache 1M", "too small", "4M"],
+        "Give at least 4M.",
+    ));
+    v.push(case(
+        g,
         "no-tls-not-loopback",
         "--no-tls on an address that is not loopback",
         inited,

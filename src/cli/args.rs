@@ -348,6 +348,12 @@ pub enum Cmd {
         /// 0660 and the run directory 0710, owned by GROUP
         #[arg(long, value_name = "GROUP")]
         group: Option<String>,
+        /// Memory for the store's metadata (like 64M or 1G, at least 4M): half for its page
+        /// cache, half for the exception records last read, decoded and verified. Whatever the number
+        /// of snapshots and exceptions, the server grows beyond its start by this, its
+        /// connections' buffers and the writes queued behind their copies (at most 32 MiB)
+        #[arg(long, value_name = "SIZE", default_value = "64M")]
+        cache: String,
     },
     /// Generate man pages and shell completions (for packagers)
     #[command(hide = true)]

@@ -257,7 +257,21 @@ pub fn run(cli: Cli) -> Result<Output> {
             tls_client_ca,
             no_tls,
             group,
+            cache,
         } => {
+            let cache_bytes = parse_size(&cache)
+                .ok()
+                .and_then(|b| usize::try_from(b).ok())
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "--cache '{cache}' is not a size; write it like 64M or 1G"
+                    ))
+                })?;
+            if cache_bytes < crate::store::MIN_CACHE_BYTES {
+                return Err(Error::Invalid(format!(
+                    "--cache {cache} is too small; give it at least 4M"
+                )));
+            }
             crate::server::serve(
                 store_path(g)?,
                 crate::server::ServeOptions {
@@ -268,6 +282,7 @@ pub fn run(cli: Cli) -> Result<Output> {
                     tls_client_ca,
                     no_tls,
                     group,
+                    cache_bytes,
                     verbose: g.verbose > 0,
                 },
             )?;

@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub no_tls: bool,
     /// `--group`: a group name or gid whose members may use the sockets too.
     pub group: Option<String>,
+    /// `--cache`: the store's memory for metadata (see `OpenOptions::cache_bytes`).
+    pub cache_bytes: usize,
     pub verbose: bool,
 }
 
@@ -158,6 +160,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
         store_path,
         OpenOptions {
             write_origin: true,
+            cache_bytes: opts.cache_bytes,
             ..OpenOptions::default()
         },
     )?;
@@ -203,7 +206,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     let shared = Arc::new(Shared::new(store, opts.verbose));
     let engine = shared.lock().map(|s| s.engine()).unwrap_or("?");
     eprintln!(
-        "snapctl serve: serving {} (origin {}) on nbd+unix:///origin?socket={}{}; I/O engine {engine}",
+        "snapctl serve: serving {} (origin {}) on nbd+unix:///origin?socket={}{}; I/O engine {engine}; metadata cache {}",
         store_path.display(),
         sb.origin_path,
         nbd_path.display(),
@@ -211,7 +214,8 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
             (Some(a), Some(_)) => format!(" and nbds://{a}/origin (TLS)"),
             (Some(a), None) => format!(" and nbd://{a}/origin (no TLS)"),
             _ => String::new(),
-        }
+        },
+        crate::names::human_bytes(opts.cache_bytes as u64)
     );
     let nbd_live = Arc::new(AtomicUsize::new(0));
     let ctl_live = Arc::new(AtomicUsize::new(0));

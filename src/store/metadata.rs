@@ -43,9 +43,6 @@ pub(crate) const K_NEXT_OVERLAY: &str = "next_overlay";
 pub(crate) const K_RESTORE_TARGET: &str = "restore_target";
 pub(crate) const K_RESTORE_BACKUP: &str = "restore_backup";
 
-/// The redb cache: bounded, whatever the number of exceptions.
-pub(super) const META_CACHE_BYTES: usize = 32 << 20;
-
 /// redb's file, mapped onto the metadata region of the store. The logical length lives in the
 /// length block, rewritten and flushed on every resize, so a crash leaves a length that redb's
 /// recovery understands ("set by a single truncate or extend").
@@ -241,9 +238,10 @@ impl redb::StorageBackend for Region {
     }
 }
 
-pub(super) fn db_builder() -> redb::Builder {
+/// The metadata engine, its page cache bounded by `caches` whatever the number of exceptions.
+pub(super) fn db_builder(caches: Caches) -> redb::Builder {
     let mut b = redb::Database::builder();
-    b.set_cache_size(META_CACHE_BYTES);
+    b.set_cache_size(caches.meta_bytes);
     b
 }
 
@@ -275,7 +273,7 @@ impl Store {
         self.resolved.clear();
         if !matches!(self.db, Db::Rw(_)) {
             self.db = Db::Closed; // the read-only handle must be gone before a writer opens
-            let db = db_builder()
+            let db = db_builder(self.caches)
                 .create_with_backend(self.region.clone())
                 .map_err(|e| meta_err(&self.name, e))?;
             self.db = Db::Rw(db);
@@ -307,7 +305,7 @@ pub(super) fn format_metadata(io: &Arc<dyn BlockIo>, meta_len: u64, name: &str) 
     w(io.flush())?;
     let region = Region::new(io.clone(), META_OFFSET, meta_len, 0);
     let me = |e: redb::Error| meta_err(name, e);
-    let db = db_builder()
+    let db = db_builder(Caches::of(DEFAULT_CACHE_BYTES))
         .create_with_backend(region)
         .map_err(|e| me(e.into()))?;
     let mut tx = db.begin_write().map_err(|e| me(e.into()))?;

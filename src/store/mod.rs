@@ -62,6 +62,9 @@ pub struct OpenOptions {
     /// hundred thousand. Any other change reads the whole catalog first; reads and listings
     /// are for stores opened without it.
     pub catalog_on_demand: bool,
+    /// What this process may keep of the store's metadata in memory, in bytes: half for the
+    /// metadata engine's page cache, the rest for resolved and verified records (see `Caches`).
+    pub cache_bytes: usize,
 }
 
 impl Default for OpenOptions {
@@ -73,8 +76,46 @@ impl Default for OpenOptions {
             lock_timeout: lock_timeout_from_env(),
             for_check: false,
             catalog_on_demand: false,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
+}
+
+/// The default of [`OpenOptions::cache_bytes`] (`serve --cache`).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// The smallest `serve --cache`.
+pub const MIN_CACHE_BYTES: usize = 4 << 20;
+
+/// How a store's memory for metadata is split: half for the metadata engine's page cache, a
+/// quarter for resolved groups (`cow::ResolvedCache`), a quarter for the record values
+/// verified and decoded (`cow/records.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caches {
+    pub(crate) meta_bytes: usize,
+    pub(crate) resolved_groups: usize,
+    pub(crate) verified_records: usize,
+}
+
+impl Caches {
+    pub(crate) fn of(bytes: usize) -> Caches {
+        let bytes = bytes.max(MIN_CACHE_BYTES);
+        Caches {
+            meta_bytes: bytes / 2,
+            resolved_groups: (bytes / 4 / cow::ResolvedCache::GROUP_BYTES).max(16),
+            verified_records: (bytes / 4 / cow::VERIFIED_BYTES).max(16),
+        }
+    }
+}
+
+/// How `open_on` opens a store on its devices.
+struct Opening {
+    /// The store's lock, held for the life of the `Store`.
+    lock: Option<File>,
+    /// Load the catalog (else the caller does, after setting how).
+    load: bool,
+    /// Where the metadata's pages are read from (see `Region::reader`).
+    meta_reader: Option<Arc<dyn BlockIo>>,
+    caches: Caches,
 }
 
 fn lock_timeout_from_env() -> Duration {
@@ -119,6 +160,8 @@ pub struct Store {
     /// `(group, epoch) -> where each chunk is`. Cleared whenever a writer opens, so it never
     /// outlives the metadata it was read from.
     pub(crate) resolved: cow::ResolvedCache,
+    /// The memory for metadata this process may keep ([`OpenOptions::cache_bytes`]).
+    pub(crate) caches: Caches,
     /// A restore interrupted by a crash that opening the store finished: its target's name.
     pub resumed_restore: Option<String>,
     /// Opened by `check` (see [`OpenOptions::for_check`]).
@@ -543,11 +586,23 @@ impl Store {
             .ok()
         };
         if upgrade {
-            let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false, reader)?;
+            let how = Opening {
+                lock: Some(lock_file),
+                load: false,
+                meta_reader: reader,
+                caches: Caches::of(opts.cache_bytes),
+            };
+            let mut store = Self::open_on(io, origin, sb, name, how)?;
             store.version = version;
             return Ok(store);
         }
-        let mut store = Self::open_on(io, origin, sb, name, Some(lock_file), false, reader)?;
+        let how = Opening {
+            lock: Some(lock_file),
+            load: false,
+            meta_reader: reader,
+            caches: Caches::of(opts.cache_bytes),
+        };
+        let mut store = Self::open_on(io, origin, sb, name, how)?;
         store.for_check = opts.for_check;
         store.catalog_on_demand = opts.catalog_on_demand && !opts.for_check;
         guard_panic(&store.name.clone(), || store.load_catalog())?;
@@ -584,7 +639,13 @@ impl Store {
         if origin.len() != sb.origin_size {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
-        let mut store = Self::open_on(dev, origin, sb, name.to_string(), None, true, None)?;
+        let how = Opening {
+            lock: None,
+            load: true,
+            meta_reader: None,
+            caches: Caches::of(DEFAULT_CACHE_BYTES),
+        };
+        let mut store = Self::open_on(dev, origin, sb, name.to_string(), how)?;
         guard_panic(name, || store.open_journal())?;
         if store.restore_pending()? {
             store.resume_restore()?;
@@ -631,9 +692,7 @@ impl Store {
         origin: Arc<dyn BlockIo>,
         sb: Superblock,
         name: String,
-        lock_file: Option<File>,
-        load: bool,
-        meta_reader: Option<Arc<dyn BlockIo>>,
+        how: Opening,
     ) -> Result<Store> {
         let want = sb.data_offset + sb.data_chunks * sb.chunk_size;
         if want > io.len() {
@@ -653,17 +712,18 @@ impl Store {
                 ))
             })?;
         let mut region = Region::new(io.clone(), sb.meta_offset, sb.meta_len, len);
-        if let Some(r) = meta_reader {
+        if let Some(r) = how.meta_reader {
             region.reader = r;
         }
+        cow::set_verified_max(how.caches.verified_records);
         let mut unclean = false;
         let db = guard_panic(&name, || {
-            match db_builder().open_read_only_with_backend(region.clone()) {
+            match db_builder(how.caches).open_read_only_with_backend(region.clone()) {
                 Ok(db) => Ok(Db::Ro(db)),
                 // The last writer did not close cleanly: recovery writes, so open writable.
                 Err(redb::DatabaseError::RepairAborted) => {
                     unclean = true;
-                    db_builder()
+                    db_builder(how.caches)
                         .create_with_backend(region.clone())
                         .map(Db::Rw)
                         .map_err(|e| meta_err(&name, e))
@@ -683,7 +743,8 @@ impl Store {
             epoch: 0,
             events: Vec::new(),
             verified_overlays: Default::default(),
-            resolved: Default::default(),
+            resolved: cow::ResolvedCache::new(how.caches.resolved_groups),
+            caches: how.caches,
             version: FORMAT_VERSION,
             resumed_restore: None,
             for_check: false,
@@ -692,14 +753,14 @@ impl Store {
             journal: Default::default(),
             writeback: None,
             writeback_worker: None,
-            _lock: lock_file,
+            _lock: how.lock,
         };
         let n = store.name.clone();
         if unclean {
             // Before anything reads a saved chunk or writes the origin.
             guard_panic(&n, || store.settle_pending_copies())?;
         }
-        if load {
+        if how.load {
             guard_panic(&n, || store.load_catalog())?;
         }
         Ok(store)

@@ -163,22 +163,32 @@ pub(crate) enum DamagedRow {
 /// Where each chunk of a group is for a view at an epoch: a saved copy, or the origin (`None`).
 pub(crate) type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
 
-/// Resolved groups, bounded: cleared whole when full (a cache of verified metadata, never a
-/// source of truth), and whenever a writer opens.
-#[derive(Default)]
-pub(crate) struct ResolvedCache(std::sync::Mutex<HashMap<(u64, u64), std::sync::Arc<Slots>>>);
-
-/// At most this many groups are kept (about 6 KiB each).
-const RESOLVED_MAX: usize = 4096;
+/// Resolved groups, bounded (`max` groups, from the store's [`crate::store::Caches`]): cleared
+/// whole when full (a cache of verified metadata, never a source of truth), and whenever a
+/// writer opens.
+pub(crate) struct ResolvedCache {
+    map: std::sync::Mutex<HashMap<(u64, u64), std::sync::Arc<Slots>>>,
+    max: usize,
+}
 
 impl ResolvedCache {
+    /// What one group costs in memory: its slots, and its map entry and `Arc` counts.
+    pub(crate) const GROUP_BYTES: usize = std::mem::size_of::<Slots>() + 64;
+
+    pub(crate) fn new(max: usize) -> ResolvedCache {
+        ResolvedCache {
+            map: Default::default(),
+            max,
+        }
+    }
+
     pub(crate) fn get(&self, g: u64, e: u64) -> Option<std::sync::Arc<Slots>> {
-        self.0.lock().ok()?.get(&(g, e)).cloned()
+        self.map.lock().ok()?.get(&(g, e)).cloned()
     }
 
     pub(crate) fn put(&self, g: u64, e: u64, slots: std::sync::Arc<Slots>) {
-        if let Ok(mut m) = self.0.lock() {
-            if m.len() >= RESOLVED_MAX {
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= self.max {
                 m.clear();
             }
             m.insert((g, e), slots);
@@ -186,7 +196,7 @@ impl ResolvedCache {
     }
 
     pub(crate) fn clear(&self) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.map.lock() {
             m.clear();
         }
     }
@@ -252,5 +262,34 @@ impl Store {
                 self.sb.origin_size
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Caches;
+
+    /// The budget is split as documented, each share holds at least some groups, and the
+    /// resolved cache never holds more groups than its share.
+    #[test]
+    fn the_cache_budget_is_split_and_the_resolved_groups_keep_to_their_share() {
+        let c = Caches::of(64 << 20);
+        assert_eq!(c.meta_bytes, 32 << 20);
+        assert!(c.resolved_groups * ResolvedCache::GROUP_BYTES <= 16 << 20);
+        assert!(c.verified_records * VERIFIED_BYTES <= 16 << 20);
+        assert!(
+            c.resolved_groups >= 1000 && c.verified_records >= 1000,
+            "{c:?}"
+        );
+        // Below the least, the least.
+        assert_eq!(Caches::of(0).meta_bytes, crate::store::MIN_CACHE_BYTES / 2);
+        let r = ResolvedCache::new(16);
+        let slots: std::sync::Arc<Slots> = std::sync::Arc::new([None; GROUP_CHUNKS as usize]);
+        for g in 0..100 {
+            r.put(g, 1, slots.clone());
+            assert!(r.map.lock().map(|m| m.len()).unwrap_or(0) <= 16);
+        }
+        assert!(r.get(99, 1).is_some());
     }
 }

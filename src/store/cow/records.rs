@@ -24,12 +24,22 @@ type Verified = HashMap<(&'static str, Vec<u8>), (Vec<u8>, Record)>;
 static VERIFIED: std::sync::LazyLock<std::sync::Mutex<Verified>> =
     std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
 
-/// At most this many values are remembered (about 6 KiB each at most: 12 MiB).
-const VERIFIED_MAX: usize = 2048;
+/// At most this many values are remembered: set by the store opened last, from its share of
+/// the cache ([`crate::store::Caches`]).
+static VERIFIED_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1024);
+
+/// What one remembered value costs at most: a full group's value (128 entries of 42 bytes)
+/// and its decoded record (128 entries of 48 bytes), with the key and the map's own.
+pub(crate) const VERIFIED_BYTES: usize = 128 * 42 + 128 * 48 + 256;
+
+/// Bounds the values remembered to `max` (a smaller bound takes effect at the next insert).
+pub(crate) fn set_verified_max(max: usize) {
+    VERIFIED_MAX.store(max.max(16), std::sync::atomic::Ordering::Relaxed);
+}
 
 fn remember(table: &'static str, key: Vec<u8>, value: Vec<u8>, rec: Record) {
     if let Ok(mut c) = VERIFIED.lock() {
-        if c.len() >= VERIFIED_MAX {
+        if c.len() >= VERIFIED_MAX.load(std::sync::atomic::Ordering::Relaxed) {
             c.clear();
         }
         c.insert((table, key), (value, rec));
