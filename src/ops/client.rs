@@ -5,7 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockWriteGuard};
 
 use super::protocol::{self, Envelope, Hello, Message, Welcome};
 use super::{exec, Access, Data, Host, Progress, Reply, Request};
@@ -51,12 +51,12 @@ impl Local {
 }
 
 /// A store this process opened.
-struct Own(Mutex<Store>);
+struct Own(RwLock<Store>);
 
 impl Host for Own {
-    fn lock(&self) -> Result<MutexGuard<'_, Store>> {
+    fn lock(&self) -> Result<RwLockWriteGuard<'_, Store>> {
         self.0
-            .lock()
+            .write()
             .map_err(|_| Error::Corrupt("the store's lock was poisoned by a failed step".into()))
     }
 }
@@ -91,7 +91,7 @@ impl Client for Local {
                 store.origin_engine()
             );
         }
-        exec(&Own(Mutex::new(store)), req, data, progress)
+        exec(&Own(RwLock::new(store)), req, data, progress)
     }
 
     fn remote(&self) -> bool {

@@ -18,7 +18,7 @@ pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::MutexGuard;
+use std::sync::RwLockWriteGuard;
 
 use serde::{Deserialize, Serialize};
 
@@ -234,7 +234,7 @@ pub struct Reply {
 pub trait Host: Sync {
     /// The store, locked. Long operations take the lock once per step, so NBD clients of a
     /// server are not stalled for the length of a copy.
-    fn lock(&self) -> Result<MutexGuard<'_, Store>>;
+    fn lock(&self) -> Result<RwLockWriteGuard<'_, Store>>;
     /// How many NBD connections have `view` open (0 outside a server).
     fn open_count(&self, _view: &str) -> usize {
         0

@@ -599,7 +599,7 @@ fn transmission<S: AsRawFd + Sync, R: Read + Send>(
 where
     for<'b> &'b S: Read + Write,
 {
-    use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError};
+    use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError, TrySendError};
     use std::time::Duration;
     std::thread::scope(|sc| {
         let (req_tx, req_rx) = sync_channel::<io::Result<Request>>(BATCH_REQUESTS / 2);
@@ -623,6 +623,24 @@ where
             for buf in rep_rx {
                 let _reply = profile::span(Phase::Reply);
                 if w.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        });
+        // A second thread serves batches that only read while this one gathers and serves the
+        // next: the reads of two batches in flight together. Handed over only when it is
+        // idle (a rendezvous), so a connection never holds more than two batches.
+        let (job_tx, job_rx) = sync_channel::<Vec<Request>>(0);
+        let rep_reads = rep_tx.clone();
+        sc.spawn(move || {
+            for mut batch in job_rx {
+                let sent = serve_batch(shared, export, neg, &mut batch)
+                    .is_ok_and(|out| rep_reads.send(out).is_ok());
+                if !sent {
+                    // A poisoned store (or the writer gone): end the connection, whose
+                    // reader then fails and ends the loop below.
+                    // SAFETY: shutdown(2) on the connection's fd, open until we return.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                     return;
                 }
             }
@@ -680,6 +698,15 @@ where
             drop(gather);
             profile::requests(batch.len());
             last_batch = batch.len();
+            let reads_only = batch
+                .iter()
+                .all(|r| matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS));
+            if reads_only && failed.is_none() {
+                match job_tx.try_send(batch) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => batch = b,
+                }
+            }
             let out = match serve_batch(shared, export, neg, &mut batch) {
                 Ok(out) => out,
                 Err(e) => break Err(e),
@@ -694,6 +721,7 @@ where
                 break Ok(());
             }
         };
+        drop(job_tx); // the read thread finishes its batch, then ends
         drop(rep_tx); // the writer sends what is queued, then ends
         drop(req_rx);
         // Unblock the reader if it is waiting for a request that will not come.
@@ -703,130 +731,118 @@ where
     })
 }
 
-/// Serves one batch under the store lock; returns the replies, in one buffer.
+/// What a batch asks, once its requests are checked: the reads and block-status queries, and
+/// the writes and flushes in their order.
+#[derive(Default)]
+struct Plan {
+    reads: Vec<usize>,
+    status: Vec<usize>,
+    /// Writes (`Some(false)`), flushes (`Some(true)`); empty for a batch that only reads.
+    changes: Vec<(usize, bool)>,
+}
+
+/// Checks every request of `batch` (flags, ranges, what the export allows), setting `errors`
+/// for the refused ones, and sorts the rest into a [`Plan`].
+fn plan(batch: &[Request], export: &Export, neg: Negotiated, errors: &mut [u32]) -> Plan {
+    let size = export.size;
+    let in_range = |r: &Request| {
+        r.offset
+            .checked_add(r.length as u64)
+            .is_some_and(|e| e <= size)
+    };
+    let mut p = Plan::default();
+    for (i, r) in batch.iter().enumerate() {
+        let known_flags = CMD_FLAG_FUA
+            | match r.kind {
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
+        if r.flags & !known_flags != 0 {
+            errors[i] = EINVAL;
+            continue;
+        }
+        match r.kind {
+            CMD_READ => {
+                if r.length > MAX_REQUEST || !in_range(r) {
+                    errors[i] = EINVAL;
+                } else {
+                    p.reads.push(i);
+                }
+            }
+            CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+                if !export.writable {
+                    errors[i] = EPERM;
+                } else if !in_range(r) {
+                    errors[i] = ENOSPC;
+                } else if r.kind == CMD_TRIM {
+                    // A hint: discarding nothing is allowed, and keeps every snapshot exact.
+                } else if r.kind == CMD_WRITE_ZEROES && r.length > MAX_REQUEST {
+                    errors[i] = EINVAL;
+                } else {
+                    p.changes.push((i, false));
+                }
+            }
+            // Everything before the flush first, then make it durable.
+            CMD_FLUSH => p.changes.push((i, true)),
+            CMD_BLOCK_STATUS => {
+                if !neg.block_status || r.length == 0 || !in_range(r) {
+                    errors[i] = EINVAL;
+                } else {
+                    p.status.push(i);
+                }
+            }
+            CMD_DISC => {}
+            _ => errors[i] = EINVAL,
+        }
+    }
+    p
+}
+
+/// Serves one batch; returns the replies, in one buffer. A batch that changes nothing shares
+/// the store with other such batches (of this connection and others), their reads in flight
+/// together; one that writes or flushes holds it alone.
 fn serve_batch(
     shared: &Shared,
     export: &Export,
     neg: Negotiated,
     batch: &mut [Request],
 ) -> io::Result<Vec<u8>> {
-    let size = export.size;
     let mut errors = vec![0u32; batch.len()];
     let mut read_bufs: Vec<Option<AlignedBuf>> = (0..batch.len()).map(|_| None).collect();
     let mut statuses: Vec<Option<Vec<(u64, bool)>>> = (0..batch.len()).map(|_| None).collect();
-    {
+    let plan = plan(batch, export, neg, &mut errors);
+    let poisoned = |e: Error| io::Error::other(e.to_string());
+    let mut answers = Answers {
+        errors: &mut errors,
+        read_bufs: &mut read_bufs,
+        statuses: &mut statuses,
+    };
+    if plan.changes.is_empty() {
         let lock = profile::span(Phase::Lock);
-        let mut store = shared.lock().map_err(|e| io::Error::other(e.to_string()))?;
+        let store = shared.read().map_err(poisoned)?;
         drop(lock);
         let _batch = profile::span(Phase::Batch);
-        // Validate, and collect the writes (up to each flush) and the reads.
+        answers.reads(&store, shared, export, batch, &plan);
+    } else {
+        let lock = profile::span(Phase::Lock);
+        let mut store = shared.lock().map_err(poisoned)?;
+        drop(lock);
+        let _batch = profile::span(Phase::Batch);
         let mut writes: Vec<usize> = Vec::new();
-        let mut reads: Vec<usize> = Vec::new();
-        let mut status_reqs: Vec<usize> = Vec::new();
-        let in_range = |r: &Request| {
-            r.offset
-                .checked_add(r.length as u64)
-                .is_some_and(|e| e <= size)
-        };
-        for i in 0..batch.len() {
-            let r = &batch[i];
-            let known_flags = CMD_FLAG_FUA
-                | match r.kind {
-                    CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
-                    CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-                    _ => 0,
-                };
-            if r.flags & !known_flags != 0 {
-                errors[i] = EINVAL;
+        for &(i, flush) in &plan.changes {
+            if !flush {
+                writes.push(i);
                 continue;
             }
-            match r.kind {
-                CMD_READ => {
-                    if r.length > MAX_REQUEST || !in_range(r) {
-                        errors[i] = EINVAL;
-                    } else {
-                        reads.push(i);
-                    }
-                }
-                CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
-                    if !export.writable {
-                        errors[i] = EPERM;
-                    } else if !in_range(r) {
-                        errors[i] = ENOSPC;
-                    } else if r.kind == CMD_TRIM {
-                        // A hint: discarding nothing is allowed, and keeps every snapshot exact.
-                    } else if r.kind == CMD_WRITE_ZEROES && r.length > MAX_REQUEST {
-                        errors[i] = EINVAL;
-                    } else {
-                        writes.push(i);
-                    }
-                }
-                CMD_FLUSH => {
-                    // Everything before the flush first, then make it durable.
-                    flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
-                    writes.clear();
-                    if let Err(e) = store.flush() {
-                        errors[i] = errno_of(&e);
-                    }
-                }
-                CMD_BLOCK_STATUS => {
-                    if !neg.block_status || r.length == 0 || !in_range(r) {
-                        errors[i] = EINVAL;
-                    } else {
-                        status_reqs.push(i);
-                    }
-                }
-                CMD_DISC => {}
-                _ => errors[i] = EINVAL,
+            flush_writes(&mut store, &export.name, batch, &writes, answers.errors);
+            writes.clear();
+            if let Err(e) = store.flush() {
+                answers.errors[i] = errno_of(&e);
             }
         }
-        flush_writes(&mut store, &export.name, batch, &writes, &mut errors);
-        for &i in &status_reqs {
-            let r = &batch[i];
-            match store.extents(&export.name, r.offset, r.length as u64, STATUS_MAX_CHUNKS) {
-                Ok(mut ext) => {
-                    if r.flags & CMD_FLAG_REQ_ONE != 0 {
-                        ext.truncate(1);
-                    }
-                    statuses[i] = Some(ext);
-                }
-                Err(e) => {
-                    shared.log(&format!("block status error on '{}': {e}", export.name));
-                    errors[i] = errno_of(&e);
-                }
-            }
-        }
-        // Aligned, so origin pieces are read straight into them with O_DIRECT.
-        let mut bufs: Vec<AlignedBuf> = reads
-            .iter()
-            .map(|&i| AlignedBuf::new(batch[i].length as usize))
-            .collect();
-        let ok = {
-            let mut reqs: Vec<ReadReq> = reads
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(&i, b)| ReadReq {
-                    view: &export.name,
-                    off: batch[i].offset,
-                    buf: b.as_mut_slice(),
-                })
-                .collect();
-            store.read_batch(&mut reqs)
-        };
-        if let Err(e) = ok {
-            // Find out which read failed.
-            for (&i, b) in reads.iter().zip(bufs.iter_mut()) {
-                if let Err(e2) = store.read_view(&export.name, batch[i].offset, b.as_mut_slice()) {
-                    errors[i] = errno_of(&e2);
-                }
-            }
-            shared.log(&format!("read error on '{}': {e}", export.name));
-        }
-        for (&i, b) in reads.iter().zip(bufs) {
-            if errors[i] == 0 {
-                read_bufs[i] = Some(b);
-            }
-        }
+        flush_writes(&mut store, &export.name, batch, &writes, answers.errors);
+        answers.reads(&store, shared, export, batch, &plan);
     }
     let mut out = Vec::with_capacity(batch.len() * 16);
     for (i, r) in batch.iter().enumerate() {
@@ -847,6 +863,74 @@ fn serve_batch(
         }
     }
     Ok(out)
+}
+
+/// What a batch answers, request by request.
+struct Answers<'a> {
+    errors: &'a mut [u32],
+    read_bufs: &'a mut [Option<AlignedBuf>],
+    statuses: &'a mut [Option<Vec<(u64, bool)>>],
+}
+
+impl Answers<'_> {
+    /// Answers the block-status queries and the reads of `plan` (after its writes).
+    fn reads(
+        &mut self,
+        store: &Store,
+        shared: &Shared,
+        export: &Export,
+        batch: &[Request],
+        plan: &Plan,
+    ) {
+        for &i in &plan.status {
+            let r = &batch[i];
+            match store.extents(&export.name, r.offset, r.length as u64, STATUS_MAX_CHUNKS) {
+                Ok(mut ext) => {
+                    if r.flags & CMD_FLAG_REQ_ONE != 0 {
+                        ext.truncate(1);
+                    }
+                    self.statuses[i] = Some(ext);
+                }
+                Err(e) => {
+                    shared.log(&format!("block status error on '{}': {e}", export.name));
+                    self.errors[i] = errno_of(&e);
+                }
+            }
+        }
+        // Aligned, so origin pieces are read straight into them with O_DIRECT.
+        let mut bufs: Vec<AlignedBuf> = plan
+            .reads
+            .iter()
+            .map(|&i| AlignedBuf::new(batch[i].length as usize))
+            .collect();
+        let ok = {
+            let mut reqs: Vec<ReadReq> = plan
+                .reads
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&i, b)| ReadReq {
+                    view: &export.name,
+                    off: batch[i].offset,
+                    buf: b.as_mut_slice(),
+                })
+                .collect();
+            store.read_batch(&mut reqs)
+        };
+        if let Err(e) = ok {
+            // Find out which read failed.
+            for (&i, b) in plan.reads.iter().zip(bufs.iter_mut()) {
+                if let Err(e2) = store.read_view(&export.name, batch[i].offset, b.as_mut_slice()) {
+                    self.errors[i] = errno_of(&e2);
+                }
+            }
+            shared.log(&format!("read error on '{}': {e}", export.name));
+        }
+        for (&i, b) in plan.reads.iter().zip(bufs) {
+            if self.errors[i] == 0 {
+                self.read_bufs[i] = Some(b);
+            }
+        }
+    }
 }
 
 /// One structured reply, as a single chunk flagged done: the data of a read, the extents of a

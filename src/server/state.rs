@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::Error;
 use crate::ops::Host;
@@ -11,7 +11,8 @@ use crate::store::Store;
 
 /// What every connection shares: the store, the exports clients hold open, the shutdown flag.
 pub struct Shared {
-    pub store: Mutex<Store>,
+    /// Read batches share it (their I/O in flight together); every change holds it alone.
+    pub store: RwLock<Store>,
     pub open_exports: Mutex<HashMap<String, usize>>,
     pub shutdown: AtomicBool,
     pub verbose: bool,
@@ -20,17 +21,21 @@ pub struct Shared {
 impl Shared {
     pub fn new(store: Store, verbose: bool) -> Self {
         Shared {
-            store: Mutex::new(store),
+            store: RwLock::new(store),
             open_exports: Mutex::new(HashMap::new()),
             shutdown: AtomicBool::new(false),
             verbose,
         }
     }
 
-    pub fn lock(&self) -> Result<MutexGuard<'_, Store>, Error> {
-        self.store.lock().map_err(|_| {
-            Error::Corrupt("the server's store lock was poisoned by a failed request".into())
-        })
+    /// The store, for a change (or anything else), held alone.
+    pub fn lock(&self) -> Result<RwLockWriteGuard<'_, Store>, Error> {
+        self.store.write().map_err(|_| poisoned())
+    }
+
+    /// The store, shared with other readers: for batches that only read.
+    pub fn read(&self) -> Result<RwLockReadGuard<'_, Store>, Error> {
+        self.store.read().map_err(|_| poisoned())
     }
 
     /// How many connections have `name` open.
@@ -48,8 +53,12 @@ impl Shared {
     }
 }
 
+fn poisoned() -> Error {
+    Error::Corrupt("the server's store lock was poisoned by a failed request".into())
+}
+
 impl Host for Shared {
-    fn lock(&self) -> Result<MutexGuard<'_, Store>, Error> {
+    fn lock(&self) -> Result<RwLockWriteGuard<'_, Store>, Error> {
         Shared::lock(self)
     }
 
