@@ -117,6 +117,19 @@ impl Catalog {
         }
     }
 
+    /// The catalog of `rows`, in id order as the table holds them (built in one pass).
+    fn of_rows(rows: Vec<(u64, Snapshot)>) -> Catalog {
+        let mut c = Catalog {
+            by_name: std::collections::HashMap::with_capacity(rows.len()),
+            ..Default::default()
+        };
+        for (_, s) in &rows {
+            c.index(s, true);
+        }
+        c.by_id = rows.into_iter().collect();
+        c
+    }
+
     /// Adds or replaces snapshot `id`.
     pub(crate) fn insert(&mut self, id: u64, s: Snapshot) {
         self.remove(&id);
@@ -276,6 +289,8 @@ impl Store {
             return Ok(());
         }
         let snaps = tx.open_table(SNAPS).map_err(|e| meta_err(&name, e))?;
+        let mut rows =
+            Vec::with_capacity(redb::ReadableTableMetadata::len(&snaps).unwrap_or(0) as usize);
         for row in snaps.iter().map_err(|e| meta_err(&name, e))? {
             let (k, v) = row.map_err(|e| meta_err(&name, e))?;
             let Some(s) = crate::store::codec::decode_snapshot(k.value(), v.value()) else {
@@ -290,8 +305,9 @@ impl Store {
                     k.value()
                 )));
             };
-            self.snaps.insert(k.value(), s);
+            rows.push((k.value(), s));
         }
+        self.snaps = Catalog::of_rows(rows);
         // Nothing read from the catalog may silently lie: a snapshot row that disappeared
         // leaves its name behind, and the counters must lie beyond every snapshot.
         let damaged = |what: String| Error::Corrupt(format!("{name}: {what}; run `snapctl check`"));
