@@ -737,7 +737,8 @@ where
 struct Plan {
     reads: Vec<usize>,
     status: Vec<usize>,
-    /// Writes (`Some(false)`), flushes (`Some(true)`); empty for a batch that only reads.
+    /// Writes and flushes in order, each as (request, whether it is a flush); empty for a
+    /// batch that only reads.
     changes: Vec<(usize, bool)>,
 }
 

@@ -585,17 +585,6 @@ impl Store {
             .and_then(|d| engine_for(d, EngineChoice::Sync))
             .ok()
         };
-        if upgrade {
-            let how = Opening {
-                lock: Some(lock_file),
-                load: false,
-                meta_reader: reader,
-                caches: Caches::of(opts.cache_bytes),
-            };
-            let mut store = Self::open_on(io, origin, sb, name, how)?;
-            store.version = version;
-            return Ok(store);
-        }
         let how = Opening {
             lock: Some(lock_file),
             load: false,
@@ -603,6 +592,10 @@ impl Store {
             caches: Caches::of(opts.cache_bytes),
         };
         let mut store = Self::open_on(io, origin, sb, name, how)?;
+        if upgrade {
+            store.version = version;
+            return Ok(store);
+        }
         store.for_check = opts.for_check;
         store.catalog_on_demand = opts.catalog_on_demand && !opts.for_check;
         guard_panic(&store.name.clone(), || store.load_catalog())?;
