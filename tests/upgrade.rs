@@ -52,6 +52,43 @@ fn refused_naming_upgrade(d: &Path, version: &str) {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// A directory with a 4 MiB origin (bytes from `mul`) and a 64 MiB store file, not made yet.
+fn new_lab(mul: u32) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let d = dir.path();
+    let origin: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i * mul + i / 4096) as u8)
+        .collect();
+    std::fs::write(d.join("origin.img"), &origin).expect("origin");
+    let f = std::fs::File::create(d.join("store.img")).expect("store");
+    f.set_len(64 << 20).expect("size");
+    (dir, origin)
+}
+
+/// Runs snapctl in `d`, which must succeed; its standard output.
+fn ok(d: &Path, args: &[&str]) -> Vec<u8> {
+    let o = cli(d, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// Rewrites both superblocks of `d`'s store to say `version`; the store's bytes after.
+fn make_version(d: &Path, version: u32, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let store = d.join("store.img");
+    let mut img = std::fs::read(&store).expect("read store");
+    let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
+    let b = superblock_of_version(&sb, version);
+    img[..4096].copy_from_slice(&b);
+    img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
+    edit(&mut img);
+    std::fs::write(&store, &img).expect("write store");
+    img
+}
+
 /// `sb` encoded as a superblock of format `version`, with its checksum.
 fn superblock_of_version(sb: &snapctl::store::format::Superblock, version: u32) -> Vec<u8> {
     let mut b = sb.encode();
@@ -110,21 +147,9 @@ fn a_version_2_store_is_refused_by_name_then_upgraded_in_place() {
 /// init) and rewriting the superblock; every view stays exact and the journal then works.
 #[test]
 fn a_version_3_store_is_refused_by_name_then_upgraded_in_place() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let (dir, origin) = new_lab(7);
     let d = dir.path();
-    let origin: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
-    std::fs::write(d.join("origin.img"), &origin).expect("origin");
-    let f = std::fs::File::create(d.join("store.img")).expect("store");
-    f.set_len(64 << 20).expect("size");
-    let ok = |args: &[&str]| {
-        let o = cli(d, args);
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o.stdout
-    };
+    let ok = |args: &[&str]| ok(d, args);
     ok(&[
         "init",
         "store.img",
@@ -142,15 +167,11 @@ fn a_version_3_store_is_refused_by_name_then_upgraded_in_place() {
     // Make it a version-3 store: its superblocks say 3, and the journal's space holds bytes
     // that are no record (version 3 promised nothing there).
     let store = d.join("store.img");
-    let mut img = std::fs::read(&store).expect("read store");
-    let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
-    let b = superblock_of_version(&sb, 3);
-    img[..4096].copy_from_slice(&b);
-    img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
-    for (i, x) in img[8192..512 << 10].iter_mut().enumerate() {
-        *x = (i % 251) as u8;
-    }
-    std::fs::write(&store, &img).expect("write store");
+    let img = make_version(d, 3, |img| {
+        for (i, x) in img[8192..512 << 10].iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+    });
 
     refused_naming_upgrade(d, "version 3");
     assert_eq!(
@@ -200,13 +221,9 @@ fn a_version_4_store_keeps_its_journal_through_the_upgrade() {
     s.kill9();
 
     let store = d.join("store.img");
-    let mut img = std::fs::read(&store).expect("read store");
-    assert_eq!(&img[8192..8200], b"SNAPJRN\0", "no journal record");
-    let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
-    let b = superblock_of_version(&sb, 4);
-    img[..4096].copy_from_slice(&b);
-    img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
-    std::fs::write(&store, &img).expect("write store");
+    let img = make_version(&d, 4, |img| {
+        assert_eq!(&img[8192..8200], b"SNAPJRN\0", "no journal record");
+    });
 
     refused_naming_upgrade(&d, "version 4");
     assert_eq!(
@@ -234,21 +251,9 @@ fn a_version_4_store_keeps_its_journal_through_the_upgrade() {
 /// store checks clean.
 #[test]
 fn a_version_5_store_gets_its_live_point_index() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let (dir, _) = new_lab(5);
     let d = dir.path();
-    let origin: Vec<u8> = (0..4u32 << 20).map(|i| (i * 5 + i / 4096) as u8).collect();
-    std::fs::write(d.join("origin.img"), &origin).expect("origin");
-    let f = std::fs::File::create(d.join("store.img")).expect("store");
-    f.set_len(64 << 20).expect("size");
-    let ok = |args: &[&str]| {
-        let o = cli(d, args);
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    };
+    let ok = |args: &[&str]| String::from_utf8_lossy(&ok(d, args)).to_string();
     ok(&["init", "store.img", "--origin", "origin.img"]);
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         ok(&["create", name]);
@@ -262,12 +267,7 @@ fn a_version_5_store_gets_its_live_point_index() {
         let mut s = snapctl::store::Store::open(&store, Default::default()).expect("open");
         assert!(harm(&mut s, Harm::DropLiveIndex).expect("harm"));
     }
-    let mut img = std::fs::read(&store).expect("read store");
-    let (sb, _) = snapctl::store::format::Superblock::decode_any(&img[..4096], "s").expect("sb");
-    let b = superblock_of_version(&sb, 5);
-    img[..4096].copy_from_slice(&b);
-    img[512 << 10..(512 << 10) + 4096].copy_from_slice(&b);
-    std::fs::write(&store, &img).expect("write store");
+    make_version(d, 5, |_| {});
 
     refused_naming_upgrade(d, "version 5");
     let out = ok(&["upgrade"]);

@@ -163,6 +163,21 @@ pub(crate) enum DamagedRow {
 /// Where each chunk of a group is for a view at an epoch: a saved copy, or the origin (`None`).
 pub(crate) type Slots = [Option<Entry>; GROUP_CHUNKS as usize];
 
+/// Returns the memory a cache just freed to the system. The entries were allocated by
+/// whichever threads resolved them, each from its own malloc arena; refilled by other threads,
+/// a cache would otherwise leave its old entries' memory idle in their arenas and hold up to
+/// one budget per arena (at 1,000,000 saved chunks: 91 MiB over the start with a 64 MiB
+/// budget, against 71 MiB with one arena). Caches are cleared whole and rarely, so the trim is
+/// rare too.
+pub(crate) fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own; no pointer is
+    // passed or invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resolved groups, bounded (`max` groups, from the store's [`crate::store::Caches`]): cleared
 /// whole when full (a cache of verified metadata, never a source of truth), and whenever a
 /// writer opens.
@@ -190,6 +205,7 @@ impl ResolvedCache {
         if let Ok(mut m) = self.map.lock() {
             if m.len() >= self.max {
                 m.clear();
+                give_back_freed_memory();
             }
             m.insert((g, e), slots);
         }

@@ -41,6 +41,7 @@ fn remember(table: &'static str, key: Vec<u8>, value: Vec<u8>, rec: Record) {
     if let Ok(mut c) = VERIFIED.lock() {
         if c.len() >= VERIFIED_MAX.load(std::sync::atomic::Ordering::Relaxed) {
             c.clear();
+            give_back_freed_memory();
         }
         c.insert((table, key), (value, rec));
     }
