@@ -384,11 +384,6 @@ impl Store {
             .then(|| format!("the live-point index holds {n} entries for {want} live points")))
     }
 
-    /// Whether a snapshot is named `name`; with a catalog on demand, asked of the name index.
-    pub(crate) fn name_taken(&mut self, name: &str) -> Result<bool> {
-        Ok(self.find(name)?.is_some())
-    }
-
     /// The snapshot named `name`. A catalog on demand reads it (and keeps it) on first use,
     /// checked as a full load checks it: the row's checksum, its counters, and that the name
     /// index and the row agree.
@@ -554,7 +549,7 @@ impl Store {
         created: Option<i64>,
     ) -> Result<Snapshot> {
         crate::names::validate(name)?;
-        if self.name_taken(name)? {
+        if self.find(name)?.is_some() {
             return Err(Error::Exists(format!(
                 "a snapshot named '{name}' already exists in {}; pick another name or delete it first",
                 self.name

@@ -14,7 +14,7 @@ pub(crate) const SNAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("snap
 pub(crate) const NAMES: TableDefinition<&str, u64> = TableDefinition::new("names");
 /// (epoch, id) -> (): the live points in time (valid snapshots of branch 0), so that `delete`
 /// finds a snapshot's neighbours without reading the whole catalog. Kept by `put_snap` and
-/// `drop_point`; format version 6.
+/// `remove_snap`; format version 6.
 pub(crate) const LIVE: TableDefinition<(u64, u64), ()> = TableDefinition::new("live_points");
 /// (branch, group, t) -> runs. See `cow/`.
 pub(crate) const RECORDS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("records");
