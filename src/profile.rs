@@ -4,7 +4,9 @@
 //! pass and prints the table beside its ratios.
 //!
 //! Phases nest: `batch` is one NBD batch under the store lock, and the copy-on-write phases
-//! (`decide` .. `commit`) fall inside `preserve`, which falls inside `batch`. A `writeback
+//! (`decide` .. `journal write`) fall inside `preserve`, which falls inside `batch`; inside it,
+//! `origin read` and `hash` run on a thread beside `decide` and `allocate`, and `copy write` on
+//! one beside `index` and `commit`, so the copy-on-write lines add up to more than `preserve`. A `writeback
 //! round` (pipelined writes, store/writeback.rs) runs beside the batches on the queue's worker:
 //! its store flush and origin writes are not part of any batch. Totals are sums over every
 //! thread, so with several connections (or the worker) they can exceed the wall time.
@@ -28,14 +30,18 @@ pub enum Phase {
     Decide,
     /// Allocating store chunks for the copies.
     Alloc,
-    /// Reading the old contents from the origin.
+    /// Reading the old contents from the origin (on a thread beside `decide` and `allocate`).
     OriginRead,
-    /// Writing the copies to the store (and hashing them beside).
+    /// Hashing the old contents, after their read, on the same thread.
+    Hash,
+    /// Writing the copies to the store (on a thread beside `index` and `commit`).
     CopyWrite,
     /// Inserting the records into the metadata tables.
     Index,
     /// The metadata commit: its page writes and flushes.
     Commit,
+    /// Writing the batch's copy-journal record, after its commit.
+    JournalWrite,
     /// The origin writes themselves.
     OriginWrite,
     /// FLUSH and FUA: making the origin durable.
@@ -52,7 +58,7 @@ pub enum Phase {
     RoundWrite,
 }
 
-const PHASES: [Phase; 17] = [
+const PHASES: [Phase; 19] = [
     Phase::Gather,
     Phase::Lock,
     Phase::Batch,
@@ -60,9 +66,11 @@ const PHASES: [Phase; 17] = [
     Phase::Decide,
     Phase::Alloc,
     Phase::OriginRead,
+    Phase::Hash,
     Phase::CopyWrite,
     Phase::Index,
     Phase::Commit,
+    Phase::JournalWrite,
     Phase::OriginWrite,
     Phase::Flush,
     Phase::Read,
@@ -82,9 +90,11 @@ impl Phase {
             Phase::Decide => "    decide",
             Phase::Alloc => "    allocate",
             Phase::OriginRead => "    origin read",
+            Phase::Hash => "    hash",
             Phase::CopyWrite => "    copy write",
             Phase::Index => "    index",
             Phase::Commit => "    commit",
+            Phase::JournalWrite => "    journal write",
             Phase::OriginWrite => "  origin write",
             Phase::Flush => "  flush",
             Phase::Read => "  read",

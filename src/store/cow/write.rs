@@ -2,6 +2,7 @@
 //! (invariant 2), for one write or a batch.
 
 use super::*;
+use crate::io::BlockIo;
 use crate::profile::{self, Phase};
 use crate::store::codec::ChunkHash;
 use crate::store::format::{JOURNAL_LEN, JOURNAL_OFFSET};
@@ -10,9 +11,6 @@ use crate::store::writeback::Job;
 
 /// From this many copies on, they are hashed on two threads.
 const HASH_BESIDE: usize = 8;
-/// From this many copies on, a journaled batch writes them while it hashes them (before its
-/// commit), and its record alone after the commit.
-const WRITE_BESIDE: usize = 64;
 
 impl Store {
     /// Writes to the origin through copy-on-write. Before the write is issued, every chunk it
@@ -166,8 +164,8 @@ impl Store {
     /// Copies and commits the old contents of the `chunks` (sorted) that a live snapshot needs.
     ///
     /// Long on purpose: this is the copy-on-write step whose order is the crash argument
-    /// (DESIGN.md invariant 2: decide, allocate, read, hash, write, commit with its one flush);
-    /// it reads top to bottom in that order instead of across helpers.
+    /// (DESIGN.md invariant 2: decide, allocate, read, hash, then write the copies beside the
+    /// index and commit, then the one flush); it reads top to bottom in that order.
     pub(super) fn preserve(&mut self, chunks: &[u64], queued: bool) -> Result<Preserve> {
         // Repeat writes first: a set bit means "preserved since the newest snapshot" (the bitmap
         // is cleared whenever the snapshot set changes), so no index and no epoch list is needed.
@@ -175,7 +173,6 @@ impl Store {
             return Ok(Preserve::Done(None));
         }
         let _preserve = profile::span(Phase::Preserve);
-        let decide = profile::span(Phase::Decide);
         // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
         // number of snapshots.
         let (Some(e_max), _) = self.newest_epochs() else {
@@ -183,82 +180,38 @@ impl Store {
         };
         let epoch = self.epoch;
         let sn = self.name.clone();
-        let tx = self.wtx()?;
-        // Which chunks need a copy: no record since the newest snapshot.
-        let mut need = Vec::new();
-        {
-            let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
-            for &c in chunks {
-                if self.bit(c) {
-                    continue;
-                }
-                if find_cover(&recs, &sn, 0, c, e_max + 1, epoch)?.is_some() {
-                    self.set_bit(c);
-                } else {
-                    need.push(c);
-                }
-            }
-        }
-        drop(decide);
-        if need.is_empty() {
-            return Ok(Preserve::Done(None));
-        }
-        let alloc = profile::span(Phase::Alloc);
-        let Some(extents) = self.alloc(&tx, need.len() as u64)? else {
-            return Ok(Preserve::Full);
+        let cs = self.sb.chunk_size as usize;
+        let cands: Vec<u64> = chunks.iter().copied().filter(|&c| !self.bit(c)).collect();
+        let (tx, need, extents) = match self.decide_and_alloc(&cands, e_max, epoch)? {
+            (_, Decided::Nothing) => return Ok(Preserve::Done(None)),
+            (_, Decided::Full) => return Ok(Preserve::Full),
+            (tx, Decided::Copy(need, extents)) => (tx, need, extents),
         };
-        drop(alloc);
-        // Map needed chunks onto the allocated store chunks, in order.
+        let mut data = AlignedBuf::new(need.len() * cs);
+        let hashes = read_and_hash(&*self.origin, &need, cs, self.sb.origin_size, &mut data)
+            .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
+        // Map needed chunks onto the allocated store chunks, in order; one write per run of
+        // adjacent store chunks, however scattered the origin chunks are.
         let mut locs = Vec::with_capacity(need.len());
         for (start, n) in &extents {
             locs.extend(*start..*start + *n);
         }
-        // Copy: one buffer per run of adjacent store chunks (one write each, however scattered
-        // the origin chunks are), read from the origin by runs of adjacent origin chunks inside
-        // it; all reads in one batch and all writes in one batch, in flight together.
-        let cs = self.sb.chunk_size as usize;
-        let runs = store_runs(&locs);
-        let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, n)| AlignedBuf::new(n * cs)).collect();
-        {
-            let _read = profile::span(Phase::OriginRead);
-            let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
-            for ((first, n), buf) in runs.iter().zip(bufs.iter_mut()) {
-                let mut rest = buf.as_mut_slice();
-                let mut i = *first;
-                while i < first + n {
-                    let mut j = i + 1;
-                    while j < first + n && need[j] == need[j - 1] + 1 {
-                        j += 1;
-                    }
-                    let (piece, tail) = rest.split_at_mut((j - i) * cs);
-                    rest = tail;
-                    let ooff = need[i] * cs as u64;
-                    let olen = ((j - i) * cs).min((self.sb.origin_size - ooff) as usize);
-                    reads.push((ooff, &mut piece[..olen]));
-                    i = j;
-                }
-            }
-            self.origin
-                .read_many(&mut reads)
-                .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
-        }
-        let mut writes: Vec<(u64, &[u8])> = runs
+        let writes: Vec<(u64, &[u8])> = store_runs(&locs)
             .iter()
-            .zip(&bufs)
-            .map(|((first, _), buf)| {
+            .map(|(first, n)| {
                 (
                     self.sb.data_offset + locs[*first] * cs as u64,
-                    buf.as_slice(),
+                    &data.as_slice()[first * cs..(first + n) * cs],
                 )
             })
             .collect();
         // One flush per batch. The records go to the copy journal (store/journal.rs), written
-        // with the copies and made durable by one flush, and to the metadata in a commit that
-        // is not made durable; the next durable commit folds them. When the record does not fit
-        // in what is left of the journal, the batch commits durably instead (which folds what
-        // the journal held and starts it over): the copies are written first, unflushed, and
-        // the commit's own flush makes them durable with the records that point at them. A
-        // crash before that flush completes may keep the commit and lose copies; the
+        // after the copies and made durable with them by one flush, and to the metadata in a
+        // commit that is not made durable; the next durable commit folds them. When the record
+        // does not fit in what is left of the journal, the batch commits durably instead (which
+        // folds what the journal held and starts it over): the copies are written first,
+        // unflushed, and the commit's own flush makes them durable with the records that point
+        // at them. A crash before that flush completes may keep the commit and lose copies; the
         // `pending_copies` row names them, and the next open after an unclean shutdown checks
         // each against its hash and makes it again from the origin, which no write has touched
         // since (see `settle_pending_copies`).
@@ -272,60 +225,67 @@ impl Store {
             && self.journal.records < journal::MAX_RECORDS
             && self.journal.offset + rec_len <= JOURNAL_LEN
             && self.region.len.load(std::sync::atomic::Ordering::SeqCst) * 2 <= self.region.cap;
-        let mut tx = tx;
-        // The copies go out while they are hashed (and a large batch's hashing takes a while)
-        // when the commit needs them written first, or when the batch is large; a small
-        // journaled batch writes them with its record instead (one round trip). Written early
-        // or late, nothing points at them until the flush after which the origin is written.
-        let early = !journaled || need.len() >= WRITE_BESIDE;
+        // The copies go out on a thread of their own while the records are indexed (and, when
+        // journaled, committed): written early or late, nothing points at them until the flush
+        // after which the origin is written. A durable commit waits for them, so that its flush
+        // covers them.
         let dev = self.dev.clone();
-        let (hashes, written) = std::thread::scope(|sc| {
-            let copier = early.then(|| sc.spawn(|| dev.write_many(&writes)));
-            let hashes = self.hash_copies(&need, &runs, &bufs);
-            let written = copier.map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the copy writer failed")))
-            });
-            (hashes, written)
-        });
-        if let Some(w) = written {
-            w.map_err(|e| Error::io(format!("store {sn}: write"), e))?;
-            writes.clear();
-        }
-        if !journaled {
-            let pending = Pending {
-                epoch,
-                runs: copy_runs(&need, &locs),
+        let (committed, written) = std::thread::scope(|sc| {
+            let mut copier = Some(sc.spawn(|| {
+                let _write = profile::span(Phase::CopyWrite);
+                dev.write_many(&writes)
+            }));
+            let mut join = || {
+                copier.take().map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("the copy writer failed")))
+                })
             };
-            let mut t = tx.open_table(PENDING).map_err(|e| meta_err(&sn, e))?;
-            t.insert(0, encode_pending(&pending).as_slice())
-                .map_err(|e| meta_err(&sn, e))?;
-        }
-        {
-            let _index = profile::span(Phase::Index);
-            self.index_copies(&tx, &need, &locs, &hashes)?;
-            if journaled {
-                set_journal_position(&tx, &sn, seq + 1, self.journal.offset + rec_len)?;
-                tx.set_durability(redb::Durability::None)
-                    .map_err(|e| Error::Internal(format!("{sn}: {e}")))?;
-            } else {
-                set_journal_position(&tx, &sn, seq, 0)?;
+            let mut tx = tx;
+            let indexed = self
+                .index_batch(&tx, journaled, &need, &locs, &hashes, (epoch, seq, rec_len))
+                .and_then(|()| match journaled {
+                    true => tx
+                        .set_durability(redb::Durability::None)
+                        .map_err(|e| Error::Internal(format!("{sn}: {e}"))),
+                    false => Ok(()),
+                });
+            if let Err(e) = indexed {
+                return (Err(e), join());
             }
-        }
-        let commit = profile::span(Phase::Commit);
-        let committed = tx.commit();
-        drop(commit);
-        if let Err(e) = committed {
-            let err = meta_err(&sn, e);
-            self.load_catalog()?;
-            return match err {
-                Error::NoSpace(_) => Ok(Preserve::Full),
-                other => Err(other),
-            };
+            let written = if journaled { None } else { join() };
+            if let Some(Err(e)) = written {
+                return (Ok(None), Some(Err(e)));
+            }
+            let commit = profile::span(Phase::Commit);
+            let committed = tx.commit();
+            drop(commit);
+            (Ok(Some(committed)), written.or_else(join))
+        });
+        let committed = match committed? {
+            // The copies failed before the durable commit that needed them: nothing committed.
+            None => false,
+            Some(Err(e)) => {
+                let err = meta_err(&sn, e);
+                self.load_catalog()?;
+                return match err {
+                    Error::NoSpace(_) => Ok(Preserve::Full),
+                    other => Err(other),
+                };
+            }
+            Some(Ok(())) => true,
+        };
+        if let Some(Err(e)) = written {
+            if committed {
+                // The metadata in this process names copies that may not be on disk: refuse
+                // every further change (the replay at the next open settles them).
+                self.journal.failed = true;
+            }
+            return Err(Error::io(format!("store {sn}: write"), e));
         }
         let mut queued_record = None;
         if journaled {
-            let _write = profile::span(Phase::CopyWrite);
+            let _write = profile::span(Phase::JournalWrite);
             // Pipelined, the flush is the queue's (before this batch's origin writes), and
             // the records before this one whose flush has not returned yet are named, so that
             // a replay checks their copies too.
@@ -349,14 +309,15 @@ impl Store {
                     .collect(),
             };
             let rb = journal::encode_record(&self.sb.uuid, &record);
-            writes.push((JOURNAL_OFFSET + self.journal.offset, rb.as_slice()));
-            let landed = self.dev.write_many(&writes).and_then(|()| match queued {
-                Some(_) => Ok(()),
-                None => self.dev.flush(),
-            });
+            let landed = self
+                .dev
+                .write_at(rb.as_slice(), JOURNAL_OFFSET + self.journal.offset)
+                .and_then(|()| match queued {
+                    Some(_) => Ok(()),
+                    None => self.dev.flush(),
+                });
             if let Err(e) = landed {
-                // The metadata in this process names copies that may not be on disk: refuse
-                // every further change (the replay at the next open settles them).
+                // As above: the metadata names copies whose record may not be on disk.
                 self.journal.failed = true;
                 return Err(Error::io(format!("store {sn}: write journal"), e));
             }
@@ -376,40 +337,72 @@ impl Store {
         Ok(Preserve::Done(queued_record))
     }
 
-    /// The hash of each copy, from the buffers already in memory: a chunk's bytes inside the
-    /// origin (the last chunk may be partial). A large batch is hashed on two threads.
-    fn hash_copies(
-        &self,
-        need: &[u64],
-        runs: &[(usize, usize)],
-        bufs: &[AlignedBuf],
-    ) -> Vec<ChunkHash> {
-        let cs = self.sb.chunk_size as usize;
-        let items: Vec<(u64, &[u8])> = runs
-            .iter()
-            .zip(bufs)
-            .flat_map(|((first, n), buf)| {
-                (0..*n).map(move |i| (need[first + i], &buf.as_slice()[i * cs..(i + 1) * cs]))
-            })
-            .collect();
-        let hash = |part: &[(u64, &[u8])]| -> Vec<ChunkHash> {
-            part.iter()
-                .map(|(c, b)| chunk_hash(&b[..self.chunk_len(*c)]))
-                .collect()
-        };
-        if items.len() < HASH_BESIDE {
-            return hash(&items);
-        }
-        let (a, b) = items.split_at(items.len() / 2);
-        std::thread::scope(|s| {
-            let other = s.spawn(|| hash(b));
-            let mut out = hash(a);
-            match other.join() {
-                Ok(rest) => out.extend(rest),
-                Err(_) => out.extend(hash(b)),
+    /// Which of the chunks `cands` need a copy (no record since the newest snapshot, epoch
+    /// `e_max`), and room for them, on the write transaction the batch goes on in. Chunks a
+    /// record covers are marked preserved.
+    fn decide_and_alloc(
+        &mut self,
+        cands: &[u64],
+        e_max: u64,
+        epoch: u64,
+    ) -> Result<(redb::WriteTransaction, Decided)> {
+        let decide = profile::span(Phase::Decide);
+        let sn = self.name.clone();
+        let tx = self.wtx()?;
+        let mut need = Vec::with_capacity(cands.len());
+        {
+            let recs = tx.open_table(RECORDS).map_err(|e| meta_err(&sn, e))?;
+            for &c in cands {
+                if find_cover(&recs, &sn, 0, c, e_max + 1, epoch)?.is_some() {
+                    self.set_bit(c);
+                } else {
+                    need.push(c);
+                }
             }
-            out
-        })
+        }
+        drop(decide);
+        if need.is_empty() {
+            return Ok((tx, Decided::Nothing));
+        }
+        let _alloc = profile::span(Phase::Alloc);
+        let decided = match self.alloc(&tx, need.len() as u64)? {
+            Some(extents) => Decided::Copy(need, extents),
+            None => Decided::Full,
+        };
+        Ok((tx, decided))
+    }
+
+    /// A batch's metadata before its commit: the `pending_copies` row (when not journaled),
+    /// the records, and the journal position. `at`: the batch's epoch, its journal record's
+    /// sequence number and length.
+    fn index_batch(
+        &mut self,
+        tx: &redb::WriteTransaction,
+        journaled: bool,
+        need: &[u64],
+        locs: &[u64],
+        hashes: &[ChunkHash],
+        at: (u64, u64, u64),
+    ) -> Result<()> {
+        let (epoch, seq, rec_len) = at;
+        let sn = self.name.clone();
+        if !journaled {
+            let pending = Pending {
+                epoch,
+                runs: copy_runs(need, locs),
+            };
+            let mut t = tx.open_table(PENDING).map_err(|e| meta_err(&sn, e))?;
+            t.insert(0, encode_pending(&pending).as_slice())
+                .map_err(|e| meta_err(&sn, e))?;
+        }
+        let _index = profile::span(Phase::Index);
+        self.index_copies(tx, need, locs, hashes)?;
+        if journaled {
+            set_journal_position(tx, &sn, seq + 1, self.journal.offset + rec_len)?;
+        } else {
+            set_journal_position(tx, &sn, seq, 0)?;
+        }
+        Ok(())
     }
 
     /// Inserts the records of copies `need[i] -> locs[i]` (hashes `hashes[i]`) at the current
@@ -491,6 +484,69 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The outcome of deciding a batch: nothing to copy, no room, or these chunks to copy into
+/// these extents.
+enum Decided {
+    Nothing,
+    Full,
+    Copy(Vec<u64>, Vec<(u64, u64)>),
+}
+
+/// Reads origin chunks `cands` (sorted) into `buf`, chunk `cands[i]` at `i * cs`, one read per
+/// run of adjacent chunks, all in flight together; then hashes each (its bytes inside the
+/// origin: the last chunk may be partial), a large batch on two threads.
+fn read_and_hash(
+    origin: &dyn BlockIo,
+    cands: &[u64],
+    cs: usize,
+    origin_size: u64,
+    buf: &mut AlignedBuf,
+) -> std::io::Result<Vec<ChunkHash>> {
+    {
+        let _read = profile::span(Phase::OriginRead);
+        let mut reads: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut rest = buf.as_mut_slice();
+        let mut i = 0;
+        while i < cands.len() {
+            let mut j = i + 1;
+            while j < cands.len() && cands[j] == cands[j - 1] + 1 && j - i < 256 {
+                j += 1;
+            }
+            let (piece, tail) = rest.split_at_mut((j - i) * cs);
+            rest = tail;
+            let off = cands[i] * cs as u64;
+            let len = ((j - i) * cs).min(origin_size.saturating_sub(off) as usize);
+            reads.push((off, &mut piece[..len]));
+            i = j;
+        }
+        origin.read_many(&mut reads)?;
+    }
+    let _hash = profile::span(Phase::Hash);
+    let data = buf.as_slice();
+    let items: Vec<&[u8]> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let len = (cs as u64).min(origin_size.saturating_sub(c * cs as u64)) as usize;
+            &data[i * cs..i * cs + len]
+        })
+        .collect();
+    let hash = |part: &[&[u8]]| -> Vec<ChunkHash> { part.iter().map(|b| chunk_hash(b)).collect() };
+    if items.len() < HASH_BESIDE {
+        return Ok(hash(&items));
+    }
+    let (a, b) = items.split_at(items.len() / 2);
+    Ok(std::thread::scope(|s| {
+        let other = s.spawn(|| hash(b));
+        let mut out = hash(a);
+        match other.join() {
+            Ok(rest) => out.extend(rest),
+            Err(_) => out.extend(hash(b)),
+        }
+        out
+    }))
 }
 
 /// Runs of adjacent store chunks: (first index, count), at most 256 chunks each.
