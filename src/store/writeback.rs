@@ -3,16 +3,16 @@
 //! A first write after a snapshot costs a chain: read the old contents, write the copies and
 //! their journal record, flush, and only then write the origin. Done in line, the client's reply
 //! waits for all of it, and the next batch cannot start before the flush returns. With this
-//! queue, a batch ends once its copies and record are written (not yet flushed): its origin
-//! writes are queued here, the client is answered (an NBD write without FUA promises nothing
-//! durable), and the next batch starts. One worker takes every queued job at once, flushes the
-//! store once for all of them if any has copies waiting, then writes their origin data in queue
-//! order.
+//! queue, a batch ends once its copies are written (not yet flushed): its journal record and
+//! origin writes are queued here, the client is answered (an NBD write without FUA promises
+//! nothing durable), and the next batch starts. One worker takes every queued job at once,
+//! writes their journal records and flushes the store once for all of them if any has copies
+//! waiting, then writes their origin data in queue order.
 //!
 //! What keeps this exact:
 //! - **Order.** Jobs are written in the order they were queued, each after a store flush issued
-//!   once every earlier job's copies had completed: no origin write precedes the durability of
-//!   the copies that preserve what it overwrites (invariant 2).
+//!   once every earlier job's copies and journal record had completed: no origin write precedes
+//!   the durability of the copies that preserve what it overwrites (invariant 2).
 //! - **Reads see acknowledged writes.** A read of the origin waits for every queued job that
 //!   overlaps it ([`Writeback::wait_for`]); a snapshot never reads the origin where a write is
 //!   queued (its chunks were preserved before it was queued); everything else (a snapshot
@@ -47,9 +47,18 @@ pub(crate) struct Job {
     /// Non-overlapping writes, applied together (a batch with overlapping writes is split into
     /// several jobs, in order).
     pub(crate) writes: Vec<(u64, AlignedBuf)>,
-    /// The journal record (its sequence number) whose copies were written but not flushed: the
-    /// store is flushed before these writes go out.
-    pub(crate) record: Option<u64>,
+    /// The journal record of the batch's copies (written, not flushed): the round writes it,
+    /// then flushes the store, before these writes go out.
+    pub(crate) record: Option<QueuedRecord>,
+}
+
+/// A batch's copy-journal record, left to the queue to write.
+pub(crate) struct QueuedRecord {
+    /// Its sequence number.
+    pub(crate) seq: u64,
+    /// Where it goes on the store device.
+    pub(crate) at: u64,
+    pub(crate) bytes: AlignedBuf,
 }
 
 impl Job {
@@ -235,8 +244,8 @@ impl Writeback {
         self.changed.notify_all();
     }
 
-    /// One round: takes every queued job, flushes the store once if any has copies waiting,
-    /// then writes their origin data in order. Called with the lock held and no round busy;
+    /// One round: takes every queued job, writes their journal records and flushes the store
+    /// once if any has copies waiting, then writes their origin data in order. Called with the lock held and no round busy;
     /// returns with it held again.
     fn write_round<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let jobs: Vec<Job> = st.queue.drain(..).collect();
@@ -255,9 +264,12 @@ impl Writeback {
         let overlap = sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
         st.busy = Some(ranges);
         drop(st);
-        let record = jobs.iter().filter_map(|j| j.record).max();
+        let record = jobs
+            .iter()
+            .filter_map(|j| j.record.as_ref().map(|r| r.seq))
+            .max();
         let round = profile::span(Phase::Writeback);
-        let outcome = self.write_jobs(&jobs, record.is_some(), overlap);
+        let outcome = self.write_jobs(&jobs, overlap);
         drop(round);
         let mut st = self.lock();
         st.busy = None;
@@ -286,14 +298,17 @@ impl Writeback {
         st
     }
 
-    fn write_jobs(
-        &self,
-        jobs: &[Job],
-        flush: bool,
-        overlap: bool,
-    ) -> std::result::Result<(), String> {
-        if flush {
+    fn write_jobs(&self, jobs: &[Job], overlap: bool) -> std::result::Result<(), String> {
+        let records: Vec<(u64, &[u8])> = jobs
+            .iter()
+            .filter_map(|j| j.record.as_ref())
+            .map(|r| (r.at, r.bytes.as_slice()))
+            .collect();
+        if !records.is_empty() {
             let _flush = profile::span(Phase::StoreFlush);
+            self.dev
+                .write_many(&records)
+                .map_err(|e| format!("store {}: write journal: {e}", self.store_name))?;
             self.dev
                 .flush()
                 .map_err(|e| format!("store {}: flush: {e}", self.store_name))?;

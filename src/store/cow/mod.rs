@@ -53,9 +53,9 @@ enum Piece {
 }
 
 enum Preserve {
-    /// Every chunk is preserved. Pipelined, a journal record may have been written whose flush
-    /// is left to the writeback queue: its sequence number.
-    Done(Option<u64>),
+    /// Every chunk is preserved. Pipelined, a journal record may be left to the writeback queue
+    /// to write and flush.
+    Done(Option<crate::store::writeback::QueuedRecord>),
     Full,
 }
 
