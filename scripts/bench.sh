@@ -202,14 +202,21 @@ start_qemu() {
 
 # ms_per CMD...: wall time of CMD in ms, divided by $per (process start included)
 per=20
+# A command that fails is not timed: its figure is "-" (and its row shows -), and it is logged.
 ms_per() {
   local t0 t1
-  t0=$(date +%s%N); "$@"; t1=$(date +%s%N)
+  t0=$(date +%s%N)
+  if ! "$@"; then
+    log "bench: '$*' failed: its figure shows -"
+    printf -
+    return 0
+  fi
+  t1=$(date +%s%N)
   awk -v a="$t0" -v b="$t1" -v n="$per" 'BEGIN { printf "%.2f", (b - a) / n / 1e6 }'
 }
-creates() { local i; for i in $(seq "$per"); do "$SNAPCTL" -q create "$1-$i"; done; }
-deletes() { local i; for i in $(seq "$per"); do "$SNAPCTL" -q delete "$1-$i"; done; }
-lists() { local i; for i in $(seq "$per"); do "$SNAPCTL" list >/dev/null; done; }
+creates() { local i; for i in $(seq "$per"); do "$SNAPCTL" -q create "$1-$i" || return 1; done; }
+deletes() { local i; for i in $(seq "$per"); do "$SNAPCTL" -q delete "$1-$i" || return 1; done; }
+lists() { local i; for i in $(seq "$per"); do "$SNAPCTL" list >/dev/null || return 1; done; }
 
 # fill FROM TO PREFIX: one `snapctl create` each until the store holds TO; records the rate
 # overall and logs it for each fifth of the way (the cost of a create may grow with the count)
@@ -373,7 +380,7 @@ stop "$srv_one"
 rm -f "$work/origin-one.img" "$work/store-one.img"
 export SNAPCTL_STORE="$work/store-many.img"
 fill "$MANY" "$LIST" list
-record list.listn_served_s "$(per=3 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
+record list.listn_served_s "$(per=3 ms_per lists | awk '$1 == "-" { print "-"; next } { printf "%.4f", $1 / 1000 }')"
 stop "$srv_many"
 record list.count "$(snap_count)"
 # the store of 0 snapshots: the same sizes, a sparse origin
@@ -384,7 +391,7 @@ declare -A LSTORE=([0]="$work/store-zero.img" [n]="$work/store-many.img")
 for b in 1 2 3 4; do
   for t in $(in_order "$b" 0 n); do
     export SNAPCTL_STORE=${LSTORE[$t]}
-    record "list.list${t}_s" "$(per=1 ms_per lists | awk '{ printf "%.4f", $1 / 1000 }')"
+    record "list.list${t}_s" "$(per=1 ms_per lists | awk '$1 == "-" { print "-"; next } { printf "%.4f", $1 / 1000 }')"
     record "list.create${t}_ms" "$(per=5 ms_per creates "b$b")"
   done
   for t in $(in_order "$b" n 0); do

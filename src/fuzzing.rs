@@ -642,8 +642,8 @@ pub fn control(data: &[u8]) {
             let _ = (&a).write_all(stream);
             let _ = a.shutdown(std::net::Shutdown::Write);
         });
-        if protocol::recv::<Welcome>(&b).is_ok() {
-            while protocol::recv::<Message>(&b).is_ok() {}
+        if protocol::recv::<Welcome>(&b, protocol::MAX_REPLY).is_ok() {
+            while protocol::recv::<Message>(&b, protocol::MAX_REPLY).is_ok() {}
         }
         drop(b);
         let _ = feeder.join();

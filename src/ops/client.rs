@@ -130,8 +130,8 @@ impl Remote {
                 aborted(e),
             )
         };
-        protocol::send(&sock, &hello, None).map_err(refused)?;
-        match protocol::recv::<Welcome>(&sock).map_err(refused)?.0 {
+        protocol::send(&sock, &hello, None, protocol::MAX_REQUEST).map_err(refused)?;
+        match protocol::recv::<Welcome>(&sock, protocol::MAX_REPLY).map_err(refused)?.0 {
             Welcome::Welcome { version, .. } if version == protocol::VERSION => {
                 Ok(Some(Remote { sock, next: 1 }))
             }
@@ -164,10 +164,17 @@ impl Client for Remote {
         let id = self.next;
         self.next += 1;
         let env = Envelope { id, request: req };
-        protocol::send(&self.sock, &env, data.as_ref().map(|f| f.as_raw_fd())).map_err(lost)?;
+        protocol::send(
+            &self.sock,
+            &env,
+            data.as_ref().map(|f| f.as_raw_fd()),
+            protocol::MAX_REQUEST,
+        )
+        .map_err(lost)?;
         drop(data);
         loop {
-            let (m, _) = protocol::recv::<Message>(&self.sock).map_err(lost)?;
+            let (m, _) =
+                protocol::recv::<Message>(&self.sock, protocol::MAX_REPLY).map_err(lost)?;
             match m {
                 Message::Progress { id: i, done, total } if i == id => progress(done, total),
                 Message::Ok { id: i, reply } if i == id => return Ok(reply),

@@ -2,7 +2,7 @@
 //! `snapctl serve` and its [`Reply`] comes back. Both sides live here, so they cannot drift.
 //!
 //! A frame is a 4-byte little-endian length and that many bytes of JSON (at most
-//! [`MAX_FRAME`]); a descriptor travels as SCM_RIGHTS on a frame's first byte. The client opens
+//! [`MAX_REQUEST`] from a client, [`MAX_REPLY`] from a server); a descriptor travels as SCM_RIGHTS on a frame's first byte. The client opens
 //! with a [`Hello`], the server answers with a [`Welcome`] (or a refusal, and closes);
 //! then each [`Envelope`] gets zero or more [`Message::Progress`] frames and one
 //! [`Message::Ok`] or [`Message::Err`] with the same id.
@@ -21,8 +21,11 @@ use crate::store::format::Superblock;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
-/// The largest frame either side accepts.
-pub const MAX_FRAME: usize = 16 << 20;
+/// The largest frame a server accepts from a client (a hello, a request).
+pub const MAX_REQUEST: usize = 16 << 20;
+/// The largest frame a client accepts from its server: a reply may name every snapshot of the
+/// store (`list`: about 300 bytes each, 30 MB at 100,000).
+pub const MAX_REPLY: usize = 1 << 30;
 /// What a hello names itself, so a stray connection is told apart from a client.
 pub const MAGIC: &str = "snapctl-control";
 
@@ -84,10 +87,16 @@ pub enum Message {
     Err { id: u64, error: WireError },
 }
 
-/// Sends one frame, with `fd` passed on its first byte.
-pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<RawFd>) -> io::Result<()> {
+/// Sends one frame of at most `max` bytes, with `fd` passed on its first byte. A message too
+/// long fails with `InvalidInput` before anything is sent.
+pub fn send<T: Serialize>(
+    sock: &UnixStream,
+    msg: &T,
+    fd: Option<RawFd>,
+    max: usize,
+) -> io::Result<()> {
     let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
-    if body.len() > MAX_FRAME {
+    if body.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "control message too long",
@@ -110,9 +119,12 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<RawFd>) -> io::
     Ok(())
 }
 
-/// Receives one frame and the descriptors passed with it. A clean end of stream before a
-/// frame starts is `UnexpectedEof`.
-pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> io::Result<(T, Vec<OwnedFd>)> {
+/// Receives one frame of at most `max` bytes and the descriptors passed with it. A clean end
+/// of stream before a frame starts is `UnexpectedEof`.
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    max: usize,
+) -> io::Result<(T, Vec<OwnedFd>)> {
     let mut len = [0u8; 4];
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let (n, fds) = {
@@ -143,14 +155,22 @@ pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> io::Result<(T, V
         (&*sock).read_exact(&mut len[n..])?;
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "control message too long",
         ));
     }
-    let mut body = vec![0u8; len];
-    (&*sock).read_exact(&mut body)?;
+    // Grown as the bytes arrive, not allocated from the length: a stream that claims a large
+    // frame and ends costs only what it sent.
+    let mut body = Vec::new();
+    sock.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the other side closed the connection in the middle of a message",
+        ));
+    }
     let msg = serde_json::from_slice(&body).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -235,5 +255,52 @@ mod tests {
             let v = serde_json::to_value(&r).unwrap_or_default();
             assert_eq!(v["op"], op);
         }
+    }
+
+    /// A reply larger than any request may be (a list of 100,000 snapshots is about 30 MB)
+    /// reaches the client; a request that large is refused on both sides.
+    #[test]
+    fn replies_may_be_larger_than_requests() {
+        let (a, b) = UnixStream::pair().expect("a socket pair");
+        let names: Vec<String> = (0..1_000_000).map(|i| format!("nightly-{i:012}")).collect();
+        let big = Message::Ok {
+            id: 7,
+            reply: Reply {
+                response: Response::Deleted {
+                    names: names.clone(),
+                    freed_bytes: 0,
+                },
+                events: vec![],
+            },
+        };
+        let writer = std::thread::spawn(move || send(&a, &big, None, MAX_REPLY).map(|()| a));
+        let got = recv::<Message>(&b, MAX_REPLY).map(|(m, _)| m);
+        let a = writer
+            .join()
+            .expect("the writer ran")
+            .expect("a large reply is sent");
+        match got {
+            Ok(Message::Ok { id: 7, reply }) => match reply.response {
+                Response::Deleted { names: n, .. } => assert_eq!(n, names),
+                other => panic!("another response: {other:?}"),
+            },
+            other => panic!("the large reply did not arrive: {other:?}"),
+        }
+        // The same size as a request: the sender refuses it, and so does a server reading one.
+        let env = Envelope {
+            id: 8,
+            request: Request::Create(CreateSpec {
+                name: "x".repeat(MAX_REQUEST),
+                ..CreateSpec::default()
+            }),
+        };
+        let refused = send(&a, &env, None, MAX_REQUEST).map_err(|e| e.kind());
+        assert_eq!(refused, Err(io::ErrorKind::InvalidInput));
+        let raw = ((MAX_REQUEST + 1) as u32).to_le_bytes();
+        (&a).write_all(&raw).expect("a length is written");
+        let r = recv::<Envelope>(&b, MAX_REQUEST)
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        assert_eq!(r, Err(io::ErrorKind::InvalidData));
     }
 }

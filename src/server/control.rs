@@ -51,7 +51,7 @@ pub(crate) fn handle(
 ) -> io::Result<()> {
     // A frame, once started, must arrive whole in time; a silent client cannot hold a worker.
     sock.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let (hello, _) = protocol::recv::<Hello>(&sock)?;
+    let (hello, _) = protocol::recv::<Hello>(&sock, protocol::MAX_REQUEST)?;
     if hello.hello != protocol::MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -60,7 +60,7 @@ pub(crate) fn handle(
     }
     let refuse = |e: Error| {
         let w = Welcome::Refused { error: e.to_wire() };
-        protocol::send(&sock, &w, None)
+        protocol::send(&sock, &w, None, protocol::MAX_REPLY)
     };
     if hello.version != protocol::VERSION {
         return refuse(Error::Invalid(format!(
@@ -84,12 +84,13 @@ pub(crate) fn handle(
             server: env!("CARGO_PKG_VERSION").into(),
         },
         None,
+        protocol::MAX_REPLY,
     )?;
     loop {
         if !wait_for_client(&sock, shared)? {
             return Ok(());
         }
-        let (env, fds) = match protocol::recv::<Envelope>(&sock) {
+        let (env, fds) = match protocol::recv::<Envelope>(&sock, protocol::MAX_REQUEST) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -105,6 +106,7 @@ pub(crate) fn handle(
                     error: e.to_wire(),
                 },
                 None,
+                protocol::MAX_REPLY,
             )?;
             continue;
         }
@@ -113,7 +115,8 @@ pub(crate) fn handle(
             if done == total || last.elapsed() >= Duration::from_millis(100) {
                 last = Instant::now();
                 // A client that stopped listening finds out from the reply.
-                let _ = protocol::send(&sock, &Message::Progress { id, done, total }, None);
+                let progress = Message::Progress { id, done, total };
+                let _ = protocol::send(&sock, &progress, None, protocol::MAX_REPLY);
             }
         };
         let run = std::panic::AssertUnwindSafe(|| {
@@ -133,6 +136,21 @@ pub(crate) fn handle(
                 .to_wire(),
             },
         };
-        protocol::send(&sock, &msg, None)?;
+        match protocol::send(&sock, &msg, None, protocol::MAX_REPLY) {
+            // Too long to send (nothing was): say so, instead of leaving the client to find
+            // the connection closed.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                let e = Error::Invalid(format!(
+                    "the reply is larger than the control protocol's {} MiB; run the command with the server stopped, or ask for less",
+                    protocol::MAX_REPLY >> 20
+                ));
+                let refusal = Message::Err {
+                    id,
+                    error: e.to_wire(),
+                };
+                protocol::send(&sock, &refusal, None, protocol::MAX_REPLY)?;
+            }
+            other => other?,
+        }
     }
 }
