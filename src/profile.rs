@@ -8,7 +8,7 @@
 //! `origin read` and `hash` run on a thread beside `decide` and `allocate`, and `copy write` on
 //! one beside `index` and `commit`, so the copy-on-write lines add up to more than `preserve`. A `writeback
 //! round` (pipelined writes, store/writeback.rs) runs beside the batches on the queue's worker:
-//! its store flush and origin writes are not part of any batch. Totals are sums over every
+//! its journal records, store flush and origin writes are not part of any batch. Totals are sums over every
 //! thread, so with several connections (or the worker) they can exceed the wall time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -52,7 +52,8 @@ pub enum Phase {
     Reply,
     /// One round of the writeback worker (pipelined origin writes), outside any batch.
     Writeback,
-    /// The store flush a writeback round makes before its origin writes.
+    /// The journal records a writeback round writes and the store flush after them, before
+    /// its origin writes.
     StoreFlush,
     /// A writeback round's origin writes.
     RoundWrite,
@@ -100,7 +101,7 @@ impl Phase {
             Phase::Read => "  read",
             Phase::Reply => "reply",
             Phase::Writeback => "writeback round",
-            Phase::StoreFlush => "  store flush",
+            Phase::StoreFlush => "  records + flush",
             Phase::RoundWrite => "  origin write",
         }
     }

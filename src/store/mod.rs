@@ -914,8 +914,9 @@ impl Store {
     }
 
     /// Turns on pipelined origin writes (see `writeback.rs`): from now on [`Store::write_queued`]
-    /// returns once a batch's copies are written, and its origin writes follow a store flush
-    /// that covers them. With `worker`, a thread of the store's own writes the queue; without,
+    /// returns once a batch's copies are written, and its journal record and origin writes
+    /// are queued: the record goes out, then a store flush that covers it and the copies, then
+    /// the origin writes. With `worker`, a thread of the store's own writes the queue; without,
     /// nothing does until [`Store::pump_writes`] or anything that waits for the queue.
     pub fn pipeline_writes(&mut self, worker: bool) -> Result<()> {
         if self.writeback.is_some() {

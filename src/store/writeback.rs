@@ -245,8 +245,8 @@ impl Writeback {
     }
 
     /// One round: takes every queued job, writes their journal records and flushes the store
-    /// once if any has copies waiting, then writes their origin data in order. Called with the lock held and no round busy;
-    /// returns with it held again.
+    /// once if any has copies waiting, then writes their origin data in order. Called with the
+    /// lock held and no round busy; returns with it held again.
     fn write_round<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let jobs: Vec<Job> = st.queue.drain(..).collect();
         if jobs.is_empty() {

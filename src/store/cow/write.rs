@@ -268,10 +268,19 @@ impl Store {
             drop(commit);
             (Ok(Some(committed)), written.or_else(join))
         });
-        let committed = match committed? {
-            // The copies failed before the durable commit that needed them: nothing committed.
-            None => false,
-            Some(Err(e)) => {
+        // Indexing changed this process's view of the snapshots (their exclusive counts): when
+        // nothing was committed, it is read again from the metadata.
+        let committed = match committed {
+            Err(e) => {
+                self.load_catalog()?;
+                return Err(e);
+            }
+            // The copies failed before the durable commit that needed them.
+            Ok(None) => {
+                self.load_catalog()?;
+                false
+            }
+            Ok(Some(Err(e))) => {
                 let err = meta_err(&sn, e);
                 self.load_catalog()?;
                 return match err {
@@ -279,7 +288,7 @@ impl Store {
                     other => Err(other),
                 };
             }
-            Some(Ok(())) => true,
+            Ok(Some(Ok(()))) => true,
         };
         if let Some(Err(e)) = written {
             if committed {
