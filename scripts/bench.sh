@@ -273,6 +273,9 @@ fi
 cp "$work/base.img" "$work/raw.img"
 ENG[raw]="--ioengine=io_uring --direct=1 --filename=$work/raw.img"
 record qemu.aio "$qemu_aio"
+# The copies just made are dirty in the page cache (several GiB): written back under the first
+# runs, they would slow whichever target ran then (an O_DIRECT read of a dirty range waits for it).
+sync
 
 # on TARGET KEY FIO-ARGS...: a run against TARGET recorded as TARGET.KEY; nothing if it is missing
 on() {
@@ -437,6 +440,7 @@ cp "$work/base.img" "$work/origin.img"
 truncate -s "$((SIZE_MB * 2))M" "$work/store.img"
 "$SNAPCTL" -q init "$work/store.img" --origin "$work/origin.img" --force
 "$SNAPCTL" -q create profiled
+sync # the origin's copy, written back under the profiled pass, would slow its reads
 SNAPCTL_PROFILE=1 start_snapctl "$work/store.img" "$work/profile.sock"
 fio_run profile.first --ioengine=nbd --uri="nbd+unix:///origin?socket=$work/profile.sock" --rw=randwrite "${RAND[@]}" --offset="${A_K}k" --size="${R_K}k"
 stop "$srv"
