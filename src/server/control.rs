@@ -141,7 +141,7 @@ pub(crate) fn handle(
             // the connection closed.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 let e = Error::Invalid(format!(
-                    "the reply is larger than the control protocol's {} MiB; run the command with the server stopped, or ask for less",
+                    "the reply is larger than the control protocol allows ({} MiB) and was not sent, though the request was carried out; stop the server to run `list` without this limit",
                     protocol::MAX_REPLY >> 20
                 ));
                 let refusal = Message::Err {
