@@ -2,7 +2,6 @@
 //! (invariant 2), for one write or a batch.
 
 use super::*;
-use crate::io::BlockIo;
 use crate::profile::{self, Phase};
 use crate::store::codec::ChunkHash;
 use crate::store::format::{JOURNAL_LEN, JOURNAL_OFFSET};
@@ -194,7 +193,8 @@ impl Store {
             (tx, Decided::Copy(need, extents)) => (tx, need, extents),
         };
         let mut data = AlignedBuf::new(need.len() * cs);
-        let hashes = read_and_hash(&*self.origin, &need, cs, self.sb.origin_size, &mut data)
+        let hashes = self
+            .read_and_hash(&need, &mut data)
             .map_err(|e| Error::io(format!("origin {}: read", self.sb.origin_path), e))?;
         // Map needed chunks onto the allocated store chunks, in order; one write per run of
         // adjacent store chunks, however scattered the origin chunks are.
@@ -353,6 +353,53 @@ impl Store {
         Ok(Preserve::Done(queued_record))
     }
 
+    /// Reads origin chunks `need` (sorted) into `buf`, chunk `need[i]` at `i * chunk_size`, one
+    /// read per run of adjacent chunks, all in flight together; then hashes each (its bytes
+    /// inside the origin: the last chunk may be partial), a large batch on two threads.
+    fn read_and_hash(&self, need: &[u64], buf: &mut AlignedBuf) -> std::io::Result<Vec<ChunkHash>> {
+        let cs = self.sb.chunk_size as usize;
+        {
+            let _read = profile::span(Phase::OriginRead);
+            let mut reads: Vec<(u64, &mut [u8])> = Vec::new();
+            let mut rest = buf.as_mut_slice();
+            let mut i = 0;
+            while i < need.len() {
+                let mut j = i + 1;
+                while j < need.len() && need[j] == need[j - 1] + 1 && j - i < 256 {
+                    j += 1;
+                }
+                let (piece, tail) = rest.split_at_mut((j - i) * cs);
+                rest = tail;
+                let len = (j - 1 - i) * cs + self.chunk_len(need[j - 1]);
+                reads.push((need[i] * cs as u64, &mut piece[..len]));
+                i = j;
+            }
+            self.origin.read_many(&mut reads)?;
+        }
+        let _hash = profile::span(Phase::Hash);
+        let data = buf.as_slice();
+        let items: Vec<&[u8]> = need
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| &data[i * cs..i * cs + self.chunk_len(c)])
+            .collect();
+        let hash =
+            |part: &[&[u8]]| -> Vec<ChunkHash> { part.iter().map(|b| chunk_hash(b)).collect() };
+        if data.len() < HASH_BESIDE {
+            return Ok(hash(&items));
+        }
+        let (a, b) = items.split_at(items.len() / 2);
+        Ok(std::thread::scope(|s| {
+            let other = s.spawn(|| hash(b));
+            let mut out = hash(a);
+            match other.join() {
+                Ok(rest) => out.extend(rest),
+                Err(_) => out.extend(hash(b)),
+            }
+            out
+        }))
+    }
+
     /// Which of the chunks `cands` need a copy (no record since the newest snapshot, epoch
     /// `e_max`), and room for them, on the write transaction the batch goes on in. Chunks a
     /// record covers are marked preserved.
@@ -508,61 +555,6 @@ enum Decided {
     Nothing,
     Full,
     Copy(Vec<u64>, Vec<(u64, u64)>),
-}
-
-/// Reads origin chunks `cands` (sorted) into `buf`, chunk `cands[i]` at `i * cs`, one read per
-/// run of adjacent chunks, all in flight together; then hashes each (its bytes inside the
-/// origin: the last chunk may be partial), a large batch on two threads.
-fn read_and_hash(
-    origin: &dyn BlockIo,
-    cands: &[u64],
-    cs: usize,
-    origin_size: u64,
-    buf: &mut AlignedBuf,
-) -> std::io::Result<Vec<ChunkHash>> {
-    {
-        let _read = profile::span(Phase::OriginRead);
-        let mut reads: Vec<(u64, &mut [u8])> = Vec::new();
-        let mut rest = buf.as_mut_slice();
-        let mut i = 0;
-        while i < cands.len() {
-            let mut j = i + 1;
-            while j < cands.len() && cands[j] == cands[j - 1] + 1 && j - i < 256 {
-                j += 1;
-            }
-            let (piece, tail) = rest.split_at_mut((j - i) * cs);
-            rest = tail;
-            let off = cands[i] * cs as u64;
-            let len = ((j - i) * cs).min(origin_size.saturating_sub(off) as usize);
-            reads.push((off, &mut piece[..len]));
-            i = j;
-        }
-        origin.read_many(&mut reads)?;
-    }
-    let _hash = profile::span(Phase::Hash);
-    let data = buf.as_slice();
-    let items: Vec<&[u8]> = cands
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            let len = (cs as u64).min(origin_size.saturating_sub(c * cs as u64)) as usize;
-            &data[i * cs..i * cs + len]
-        })
-        .collect();
-    let hash = |part: &[&[u8]]| -> Vec<ChunkHash> { part.iter().map(|b| chunk_hash(b)).collect() };
-    if data.len() < HASH_BESIDE {
-        return Ok(hash(&items));
-    }
-    let (a, b) = items.split_at(items.len() / 2);
-    Ok(std::thread::scope(|s| {
-        let other = s.spawn(|| hash(b));
-        let mut out = hash(a);
-        match other.join() {
-            Ok(rest) => out.extend(rest),
-            Err(_) => out.extend(hash(b)),
-        }
-        out
-    }))
 }
 
 /// Runs of adjacent store chunks: (first index, count), at most 256 chunks each.
