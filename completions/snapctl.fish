@@ -52,7 +52,7 @@ complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "serve" -d 'Serve th
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "generate-docs" -d 'Generate man pages and shell completions (for packagers)'
 complete -c snapctl -n "__fish_snapctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l origin -d 'The device (or file) whose snapshots to keep' -r -F
-complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l chunk-size -d 'Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB)' -r
+complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l chunk-size -d 'Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB). Larger chunks make first writes after a snapshot cheaper (one copy covers more writes); smaller ones keep the copies of scattered writes small' -r
 complete -c snapctl -n "__fish_snapctl_using_subcommand init" -l on-full -d 'What to do when the store has no room for a copy an origin write needs' -r -f -a "drop-oldest\t'Delete the oldest snapshots until the copy fits'
 invalidate\t'Mark the snapshots that need the copy invalid (they refuse reads)'
 fail-writes\t'Fail the origin write with ENOSPC'"

@@ -113,7 +113,9 @@ pub enum Cmd {
         /// The device (or file) whose snapshots to keep
         #[arg(long, value_name = "ORIGIN")]
         origin: PathBuf,
-        /// Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB)
+        /// Copy-on-write unit: a power of two from 4K to 1M (4096, 4K, 4KiB, 1M, 1MiB). Larger
+        /// chunks make first writes after a snapshot cheaper (one copy covers more writes);
+        /// smaller ones keep the copies of scattered writes small
         #[arg(long, default_value = "4K", value_name = "SIZE")]
         chunk_size: String,
         /// What to do when the store has no room for a copy an origin write needs
