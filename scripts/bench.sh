@@ -19,7 +19,9 @@
 #   the same, 64 KiB chunks       the same on a second store,      the same (no target: the row
 #                                 `init --chunk-size 64K`          compares equal granularity)
 #   overwrite, random read        randwrite, randread over A       fio io_uring --direct=1 on a
-#                                 again                            file of the volume's size
+#                                 again                            file of the volume's size; and
+#                                                                  (no target) qemu-nbd raw, the
+#                                                                  same NBD path with no snapshots
 #   1 MiB seq write, iodepth 8    over C before any snapshot,      qemu-nbd raw, cache=none, over C
 #                                 and once after the snapshot
 #   4 connections                 fio numjobs=4, each job its      the same with one connection
@@ -353,7 +355,7 @@ stop "$srv_snap64"
 rm -f "$work/origin64.img" "$work/store64.img"
 # overwrites and reads of A: snapctl against the raw file, and 4 connections against one
 for r in $(seq "$ROUNDS"); do
-  for run in $(in_order "$r" snap:overwrite raw:overwrite snap:randread raw:randread snap:read4 snap:overwrite4); do
+  for run in $(in_order "$r" snap:overwrite raw:overwrite qraw:overwrite snap:randread raw:randread qraw:randread snap:read4 snap:overwrite4); do
     case ${run#*:} in
       overwrite) args=(--rw=randwrite) ;;
       randread) args=(--rw=randread) ;;
@@ -370,7 +372,9 @@ for r in $(seq "$ROUNDS"); do
 done
 # 1 MiB sequential writes over C after the snapshot: one pass (each write a first write)
 # shellcheck disable=SC2046
+before=$(dev_io)
 on snap seq_snap "${SEQ[@]}" $(region "$C_K")
+io_per_write snap.seq_snap "$before" "$(dev_io)" "$R_K"   # per KiB the client wrote
 record snap.hwm_mib "$(hwm_mib "$srv_snap")"
 for p in "${pids[@]}"; do stop "$p"; done
 "$SNAPCTL" -q check || log "bench: snapctl check failed on the benchmarked store (exit $?)"
@@ -533,7 +537,9 @@ table = [
     ("  the same, 64 KiB chunks", "snap64.first_iops", "qcow.first_iops", "qcow2 64K", None, None),
     ("  the same, 64 KiB chunks", "snap64.first_iops", "qraw.first_iops", "qemu-nbd raw", None, None),
     ("overwrite", "snap.overwrite_iops", "raw.overwrite_iops", "raw file", ">=", 0.6),
+    ("  the same, against qemu-nbd", "snap.overwrite_iops", "qraw.overwrite_iops", "qemu-nbd raw", None, None),
     ("random read", "snap.randread_iops", "raw.randread_iops", "raw file", ">=", 0.6),
+    ("  the same, against qemu-nbd", "snap.randread_iops", "qraw.randread_iops", "qemu-nbd raw", None, None),
     ("1 MiB seq write after a snapshot", "snap.seq_snap_mbps", "qraw.seq_mbps", "qemu-nbd raw", ">=", 1.0),
     ("1 MiB seq write, no snapshot", "snap.seq_nosnap_mbps", "qraw.seq_mbps", "qemu-nbd raw", ">=", 1.0),
     ("random read, 4 connections", "snap.read4_iops", "snap.randread_iops", "1 conn", ">=", 1.3),
@@ -583,6 +589,8 @@ raw = [
         ("qcow_wb.first_iops", "qcow2 64K, internal snapshot, cache=writeback: first write, region A"),
         ("qraw.first_iops", "raw, cache=none: random write, region A"),
         ("qraw.seq_mbps", "raw, cache=none: 1 MiB seq write, region C"),
+        ("qraw.overwrite_iops", "raw, cache=none: random write, region A again"),
+        ("qraw.randread_iops", "raw, cache=none: random read, region A"),
     ]),
     ("raw file, fio io_uring --direct=1", [
         ("raw.overwrite_iops", "random write, region A"),
@@ -629,6 +637,10 @@ if any(isinstance(v.get(f"{t}.first_rd_per_w"), float) for t, _ in io_rows):
             continue
         rd, rkib, wr, wkib, fl = (v[k] for k in ks)
         print(f"  {label:<30}{rd:>8.2f}{rkib:>10.1f}{wr:>8.2f}{wkib:>13.1f}{fl:>9.3f}")
+    ks = ("snap.seq_snap_rkib_per_w", "snap.seq_snap_wkib_per_w")
+    if all(isinstance(v.get(k), float) for k in ks):
+        print(f"  1 MiB sequential writes after the snapshot: per KiB the client wrote, the device read"
+              f" {v[ks[0]]:.2f} KiB and wrote {v[ks[1]]:.2f} KiB (qemu-nbd raw: 0 and 1)")
 
 print("\nraw figures (in brackets: each part, in the order measured)")
 for group, items in raw:
