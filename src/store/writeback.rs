@@ -35,9 +35,10 @@ use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, BlockIo};
 use crate::profile::{self, Phase};
 
-/// Queued data above which a new job waits for the worker: one batch's worth (a batch is at
-/// most 32 MiB), so that the queue adds at most that to the server's memory; the client's queue,
-/// not ours, is what should be deep.
+/// Data queued or being written above which a new job waits for the worker: one batch's worth
+/// (a batch is at most 32 MiB), so that the queue adds at most twice that to the server's
+/// memory (this, and the job that crossed it); the client's queue, not ours, is what should be
+/// deep.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// Jobs queued at most.
 const MAX_QUEUED_JOBS: usize = 64;
@@ -82,6 +83,8 @@ struct State {
     queue: VecDeque<Job>,
     /// The ranges of the jobs a round took and is writing.
     busy: Option<Vec<(u64, u64)>>,
+    /// Data held by the queue: its jobs' and the busy round's (counted until the round ends,
+    /// so that the queue's memory stays within [`MAX_QUEUED_BYTES`] and one job).
     queued_bytes: usize,
     /// The newest journal record whose copies a completed flush covered.
     durable_record: u64,
@@ -152,7 +155,8 @@ impl Writeback {
                 return Err(self.failure(why));
             }
             let full = st.queue.len() >= MAX_QUEUED_JOBS
-                || (st.queued_bytes >= MAX_QUEUED_BYTES && !st.queue.is_empty());
+                || (st.queued_bytes >= MAX_QUEUED_BYTES
+                    && (!st.queue.is_empty() || st.busy.is_some()));
             if !full {
                 break;
             }
@@ -257,7 +261,7 @@ impl Writeback {
             .flat_map(|j| j.writes.iter())
             .map(|(o, b)| (*o, b.as_slice().len() as u64))
             .collect();
-        st.queued_bytes = 0;
+        let round_bytes: usize = jobs.iter().map(Job::bytes).sum();
         // Overlapping writes in the round are written job by job (checked on sorted ranges).
         let mut sorted = ranges.clone();
         sorted.sort_unstable();
@@ -273,6 +277,7 @@ impl Writeback {
         drop(round);
         let mut st = self.lock();
         st.busy = None;
+        st.queued_bytes = st.queued_bytes.saturating_sub(round_bytes);
         match outcome {
             Ok(()) => {
                 if let Some(r) = record {
@@ -331,5 +336,67 @@ impl Writeback {
             self.origin.write_many(&list).map_err(werr)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::testing::MemIo;
+
+    fn job(off: u64, len: usize) -> Job {
+        Job {
+            writes: vec![(off, AlignedBuf::new(len))],
+            record: None,
+        }
+    }
+
+    /// The data of a round being written counts against the queue's bound: while a round of
+    /// MAX_QUEUED_BYTES is busy, a new job waits for it even though the queue itself is empty.
+    #[test]
+    fn a_new_job_waits_while_the_busy_round_holds_the_bound() {
+        let dev: Arc<dyn BlockIo> = Arc::new(MemIo::new(1 << 20));
+        let origin: Arc<dyn BlockIo> = Arc::new(MemIo::new(64 << 20));
+        let wb = Arc::new(Writeback::new(dev, origin, "store", "origin"));
+        {
+            let mut st = wb.lock();
+            st.busy = Some(vec![(0, MAX_QUEUED_BYTES as u64)]);
+            st.queued_bytes = MAX_QUEUED_BYTES;
+        }
+        let pusher = {
+            let wb = wb.clone();
+            std::thread::spawn(move || wb.push(job(40 << 20, 4096)))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            wb.lock().queue.is_empty(),
+            "the job went in beside a full round"
+        );
+        {
+            let mut st = wb.lock();
+            st.busy = None;
+            st.queued_bytes -= MAX_QUEUED_BYTES;
+            wb.changed.notify_all();
+        }
+        assert!(pusher.join().is_ok_and(|r| r.is_ok()));
+        let st = wb.lock();
+        assert_eq!((st.queue.len(), st.queued_bytes), (1, 4096));
+    }
+
+    /// A round's bytes stay counted until it has written them, then are released.
+    #[test]
+    fn a_round_releases_its_bytes_once_written() {
+        let dev: Arc<dyn BlockIo> = Arc::new(MemIo::new(1 << 20));
+        let origin: Arc<dyn BlockIo> = Arc::new(MemIo::new(1 << 20));
+        let wb = Writeback::new(dev, origin, "store", "origin");
+        wb.push(job(0, 8192)).unwrap();
+        wb.push(job(65536, 4096)).unwrap();
+        assert_eq!(wb.lock().queued_bytes, 12288);
+        wb.write_queued();
+        let st = wb.lock();
+        assert_eq!(
+            (st.queue.len(), st.queued_bytes, st.busy.is_none()),
+            (0, 0, true)
+        );
     }
 }
