@@ -84,11 +84,21 @@ fn check_range(len: u64, off: u64, n: usize) -> io::Result<()> {
     }
 }
 
-/// A heap buffer aligned for O_DIRECT.
+/// A zeroed buffer aligned for O_DIRECT.
+///
+/// Buffers of [`MAPPED_MIN`] bytes or more (a 1 MiB NBD payload, a large batch's copies) are
+/// mapped for themselves and unmapped when dropped. From the allocator they would stay resident
+/// after being freed: glibc raises its mmap threshold each time such a block is freed, so later
+/// ones come from its arenas, which keep every page they have touched. Serving 1 MiB writes
+/// after a snapshot, that left the server's peak at 170-200 MiB against 34 MiB mapped.
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    mapped: bool,
 }
+
+/// The size from which a buffer is mapped rather than allocated.
+const MAPPED_MIN: usize = 1 << 20;
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
@@ -96,14 +106,42 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     pub fn new(len: usize) -> Self {
-        let size = len.max(1).next_multiple_of(DIRECT_ALIGN);
+        let size = Self::size(len);
+        if size >= MAPPED_MIN {
+            // SAFETY: an anonymous private mapping of `size` bytes, no address requested; the
+            // pages are zeroed by the kernel and faulted in at once (MAP_POPULATE).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                    -1,
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                return AlignedBuf {
+                    ptr: p.cast(),
+                    len,
+                    mapped: true,
+                };
+            }
+        }
         let layout = Layout::from_size_align(size, DIRECT_ALIGN).expect("valid layout");
         // SAFETY: layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            mapped: false,
+        }
+    }
+    fn size(len: usize) -> usize {
+        len.max(1).next_multiple_of(DIRECT_ALIGN)
     }
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len bytes for the lifetime of self.
@@ -117,7 +155,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let size = self.len.max(1).next_multiple_of(DIRECT_ALIGN);
+        let size = Self::size(self.len);
+        if self.mapped {
+            // SAFETY: mapped in new() with this size; nothing refers to it once dropped.
+            unsafe { libc::munmap(self.ptr.cast(), size) };
+            return;
+        }
         let layout = Layout::from_size_align(size, DIRECT_ALIGN).expect("valid layout");
         // SAFETY: allocated in new() with this layout.
         unsafe { dealloc(self.ptr, layout) }
@@ -444,6 +487,25 @@ mod tests {
         let torn = d.after_crash(|_, n| n / 2);
         assert_eq!(&torn[512..1024], &[2; 512]);
         assert_eq!(&torn[1024..1536], &[0; 512]);
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_small_ones_allocated_all_zeroed_and_aligned() {
+        for (len, mapped) in [
+            (1, false),
+            (4096, false),
+            ((1 << 20) - 4096, false),
+            (1 << 20, true),
+            ((8 << 20) + 5, true),
+        ] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.mapped, mapped, "{len} bytes");
+            assert_eq!(b.as_slice().len(), len);
+            assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0), "{len} bytes zeroed");
+            b.as_mut_slice().fill(7);
+            assert!(b.as_slice().iter().all(|&x| x == 7));
+        }
     }
 
     #[test]
