@@ -5,11 +5,11 @@
 //!
 //! Phases nest: `batch` is one NBD batch under the store lock, and the copy-on-write phases
 //! (`decide` .. `journal write`) fall inside `preserve`, which falls inside `batch`; inside it,
-//! `origin read` and `hash` run on a thread beside `decide` and `allocate`, and `copy write` on
-//! one beside `index` and `commit`, so the copy-on-write lines add up to more than `preserve`. A `writeback
-//! round` (pipelined writes, store/writeback.rs) runs beside the batches on the queue's worker:
-//! its journal records, store flush and origin writes are not part of any batch. Totals are sums over every
-//! thread, so with several connections (or the worker) they can exceed the wall time.
+//! `copy write` runs on a thread beside `index` and `commit`, so the copy-on-write lines add up
+//! to more than `preserve`. A `writeback round` (pipelined writes, store/writeback.rs) runs
+//! beside the batches on the queue's worker: its journal records, store flush and origin writes
+//! are not part of any batch. Totals are sums over every thread, so with several connections
+//! (or the worker) they can exceed the wall time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;

@@ -2,10 +2,10 @@
 //! `snapctl serve` and its [`Reply`] comes back. Both sides live here, so they cannot drift.
 //!
 //! A frame is a 4-byte little-endian length and that many bytes of JSON (at most
-//! [`MAX_REQUEST`] from a client, [`MAX_REPLY`] from a server); a descriptor travels as SCM_RIGHTS on a frame's first byte. The client opens
-//! with a [`Hello`], the server answers with a [`Welcome`] (or a refusal, and closes);
-//! then each [`Envelope`] gets zero or more [`Message::Progress`] frames and one
-//! [`Message::Ok`] or [`Message::Err`] with the same id.
+//! [`MAX_REQUEST`] from a client, [`MAX_REPLY`] from a server); a descriptor travels as
+//! SCM_RIGHTS on a frame's first byte. The client opens with a [`Hello`], the server answers
+//! with a [`Welcome`] (or a refusal, and closes); then each [`Envelope`] gets zero or more
+//! [`Message::Progress`] frames and one [`Message::Ok`] or [`Message::Err`] with the same id.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
