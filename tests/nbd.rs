@@ -532,6 +532,58 @@ fn after_kill_9_flushed_writes_and_every_snapshot_survive() {
     s.ok(&["check"]);
 }
 
+/// A server killed with its copy journal not yet folded, then a `create` and a `delete` run
+/// without it: each opens the store with its catalog read on demand and replays the journal
+/// first. The replay must index the copies it allocates (it once indexed none when the catalog
+/// was not read whole, and the snapshots that needed them read the origin's new bytes).
+#[test]
+fn after_kill_9_a_create_or_delete_without_the_server_replays_the_journal_whole() {
+    let mut s = Served::start();
+    let mut model = std::fs::read(s.p("origin.img")).unwrap();
+    let mut snaps = BTreeMap::new();
+    let mut rng = SmallRng::seed_from_u64(11);
+    for (round, next) in [(0, "create"), (1, "delete")] {
+        for n in [format!("a{round}"), format!("b{round}")] {
+            s.ok(&["create", &n]);
+            snaps.insert(n, model.clone());
+            let mut c = Raw::go(&s.sock(), "origin").unwrap();
+            for _ in 0..30 {
+                let len = rng.gen_range(1..70000usize);
+                let off = rng.gen_range(0..(32u64 << 20) - len as u64);
+                let v: u8 = rng.gen();
+                assert_eq!(c.write(off, &vec![v; len]), 0);
+                model[off as usize..off as usize + len].fill(v);
+            }
+            assert_eq!(c.flush(), 0);
+        }
+        // Journaled copies only: nothing has folded them into the metadata yet.
+        s.kill9();
+        match next {
+            "create" => {
+                s.ok(&["create", "after"]);
+                snaps.insert("after".into(), model.clone());
+            }
+            _ => {
+                s.ok(&["delete", "a0"]);
+                snaps.remove("a0");
+            }
+        }
+        let report = s.ok(&["check"]);
+        assert!(
+            report.contains("clean"),
+            "after kill -9 and {next}: {report}"
+        );
+        for (n, img) in &snaps {
+            assert!(
+                s.export(n) == *img,
+                "snapshot {n} differs after kill -9 and {next}"
+            );
+        }
+        assert!(s.export("origin") == model);
+        s.spawn();
+    }
+}
+
 /// Random origin writes (any offset, any length, pipelined so that the server batches them)
 /// interleaved with creates and deletes through the CLI while the server runs; every snapshot
 /// and the origin are checked against an in-memory model.

@@ -213,6 +213,12 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
+        // The replay indexes the records as their batches did, which takes the live points
+        // of every snapshot: a store opened with its catalog on demand (a `create` or a
+        // `delete` run while no server holds the store) reads it whole first. Without it the
+        // replay allocated the records' chunks and indexed nothing, and the snapshots that
+        // needed the copies read the origin's new bytes instead.
+        self.whole_catalog()?;
         let sn = self.name.clone();
         // The last record's copies may not have landed (its flush may not have returned), nor
         // those of the records it names as unflushed before it: no origin write was issued

@@ -179,7 +179,8 @@ impl Store {
         }
         let _preserve = profile::span(Phase::Preserve);
         // Only the two newest live epochs matter here: one pass, nothing sorted, whatever the
-        // number of snapshots.
+        // number of snapshots. A catalog read on demand may lack them: read it whole.
+        self.whole_catalog()?;
         let (Some(e_max), _) = self.newest_epochs() else {
             return Ok(Preserve::Done(None));
         };
@@ -481,6 +482,13 @@ impl Store {
     ) -> Result<()> {
         let sn = self.name.clone();
         let epoch = self.epoch;
+        // The newest live points decide what is shared; a catalog read on demand may not hold
+        // them (callers read it whole first).
+        if self.snaps.partial {
+            return Err(Error::Internal(format!(
+                "{sn}: copies indexed with the catalog read on demand"
+            )));
+        }
         let (Some(e_max), e_prev) = self.newest_epochs() else {
             return Ok(());
         };
