@@ -26,6 +26,8 @@
 #     every sector must hold what the origin held when the create began, or a generation that
 #     was running during the create (a --from snapshot: exactly its source).
 #   - after a random 40-100 % of --seconds-per-round, `kill -9` of the server.
+# Every other round the first command after the kill is a `snapctl delete` of an older snapshot
+# with no server (its open replays the copy journal with the catalog read on demand).
 # Then `snapctl check` (no server: it opens the crashed store itself) must exit 0 (clean) or 9
 # (leaks only), the server is started again, and everything is verified through it:
 #   - the origin (nbdcopy): each sector holds exactly the generation the model says was durable,
@@ -624,6 +626,21 @@ for round in $(seq "$kills"); do
   touch "$work/stop"
   wait "$wpid" "$cpid" || true
   srv=
+  # Every other round the first to open the killed store is a `delete` with no server, as an
+  # administrator would run one: it reads the catalog on demand, and its open replays the
+  # journal of copies the server left (the oldest snapshot known at the round's start that
+  # no delete of this round touched).
+  if [ $((round % 2)) = 0 ]; then
+    victim=$(awk 'NR == FNR { if ($2 == "delete-begin") gone[$3] = 1; next }
+                  !($1 in gone) { print $1; exit }' "$work/journal.log" "$work/snaps.tsv")
+    if [ -n "$victim" ]; then
+      jot "delete-begin $victim"
+      if ! out=$("$SNAPCTL" -q delete "$victim" 2>&1); then
+        fail "snapctl delete $victim after the kill: $out"; die "$round"
+      fi
+      jot "deleted $victim"
+    fi
+  fi
   cp "$work/journal.log" "$work/journal-$round.log"
   if grep -q 'panicked' "$work/serve.log"; then
     fail "snapctl serve panicked: $(grep -m 1 'panicked' "$work/serve.log")"
