@@ -25,8 +25,9 @@
 #   1 MiB seq write, iodepth 8    over C before any snapshot,      qemu-nbd raw, cache=none, over C
 #                                 and once after the snapshot
 #   4 connections                 fio numjobs=4, each job its      the same with one connection
-#                                 own connection and quarter of    over all of A
-#                                 A (--offset_increment)
+#                                 own connection and quarter of    over all of A; and (no target)
+#                                 A (--offset_increment)           the raw file with 4 jobs, to
+#                                                                  show what the device allows
 #   create, 256 GiB origin        `snapctl create`, no server,     the same on a 256 MiB origin
 #                                 process start included; both origins sparse, same store size
 #   first write at BENCH_MANY     a store holding BENCH_MANY       a store holding 1 snapshot
@@ -360,7 +361,7 @@ stop "$srv_snap64"
 rm -f "$work/origin64.img" "$work/store64.img"
 # overwrites and reads of A: snapctl against the raw file, and 4 connections against one
 for r in $(seq "$ROUNDS"); do
-  for run in $(in_order "$r" snap:overwrite raw:overwrite qraw:overwrite snap:randread raw:randread qraw:randread snap:read4 snap:overwrite4); do
+  for run in $(in_order "$r" snap:overwrite raw:overwrite qraw:overwrite snap:randread raw:randread qraw:randread snap:read4 snap:overwrite4 raw:overwrite4); do
     case ${run#*:} in
       overwrite) args=(--rw=randwrite) ;;
       randread) args=(--rw=randread) ;;
@@ -549,6 +550,8 @@ table = [
     ("1 MiB seq write, no snapshot", "snap.seq_nosnap_mbps", "qraw.seq_mbps", "qemu-nbd raw", ">=", 1.0),
     ("random read, 4 connections", "snap.read4_iops", "snap.randread_iops", "1 conn", ">=", 1.3),
     ("overwrite, 4 connections", "snap.overwrite4_iops", "snap.overwrite_iops", "1 conn", ">=", 1.3),
+    ("  the raw file itself, 4 jobs", "raw.overwrite4_iops", "raw.overwrite_iops", "raw 1 job", None, None),
+    ("  the same, against the raw file", "snap.overwrite4_iops", "raw.overwrite4_iops", "raw 4 jobs", None, None),
     ("create, 256 GiB origin", "create.big_ms", "create.small_ms", "256 MiB", "<=", 1.2),
     (f"first write at {many} snapshots", "many.firstn_iops", "many.first1_iops", "1 snapshot", ">=", 0.95),
     (f"list, {nlist} snapshots", "list.listn_s", None, None, "<=", "1 s"),
@@ -601,6 +604,7 @@ raw = [
     ("raw file, fio io_uring --direct=1", [
         ("raw.overwrite_iops", "random write, region A"),
         ("raw.randread_iops", "random read, region A"),
+        ("raw.overwrite4_iops", "random write, region A, 4 jobs"),
     ]),
     ("create latency (no server; the median of 4 alternating batches of 5)", [
         ("create.small_ms", "256 MiB sparse origin"),

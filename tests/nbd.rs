@@ -484,6 +484,42 @@ fn a_snapshot_a_client_has_open_is_not_deleted_without_force() {
     s.ok(&["delete", "held2", "--force"]);
 }
 
+/// Clients that say nothing (one mid-handshake, one idle after it, one stalled half-way
+/// through a request) do not keep a stopping server waiting.
+#[test]
+fn sigterm_does_not_wait_for_silent_clients() {
+    let mut s = Served::start();
+    let _handshaking = Raw::hello(&s.sock());
+    let _idle = Raw::go(&s.sock(), "origin").unwrap();
+    let mut stalled = Raw::go(&s.sock(), "origin").unwrap();
+    stalled
+        .s
+        .write_all(&[0x25, 0x60, 0x95, 0x13, 0, 0])
+        .unwrap(); // 6 of a header's 28 bytes
+    std::thread::sleep(Duration::from_millis(100));
+    let mut child = s.child.take().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not stop within 10 s of SIGTERM with silent clients");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st:?}");
+    let log = std::fs::read_to_string(s.p("serve.log")).unwrap();
+    assert!(
+        log.contains("stopped") && !log.contains("is stopping"),
+        "{log}"
+    );
+}
+
 #[test]
 fn sigterm_finishes_commits_and_exits_zero() {
     let mut s = Served::start();

@@ -259,7 +259,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
                     spawn_worker(move || {
                         let _slot = slot;
                         if let Err(e) = serve_connection(&sh, s) {
-                            if e.kind() != io::ErrorKind::UnexpectedEof {
+                            if e.kind() != io::ErrorKind::UnexpectedEof && !nbd::stopping(&e) {
                                 eprintln!("snapctl serve: connection closed: {e}");
                             }
                         }
@@ -280,7 +280,7 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
                             None => serve_connection(&sh, s),
                         };
                         if let Err(e) = r {
-                            if e.kind() != io::ErrorKind::UnexpectedEof {
+                            if e.kind() != io::ErrorKind::UnexpectedEof && !nbd::stopping(&e) {
                                 eprintln!("snapctl serve: connection closed: {e}");
                             }
                         }
