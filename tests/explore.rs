@@ -1367,6 +1367,28 @@ fn open_check_read(img: &[Image; 2]) -> (Result<Outcome, String>, Vec<Event>) {
     (r, power.journal())
 }
 
+/// Recovery by an open that reads the catalog on demand must leave what the usual open
+/// reads: open that way and close, then open, read and check as usual.
+fn on_demand_agrees(img: &[Image; 2], want: &Outcome) -> Result<(), String> {
+    let power = Power::recording();
+    let sdev = Arc::new(ImageIo::new(img[0].clone(), power.clone()));
+    let odev = Arc::new(ImageIo::new(img[1].clone(), power.clone()));
+    let st = Store::open_io_on_demand(sdev.clone(), odev.clone(), "crashed")
+        .map_err(|e| format!("the store does not open with its catalog on demand: {e}"))?;
+    drop(st);
+    match open_check_read(&[sdev.image(), odev.image()]).0 {
+        Err(e) => Err(format!("after an open with the catalog on demand: {e}")),
+        Ok(g) if g != *want => Err(format!(
+            "after an open with the catalog on demand, reads differently: snapshots {:?} vs \
+             {:?}, origin {}",
+            g.snaps.keys().collect::<Vec<_>>(),
+            want.snaps.keys().collect::<Vec<_>>(),
+            first_diff(&g.origin, &want.origin)
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// What the model allows at one crash point.
 struct Expect {
     /// Catalogs (indices into `Recorded::catalogs`).
@@ -1803,6 +1825,14 @@ impl Explorer {
                         continue;
                     }
                 };
+                // One state in four is also recovered by an open that reads the catalog on
+                // demand (a `create` or `delete` run from the command line after the crash).
+                if new && self.checks.load(Ordering::Relaxed) % 4 == 0 {
+                    if let Err(msg) = on_demand_agrees(&img, &got) {
+                        self.fail(format!("{}: {msg}", what()));
+                        continue;
+                    }
+                }
                 // Crashes during recovery: at most a third of all states.
                 if new && self.recovery_states.load(Ordering::Relaxed) * 3 < self.distinct() {
                     self.crash_recovery(&img, &journal, &got, &what(), &mut rng);

@@ -628,19 +628,41 @@ impl Store {
 
     /// Opens a store on already-opened devices (tests use the in-memory and crash engines).
     pub fn open_io(dev: Arc<dyn BlockIo>, origin: Arc<dyn BlockIo>, name: &str) -> Result<Store> {
+        Self::open_io_with(dev, origin, name, false)
+    }
+
+    /// `open_io` reading the catalog on demand, as a `create` or a `delete` run from the
+    /// command line opens a store (tests: what an open recovers must not depend on that).
+    pub fn open_io_on_demand(
+        dev: Arc<dyn BlockIo>,
+        origin: Arc<dyn BlockIo>,
+        name: &str,
+    ) -> Result<Store> {
+        Self::open_io_with(dev, origin, name, true)
+    }
+
+    fn open_io_with(
+        dev: Arc<dyn BlockIo>,
+        origin: Arc<dyn BlockIo>,
+        name: &str,
+        on_demand: bool,
+    ) -> Result<Store> {
         let sb = read_superblock(dev.as_ref(), name)?;
         if origin.len() != sb.origin_size {
             return Err(Error::Mismatch(format!("{name}: origin size changed")));
         }
         let how = Opening {
             lock: None,
-            load: true,
+            load: false,
             meta_reader: None,
             caches: Caches::of(DEFAULT_CACHE_BYTES),
         };
         let mut store = Self::open_on(dev, origin, sb, name.to_string(), how)?;
+        store.catalog_on_demand = on_demand;
+        guard_panic(name, || store.load_catalog())?;
         guard_panic(name, || store.open_journal())?;
         if store.restore_pending()? {
+            store.whole_catalog()?;
             store.resume_restore()?;
         }
         Ok(store)
