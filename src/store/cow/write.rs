@@ -516,8 +516,8 @@ impl Store {
             }
             for (g, items) in groups {
                 let key = (0u32, g, epoch);
-                let mut rec = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
-                    Some(v) => record_of(&sn, key, v.value())?,
+                let (mut rec, fresh) = match recs.get(key).map_err(|e| meta_err(&sn, e))? {
+                    Some(v) => (record_of(&sn, key, v.value())?, false),
                     None => {
                         // The group's newest record from now on: chain it to the previous one.
                         let prev = heads
@@ -528,19 +528,25 @@ impl Store {
                         heads
                             .insert((0u32, g), epoch)
                             .map_err(|e| meta_err(&sn, e))?;
-                        Record {
-                            prev,
-                            entries: Vec::new(),
-                        }
+                        (
+                            Record {
+                                prev,
+                                entries: Vec::new(),
+                            },
+                            true,
+                        )
                     }
                 };
                 for en in items {
                     rec.put(en);
                 }
                 put_record(&mut recs, &sn, key, &rec)?;
-                by_time
-                    .insert((0u32, epoch, g), ())
-                    .map_err(|e| meta_err(&sn, e))?;
+                // A group's record at this epoch already has its row in time order.
+                if fresh {
+                    by_time
+                        .insert((0u32, epoch, g), ())
+                        .map_err(|e| meta_err(&sn, e))?;
+                }
             }
         }
         let newest: Vec<u64> = self.snaps.live_at(e_max).to_vec();
