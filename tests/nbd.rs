@@ -538,6 +538,19 @@ fn sigterm_finishes_commits_and_exits_zero() {
     s.ok(&["check"]);
 }
 
+/// `n` writes of 1 to `max_len` bytes, each of one random value at a random offset of the
+/// 32 MiB origin, applied to `model` too; then a flush.
+fn random_writes(c: &mut Raw, rng: &mut SmallRng, model: &mut [u8], n: usize, max_len: usize) {
+    for _ in 0..n {
+        let len = rng.gen_range(1..max_len);
+        let off = rng.gen_range(0..(32u64 << 20) - len as u64);
+        let v: u8 = rng.gen();
+        assert_eq!(c.write(off, &vec![v; len]), 0);
+        model[off as usize..off as usize + len].fill(v);
+    }
+    assert_eq!(c.flush(), 0);
+}
+
 #[test]
 fn after_kill_9_flushed_writes_and_every_snapshot_survive() {
     let mut s = Served::start();
@@ -546,14 +559,7 @@ fn after_kill_9_flushed_writes_and_every_snapshot_survive() {
     let mut model = std::fs::read(s.p("origin.img")).unwrap();
     let mut snaps = BTreeMap::new();
     for round in 0..4 {
-        for _ in 0..20 {
-            let len = rng.gen_range(1..20000usize);
-            let off = rng.gen_range(0..(32u64 << 20) - len as u64);
-            let v: u8 = rng.gen();
-            assert_eq!(c.write(off, &vec![v; len]), 0);
-            model[off as usize..off as usize + len].fill(v);
-        }
-        assert_eq!(c.flush(), 0);
+        random_writes(&mut c, &mut rng, &mut model, 20, 20000);
         let name = format!("r{round}");
         s.ok(&["create", &name]);
         snaps.insert(name, model.clone());
@@ -583,14 +589,7 @@ fn after_kill_9_a_create_or_delete_without_the_server_replays_the_journal_whole(
             s.ok(&["create", &n]);
             snaps.insert(n, model.clone());
             let mut c = Raw::go(&s.sock(), "origin").unwrap();
-            for _ in 0..30 {
-                let len = rng.gen_range(1..70000usize);
-                let off = rng.gen_range(0..(32u64 << 20) - len as u64);
-                let v: u8 = rng.gen();
-                assert_eq!(c.write(off, &vec![v; len]), 0);
-                model[off as usize..off as usize + len].fill(v);
-            }
-            assert_eq!(c.flush(), 0);
+            random_writes(&mut c, &mut rng, &mut model, 30, 70000);
         }
         // Journaled copies only: nothing has folded them into the metadata yet.
         s.kill9();
