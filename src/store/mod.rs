@@ -111,8 +111,6 @@ impl Caches {
 struct Opening {
     /// The store's lock, held for the life of the `Store`.
     lock: Option<File>,
-    /// Load the catalog (else the caller does, after setting how).
-    load: bool,
     /// Where the metadata's pages are read from (see `Region::reader`).
     meta_reader: Option<Arc<dyn BlockIo>>,
     caches: Caches,
@@ -587,7 +585,6 @@ impl Store {
         };
         let how = Opening {
             lock: Some(lock_file),
-            load: false,
             meta_reader: reader,
             caches: Caches::of(opts.cache_bytes),
         };
@@ -653,7 +650,6 @@ impl Store {
         }
         let how = Opening {
             lock: None,
-            load: false,
             meta_reader: None,
             caches: Caches::of(DEFAULT_CACHE_BYTES),
         };
@@ -774,9 +770,6 @@ impl Store {
         if unclean {
             // Before anything reads a saved chunk or writes the origin.
             guard_panic(&n, || store.settle_pending_copies())?;
-        }
-        if how.load {
-            guard_panic(&n, || store.load_catalog())?;
         }
         Ok(store)
     }
