@@ -629,9 +629,9 @@ for round in $(seq "$kills"); do
   # Every other round the first to open the killed store is a `delete` with no server, as an
   # administrator would run one: it reads the catalog on demand, and its open replays the
   # journal of copies the server left (the oldest snapshot known at the round's start that
-  # no delete of this round touched).
+  # no delete or restore of this round touched).
   if [ $((round % 2)) = 0 ]; then
-    victim=$(awk 'NR == FNR { if ($2 == "delete-begin") gone[$3] = 1; next }
+    victim=$(awk 'NR == FNR { if ($2 == "delete-begin" || $2 == "restore-begin") gone[$3] = 1; next }
                   !($1 in gone) { print $1; exit }' "$work/journal.log" "$work/snaps.tsv")
     if [ -n "$victim" ]; then
       jot "delete-begin $victim"
