@@ -500,7 +500,7 @@ where
     }
     shared.log(&format!("client attached to export '{}'", export.name));
     neg.block_status = neg.structured && meta_for.as_deref() == Some(export.name.as_str());
-    let r = transmission(shared, &export, neg, rd, stream);
+    let r = transmission(shared, &export, neg, rd, wr);
     if let Ok(mut m) = shared.open_exports.lock() {
         if let Some(n) = m.get_mut(&export.name) {
             *n = n.saturating_sub(1);
@@ -513,18 +513,8 @@ where
     r.map(|()| Ended::Done)
 }
 
-/// `&S` as Read + Write, so one stream serves a buffered reader and a writer.
+/// `&S` as Write, so one stream serves the writer beside its buffered reader ([`Patient`]).
 struct Stream<'a, S>(&'a S);
-
-impl<S> Read for Stream<'_, S>
-where
-    for<'b> &'b S: Read,
-{
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.0;
-        s.read(buf)
-    }
-}
 
 impl<S> Write for Stream<'_, S>
 where
@@ -597,19 +587,18 @@ fn errno_of(e: &Error) -> u32 {
 /// thread, a writer thread and a thread for batches of reads overlapped more, but on two cores
 /// their hand-overs cost more than the overlap gained: random 4 KiB reads ran 10-20 % faster
 /// without them, first writes the same. Connections still run in parallel, one thread each.)
-fn transmission<S: AsRawFd + Sync>(
+fn transmission<S>(
     shared: &Shared,
     export: &Export,
     neg: Negotiated,
     mut rd: BufReader<Patient<'_, S>>,
-    stream: &S,
+    mut wr: Stream<'_, S>,
 ) -> io::Result<()>
 where
     for<'b> &'b S: Read + Write,
 {
     use std::time::Duration;
-    let fd = stream.as_raw_fd();
-    let mut wr = Stream(stream);
+    let fd = rd.get_ref().fd;
     let mut last_batch = 0usize;
     loop {
         // Waits for the next request (the reader gives up when the server stops).
