@@ -6,9 +6,11 @@
 //! Phases nest: `batch` is one NBD batch under the store lock, and the copy-on-write phases
 //! (`decide` .. `journal write`) fall inside `preserve`, which falls inside `batch`; inside it,
 //! `copy write` runs on a thread beside `index` and `commit`, so the copy-on-write lines add up
-//! to more than `preserve`. A `writeback round` (pipelined writes, store/writeback.rs) runs
-//! beside the batches on the queue's worker: its journal records, store flush and origin writes
-//! are not part of any batch. Totals are sums over every thread, so with several connections
+//! to more than `preserve`. Staged writes (store/writeback.rs) are answered in a batch that only
+//! stages them (`stage`); their `preserve` runs later inside a `settle staged`, on the server's
+//! preserver thread, one settle for many batches. A `writeback round` runs beside both on the
+//! queue's worker: its journal records, store flush and origin writes are not part of any
+//! batch. Totals are sums over every thread, so with several connections
 //! (or the worker) they can exceed the wall time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -57,9 +59,14 @@ pub enum Phase {
     StoreFlush,
     /// A writeback round's origin writes.
     RoundWrite,
+    /// A preserve of staged writes (answered before it), on the server's preserver thread or
+    /// whatever settles them; its copy-on-write phases fall inside it.
+    Settle,
+    /// Waiting for room to stage a batch of writes.
+    Stage,
 }
 
-const PHASES: [Phase; 19] = [
+const PHASES: [Phase; 21] = [
     Phase::Gather,
     Phase::Lock,
     Phase::Batch,
@@ -79,6 +86,8 @@ const PHASES: [Phase; 19] = [
     Phase::Writeback,
     Phase::StoreFlush,
     Phase::RoundWrite,
+    Phase::Settle,
+    Phase::Stage,
 ];
 
 impl Phase {
@@ -103,6 +112,8 @@ impl Phase {
             Phase::Writeback => "writeback round",
             Phase::StoreFlush => "  records + flush",
             Phase::RoundWrite => "  origin write",
+            Phase::Settle => "settle staged",
+            Phase::Stage => "stage",
         }
     }
 }
@@ -145,18 +156,19 @@ pub fn requests(n: usize) {
     }
 }
 
-/// The table of every phase seen: calls, total, time per batch and share of the batches' time.
+/// The table of every phase seen: calls, total, time per call and per request. Per request
+/// compares runs whatever their batches: staged writes are preserved in settles of many
+/// batches, so a phase inside `settle staged` is called once per settle, not per batch.
 pub fn report() -> Option<String> {
     if !enabled() {
         return None;
     }
-    let batches = CALLS[Phase::Batch as usize].load(Relaxed).max(1);
-    let batch_ns = NANOS[Phase::Batch as usize].load(Relaxed).max(1);
-    let requests = REQUESTS.load(Relaxed);
+    let batches = CALLS[Phase::Gather as usize].load(Relaxed).max(1);
+    let requests = REQUESTS.load(Relaxed).max(1);
     let mut out = format!(
-        "profile: {batches} batches, {requests} requests ({:.1} per batch)\n{:<18} {:>9} {:>11} {:>12} {:>9}\n",
+        "profile: {batches} batches, {requests} requests ({:.1} per batch)\n{:<18} {:>9} {:>11} {:>12} {:>10}\n",
         requests as f64 / batches as f64,
-        "phase", "calls", "total ms", "µs/batch", "of batch"
+        "phase", "calls", "total ms", "µs/call", "µs/request"
     );
     for p in PHASES {
         let calls = CALLS[p as usize].load(Relaxed);
@@ -165,12 +177,12 @@ pub fn report() -> Option<String> {
         }
         let ns = NANOS[p as usize].load(Relaxed);
         out.push_str(&format!(
-            "{:<18} {:>9} {:>11.1} {:>12.1} {:>8.1}%\n",
+            "{:<18} {:>9} {:>11.1} {:>12.1} {:>10.2}\n",
             p.name(),
             calls,
             ns as f64 / 1e6,
-            ns as f64 / 1e3 / batches as f64,
-            ns as f64 * 100.0 / batch_ns as f64,
+            ns as f64 / 1e3 / calls as f64,
+            ns as f64 / 1e3 / requests as f64,
         ));
     }
     Some(out)

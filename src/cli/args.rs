@@ -53,7 +53,9 @@ ENVIRONMENT:
   SNAPCTL_IO_ENGINE     uring, sync or auto (default auto: io_uring where the kernel allows)
   SNAPCTL_LOCK_TIMEOUT  seconds to wait for another snapctl on the same store (default 5)
   SNAPCTL_PIPELINE      0: serve answers a write only once the origin has it (default 1:
-                        answered once its copies are written; the origin write follows)
+                        answered at once; its copies and the origin write follow); held:
+                        as 1, but answered writes wait for a FLUSH, a FUA write or a
+                        change before their copies are made (for tests)
   SNAPCTL_PROFILE       1: serve prints where the data path's time went when it stops";
 
 /// Point-in-time snapshots for any Linux block device.

@@ -102,7 +102,7 @@ pub fn exec(host: &dyn Host, req: Request, data: Data, progress: Progress<'_>) -
             }
         }
         Request::Diff { from, to } => {
-            let s = host.lock()?;
+            let mut s = host.lock()?;
             let (cs, size) = (s.sb.chunk_size, s.sb.origin_size);
             let mut ranges: Vec<(u64, u64)> = Vec::new();
             for c in s.diff_chunks(&from, &to)? {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::ops::protocol::{control_path, default_socket, run_dir};
 use crate::signals;
-use crate::store::{OpenOptions, Store};
+use crate::store::{OpenOptions, Store, Writeback};
 use nbd::serve_connection;
 use sockets::{
     admit, bind_unix, create_dirs, prepare_run_dir, resolve_group, spawn_worker, Access, Slot,
@@ -222,6 +222,11 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     let nbd_name = nbd_path.display().to_string();
     let ctl_name = ctl_path.display().to_string();
     let tcp_name = tcp.map(|a| format!("nbd://{a}")).unwrap_or_default();
+    // SNAPCTL_PIPELINE=held: staged writes wait for whatever settles them next (tests).
+    let preserver = match std::env::var_os("SNAPCTL_PIPELINE").is_some_and(|v| v == "held") {
+        true => None,
+        false => start_preserver(&shared)?,
+    };
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !signals::stop_requested() {
         workers.retain(|w| !w.is_finished());
@@ -315,7 +320,11 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     for w in workers {
         let _ = w.join();
     }
-    let store = shared.lock()?;
+    if let Some((wb, t)) = preserver {
+        wb.end_staging();
+        let _ = t.join();
+    }
+    let mut store = shared.lock()?;
     store.flush()?;
     drop(store);
     drop(shared); // closes the metadata cleanly
@@ -324,6 +333,33 @@ pub fn serve(store_path: &Path, opts: ServeOptions) -> Result<()> {
     }
     eprintln!("snapctl serve: stopped");
     Ok(())
+}
+
+/// The preserver: for a pipelined store, a thread that preserves the origin writes the
+/// connections staged and answered (see `store/writeback.rs`), taking the store alone for each
+/// settle, while the connections go on reading and staging requests. Ends at
+/// `Writeback::end_staging`.
+fn start_preserver(
+    shared: &Arc<Shared>,
+) -> Result<Option<(Arc<Writeback>, std::thread::JoinHandle<()>)>> {
+    let Some((wb, _)) = shared.lock()?.stage() else {
+        return Ok(None);
+    };
+    let (sh, w) = (shared.clone(), wb.clone());
+    let t = std::thread::Builder::new()
+        .name("snapctl-preserve".into())
+        .spawn(move || {
+            while w.wait_staged() {
+                let Ok(mut store) = sh.lock() else { return };
+                // The queue has stopped and says so to every later flush and read of what it
+                // lost; the log says why.
+                if let Err(e) = store.settle_staged() {
+                    eprintln!("snapctl serve: answered writes lost: {e}");
+                }
+            }
+        })
+        .map_err(|e| Error::io("preserver thread: start".to_string(), e))?;
+    Ok(Some((wb, t)))
 }
 
 /// Waits until a server answers on `path` (for tests and scripts).

@@ -11,13 +11,14 @@
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::state::Shared;
 use crate::error::Error;
 use crate::io::AlignedBuf;
 use crate::profile::{self, Phase};
 use crate::store::cow::ReadReq;
-use crate::store::{SnapState, Store};
+use crate::store::{SnapState, Store, Writeback};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -109,6 +110,9 @@ struct Export {
     name: String,
     size: u64,
     writable: bool,
+    /// The origin of a pipelined store: where its writes are staged, and the chunk size
+    /// (see `Writeback::stage`).
+    stage: Option<(Arc<Writeback>, u64)>,
 }
 
 /// What the handshake negotiated beyond the export.
@@ -149,6 +153,7 @@ fn lookup(shared: &Shared, name: &str) -> Result<Export, String> {
             name: "origin".into(),
             size,
             writable: true,
+            stage: store.stage(),
         });
     }
     match store.snapshot(name) {
@@ -157,6 +162,7 @@ fn lookup(shared: &Shared, name: &str) -> Result<Export, String> {
             name: name.to_string(),
             size,
             writable: s.writable,
+            stage: None,
         }),
         Err(e) => Err(e.to_string()),
     }
@@ -802,12 +808,15 @@ fn serve_batch(
         read_bufs: &mut read_bufs,
         statuses: &mut statuses,
     };
-    if plan.changes.is_empty() {
-        let lock = profile::span(Phase::Lock);
-        let store = shared.read().map_err(poisoned)?;
-        drop(lock);
-        let _batch = profile::span(Phase::Batch);
-        answers.reads(&store, shared, export, batch, &plan);
+    let staged = !plan.changes.is_empty() && stage_writes(export, batch, &plan, answers.errors);
+    if plan.changes.is_empty() || staged {
+        if !plan.reads.is_empty() || !plan.status.is_empty() {
+            let lock = profile::span(Phase::Lock);
+            let store = shared.read().map_err(poisoned)?;
+            drop(lock);
+            let _batch = profile::span(Phase::Batch);
+            answers.reads(&store, shared, export, batch, &plan);
+        }
     } else {
         let lock = profile::span(Phase::Lock);
         let mut store = shared.lock().map_err(poisoned)?;
@@ -847,6 +856,68 @@ fn serve_batch(
         }
     }
     Ok(out)
+}
+
+/// Stages a batch's writes when every change in it is a write to a pipelined origin without
+/// FUA (see `Writeback::stage`): they are answered now and preserved behind the answer, by the
+/// server's preserver. True when done (staged, or refused with the queue's failure); false
+/// when the batch must take the store alone (a flush, FUA, a snapshot's writes, a full stage
+/// or a store short of room), with every payload still in its request.
+fn stage_writes(export: &Export, batch: &mut [Request], plan: &Plan, errors: &mut [u32]) -> bool {
+    let Some((wb, chunk_size)) = &export.stage else {
+        return false;
+    };
+    if plan
+        .changes
+        .iter()
+        .any(|&(i, flush)| flush || batch[i].flags & CMD_FLAG_FUA != 0)
+    {
+        return false;
+    }
+    let writes: Vec<usize> = plan.changes.iter().map(|&(i, _)| i).collect();
+    let list = take_payloads(batch, &writes);
+    let _stage = profile::span(Phase::Stage);
+    match wb.stage(list, *chunk_size) {
+        Ok(None) => true,
+        Ok(Some(back)) => {
+            give_back(batch, &writes, back);
+            false
+        }
+        Err(e) => {
+            for &i in &writes {
+                errors[i] = errno_of(&e);
+            }
+            true
+        }
+    }
+}
+
+/// The payloads of writes `writes` of `batch`, taken from their requests (a WRITE_ZEROES: a
+/// zeroed buffer of its length).
+fn take_payloads(batch: &mut [Request], writes: &[usize]) -> Vec<(u64, AlignedBuf)> {
+    writes
+        .iter()
+        .map(|&i| {
+            let r = &mut batch[i];
+            let data = match r.kind {
+                CMD_WRITE => r.data.take(),
+                _ => None,
+            };
+            (
+                r.offset,
+                data.unwrap_or_else(|| AlignedBuf::new(r.length as usize)),
+            )
+        })
+        .collect()
+}
+
+/// Puts payloads [`take_payloads`] took back into their requests.
+fn give_back(batch: &mut [Request], writes: &[usize], list: Vec<(u64, AlignedBuf)>) {
+    for (&i, (_, b)) in writes.iter().zip(list) {
+        if batch[i].kind == CMD_WRITE {
+            batch[i].data = Some(b);
+        }
+    }
 }
 
 /// What a batch answers, request by request.
@@ -980,21 +1051,7 @@ fn flush_writes(
     }
     let fua = writes.iter().any(|&i| batch[i].flags & CMD_FLAG_FUA != 0);
     if view == "origin" && store.pipelined() {
-        let mut list: Vec<(u64, AlignedBuf)> = writes
-            .iter()
-            .map(|&i| {
-                let r = &mut batch[i];
-                let data = match r.kind {
-                    CMD_WRITE => r.data.take(),
-                    _ => None,
-                };
-                // WRITE_ZEROES: a zeroed buffer of its length.
-                (
-                    r.offset,
-                    data.unwrap_or_else(|| AlignedBuf::new(r.length as usize)),
-                )
-            })
-            .collect();
+        let mut list = take_payloads(batch, writes);
         match store.write_queued(&mut list, fua) {
             Ok(()) => return,
             Err(e) if list.len() != writes.len() => {
@@ -1004,14 +1061,8 @@ fn flush_writes(
                 }
                 return;
             }
-            Err(_) => {
-                // Nothing was queued: the payloads come back for the writes one by one.
-                for (&i, (_, b)) in writes.iter().zip(list) {
-                    if batch[i].kind == CMD_WRITE {
-                        batch[i].data = Some(b);
-                    }
-                }
-            }
+            // Nothing was queued: the payloads come back for the writes one by one.
+            Err(_) => give_back(batch, writes, list),
         }
     }
     let zeroes: Vec<Vec<u8>> = writes

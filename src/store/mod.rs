@@ -11,6 +11,7 @@ mod journal;
 mod metadata;
 pub mod upgrade;
 mod writeback;
+pub use writeback::Writeback;
 
 pub use catalog::{Event, SnapState, Snapshot};
 pub(crate) use metadata::*;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{meta_err, Error, Result};
 use crate::io::{engine_for, open_device, AlignedBuf, BlockIo, EngineChoice, OpenMode};
+use crate::profile::{self, Phase};
 use crate::store::format::{
     OnFull, Superblock, BACKUP_OFFSET, FORMAT_VERSION, META_OFFSET, MIN_META_LEN, SUPERBLOCK_SIZE,
 };
@@ -178,7 +180,9 @@ pub struct Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        // Queued origin writes first (a failed queue has said so to every later flush).
+        // Staged and queued origin writes first (a failed queue has said so to every later
+        // flush).
+        let _ = self.settle_staged();
         if let Some(wb) = self.writeback.take() {
             let _ = wb.drain();
             wb.stop();
@@ -800,8 +804,9 @@ impl Store {
 
     /// `change` for the two changes a catalog on demand serves (create of the origin, delete).
     fn change_on_demand<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
-        // Every change but a queued write starts after the queued writes (see writeback.rs).
-        self.drain_writes()?;
+        // Every change but a queued write starts after the staged and queued writes (see
+        // writeback.rs).
+        self.settle_writes()?;
         self.change_queued(f)
     }
 
@@ -829,6 +834,9 @@ impl Store {
             }
         }
         let r = guard_panic(&n, || f(self));
+        if r.is_ok() {
+            self.tell_room();
+        }
         if r.is_err() {
             self.resolved.clear();
             self.preserved.clear();
@@ -886,8 +894,8 @@ impl Store {
     }
 
     /// Byte ranges where two views differ (see `cow/`), as sorted chunk numbers.
-    pub fn diff_chunks(&self, from: &str, to: &str) -> Result<Vec<u64>> {
-        self.drain_writes()?;
+    pub fn diff_chunks(&mut self, from: &str, to: &str) -> Result<Vec<u64>> {
+        self.settle_writes()?;
         guard_panic(&self.name, || self.diff_chunks_inner(from, to))
     }
 
@@ -952,7 +960,53 @@ impl Store {
             self.writeback_worker = Some(t);
         }
         self.writeback = Some(wb);
+        self.tell_room();
         Ok(())
+    }
+
+    /// Where a server stages origin writes it answers before their preserve, and the store's
+    /// chunk size they are counted in (see `writeback.rs`, [`Writeback::stage`]); None unless
+    /// pipelined. Whoever stages must run [`Store::settle_staged`] while anything is staged.
+    pub fn stage(&self) -> Option<(Arc<Writeback>, u64)> {
+        self.writeback.clone().map(|wb| (wb, self.sb.chunk_size))
+    }
+
+    /// Preserves the staged origin writes, oldest first, and queues them behind their copies'
+    /// flush, until none is staged. They were answered already: a failure loses them, and the
+    /// queue stops and says so to every later flush, write and read of their ranges.
+    pub fn settle_staged(&mut self) -> Result<()> {
+        let Some(wb) = self.writeback.clone() else {
+            return Ok(());
+        };
+        loop {
+            let mut writes = wb.take_staged(self.sb.chunk_size);
+            if writes.is_empty() {
+                return Ok(());
+            }
+            let _settle = profile::span(Phase::Settle);
+            let ranges: Vec<(u64, u64)> = writes
+                .iter()
+                .map(|(o, b)| (*o, b.as_slice().len() as u64))
+                .collect();
+            let done = self
+                .whole_catalog()
+                .and_then(|()| self.change_queued(|s| s.write_queued_inner(&mut writes)));
+            if let Err(e) = done {
+                wb.fail_staged(e.to_string(), &ranges);
+                return Err(e);
+            }
+        }
+    }
+
+    /// Tells the writeback queue how many store chunks are free, which bounds what it stages.
+    fn tell_room(&self) {
+        let Some(wb) = &self.writeback else { return };
+        // Unknown room stages nothing.
+        let free = self
+            .used_chunks_inner()
+            .map(|u| self.sb.data_chunks.saturating_sub(u))
+            .unwrap_or(0);
+        wb.set_room(free);
     }
 
     /// Whether origin writes are pipelined ([`Store::pipeline_writes`]).
@@ -974,6 +1028,8 @@ impl Store {
             return Ok(());
         }
         self.whole_catalog()?;
+        // After everything staged before these (see writeback.rs).
+        self.settle_staged()?;
         self.change_queued(|s| s.write_queued_inner(writes))?;
         if fua {
             self.flush()?;
@@ -988,7 +1044,17 @@ impl Store {
         }
     }
 
-    /// Waits for every queued origin write; fails if one failed.
+    /// Settles the staged origin writes, then waits for every queued one; fails if one failed.
+    /// Everything that changes the snapshots or needs the origin's latest bytes on disk starts
+    /// with this.
+    pub(crate) fn settle_writes(&mut self) -> Result<()> {
+        self.settle_staged()?;
+        self.drain_writes()
+    }
+
+    /// Waits for every queued origin write (not the staged ones: a preserve, which is what
+    /// settles those, waits with this for the queue before changing the snapshots); fails if
+    /// one failed.
     pub(crate) fn drain_writes(&self) -> Result<()> {
         match &self.writeback {
             Some(wb) => wb.drain(),
@@ -999,10 +1065,22 @@ impl Store {
     /// Waits for the queued origin writes over `off..off+len` of `view`. Only the origin's
     /// reads wait: a snapshot never reads the origin where a write is queued, because every
     /// queued write's chunks were preserved since the newest snapshot before it was queued
-    /// (and a snapshot taken since waited for the whole queue).
+    /// (and a snapshot taken since waited for the whole queue). Staged writes are not waited
+    /// for (their preserve needs the store alone, and the reader holds it): the origin's reads
+    /// lay them over what they read ([`Store::overlay_staged`]), and a snapshot's read of the
+    /// origin finds its old bytes there, since no staged write reaches the origin before its
+    /// preserve.
     fn wait_writes(&self, view: &str, off: u64, len: u64) -> Result<()> {
         match &self.writeback {
             Some(wb) if view == "origin" => wb.wait_for(off, len),
+            _ => Ok(()),
+        }
+    }
+
+    /// What a read of `view` at `off` sees of the staged writes (see `wait_writes`).
+    fn overlay_staged(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.writeback {
+            Some(wb) if view == "origin" => wb.overlay_staged(off, buf),
             _ => Ok(()),
         }
     }
@@ -1012,7 +1090,11 @@ impl Store {
         for r in reqs.iter() {
             self.wait_writes(r.view, r.off, r.buf.len() as u64)?;
         }
-        guard_panic(&self.name, || self.read_batch_inner(reqs))
+        guard_panic(&self.name, || self.read_batch_inner(reqs))?;
+        for r in reqs.iter_mut() {
+            self.overlay_staged(r.view, r.off, r.buf)?;
+        }
+        Ok(())
     }
 
     /// What `off..off+len` of a view holds: consecutive (length, reads as zeros) extents, at
@@ -1025,6 +1107,16 @@ impl Store {
         max_chunks: u64,
     ) -> Result<Vec<(u64, bool)>> {
         self.wait_writes(view, off, len)?;
+        // A staged write is data wherever it lands: the whole range is said to be data, which
+        // is always true enough (block status may call zeros data, never data zeros).
+        if view == "origin"
+            && self
+                .writeback
+                .as_ref()
+                .is_some_and(|wb| wb.staged_meets(off, len))
+        {
+            return Ok(vec![(len, false)]);
+        }
         guard_panic(&self.name, || {
             self.extents_inner(view, off, len, max_chunks)
         })
@@ -1033,7 +1125,8 @@ impl Store {
     /// Reads a snapshot, or the live origin for "origin".
     pub fn read_view(&self, view: &str, off: u64, buf: &mut [u8]) -> Result<()> {
         self.wait_writes(view, off, buf.len() as u64)?;
-        guard_panic(&self.name, || self.read_view_inner(view, off, buf))
+        guard_panic(&self.name, || self.read_view_inner(view, off, buf))?;
+        self.overlay_staged(view, off, buf)
     }
 
     /// Verifies checksums, single ownership of every chunk and the space accounting.
@@ -1048,7 +1141,7 @@ impl Store {
         data: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<crate::store::cow::CheckReport> {
-        self.drain_writes()?;
+        self.settle_writes()?;
         let n = self.name.clone();
         guard_panic(&n, || self.check_inner(data, progress))
     }

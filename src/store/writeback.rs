@@ -22,6 +22,16 @@
 //!   jobs not written are dropped and named as lost, every later flush, write and change is
 //!   refused, and origin reads of a lost range fail instead of returning the old bytes.
 //!
+//! In front of the queue, the **stage** ([`Writeback::stage`]): a server answers a batch of
+//! origin writes once it is staged, before even its copies are made; its preserver thread
+//! settles the stage (`Store::settle_staged`: preserve, then queue as above), holding the store
+//! alone. Staged writes touch no device, so the crash argument above is unchanged; reads of the
+//! origin lay them over what they read ([`Writeback::overlay_staged`]), everything that writes
+//! the origin another way or changes the snapshots settles the stage first, and a batch is
+//! staged only while the chunks it touches fit in the store's free room, so that a full store
+//! still refuses (or makes room for) a write before answering it (docs/DESIGN.md, "Staged
+//! origin writes").
+//!
 //! A process that dies with jobs queued loses writes that were never flushed, which NBD allows;
 //! a power cut can leave several journal records whose flush had not returned, and each record
 //! says how many came before it in that state so that opening the store checks all of them
@@ -42,6 +52,14 @@ use crate::profile::{self, Phase};
 const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// Jobs queued at most.
 const MAX_QUEUED_JOBS: usize = 64;
+/// Answered writes not yet preserved above which staging waits for the preserver: a deep
+/// queue of its own, so that the preserver's batches grow to what the device can take at once
+/// (one first-write batch of 4 KiB writes over QD32 is 128 KiB; this is 128 such batches).
+const MAX_STAGED_BYTES: usize = 16 << 20;
+/// The copies one settle makes at most (chunks touched times the chunk size): staged batches
+/// are taken until this is reached, so that a store of large chunks written in small pieces
+/// reads no more old data at once than a batch may.
+const MAX_SETTLE_BYTES: u64 = 32 << 20;
 
 /// One batch's origin writes, queued after its copies.
 pub(crate) struct Job {
@@ -78,8 +96,30 @@ fn meets(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }
 
+/// One NBD batch of origin writes, answered and waiting for its preserve (see [`Writeback::stage`]).
+struct Staged {
+    writes: Vec<(u64, AlignedBuf)>,
+    /// The chunks its writes touch: the most copies its preserve can need.
+    chunks: u64,
+}
+
+impl Staged {
+    fn bytes(&self) -> usize {
+        self.writes.iter().map(|(_, b)| b.as_slice().len()).sum()
+    }
+}
+
 #[derive(Default)]
 struct State {
+    /// Answered writes waiting for their preserve, in order; all older than every job.
+    staged: VecDeque<Staged>,
+    staged_bytes: usize,
+    /// Chunks the staged writes touch, held against `room`.
+    staged_chunks: u64,
+    /// Free store chunks, as the store last said ([`Writeback::set_room`]): writes are staged
+    /// only while their chunks fit, so that a full store's policy is met by a write still
+    /// waiting for its answer.
+    room: u64,
     queue: VecDeque<Job>,
     /// The ranges of the jobs a round took and is writing.
     busy: Option<Vec<(u64, u64)>>,
@@ -90,6 +130,8 @@ struct State {
     durable_record: u64,
     /// Why the queue stopped, once it has.
     failed: Option<String>,
+    /// Set by [`Writeback::end_staging`].
+    staging_over: bool,
     /// Ranges of jobs dropped when the queue stopped: reading them fails.
     lost: Vec<(u64, u64)>,
     stop: bool,
@@ -145,6 +187,147 @@ impl Writeback {
     /// The newest journal record known durable with its copies.
     pub(crate) fn durable_record(&self) -> u64 {
         self.lock().durable_record
+    }
+
+    /// Stages one NBD batch of origin writes, in order: they are answered at once and
+    /// preserved later by `Store::settle_staged` (a server's preserver thread runs it), before
+    /// any job queued after them. Gives the writes back when the stage is full, or when the
+    /// chunks they touch do not fit in the store's room beside what is staged: the caller then
+    /// writes them the way that answers only once preserved (settling the stage first), where
+    /// a full store meets its on-full policy before the answer. Never waits: whoever stages
+    /// need not know whether a preserver runs.
+    pub fn stage(
+        &self,
+        writes: Vec<(u64, AlignedBuf)>,
+        chunk_size: u64,
+    ) -> Result<Option<Vec<(u64, AlignedBuf)>>> {
+        let chunks: u64 = writes
+            .iter()
+            .filter(|(_, b)| !b.as_slice().is_empty())
+            .map(|(o, b)| (o + b.as_slice().len() as u64 - 1) / chunk_size - o / chunk_size + 1)
+            .sum();
+        let staged = Staged { writes, chunks };
+        let mut st = self.lock();
+        if let Some(why) = &st.failed {
+            return Err(self.failure(why));
+        }
+        // Full, or not enough room: back to the caller, who settles the stage itself.
+        let full = st.staged_bytes >= MAX_STAGED_BYTES && !st.staged.is_empty();
+        if full || st.staged_chunks.saturating_add(chunks) > st.room || st.staging_over {
+            return Ok(Some(staged.writes));
+        }
+        st.staged_bytes += staged.bytes();
+        st.staged_chunks += chunks;
+        st.staged.push_back(staged);
+        self.changed.notify_all();
+        Ok(None)
+    }
+
+    /// Waits until a write is staged; false once [`Writeback::end_staging`] was called (what
+    /// is staged then is settled by whoever flushes or closes the store).
+    pub fn wait_staged(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.staging_over {
+                return false;
+            }
+            if !st.staged.is_empty() && st.failed.is_none() {
+                return true;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Takes staged batches for a preserve, oldest first, until their chunks reach
+    /// [`MAX_SETTLE_BYTES`] (at least one batch); their chunks leave the room until the store
+    /// says how much is left.
+    pub(crate) fn take_staged(&self, chunk_size: u64) -> Vec<(u64, AlignedBuf)> {
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        let mut copies = 0u64;
+        while let Some(front) = st.staged.front() {
+            let more = front.chunks.saturating_mul(chunk_size);
+            if !out.is_empty() && copies.saturating_add(more) > MAX_SETTLE_BYTES {
+                break;
+            }
+            let Some(b) = st.staged.pop_front() else {
+                break;
+            };
+            copies = copies.saturating_add(more);
+            st.staged_bytes = st.staged_bytes.saturating_sub(b.bytes());
+            st.staged_chunks = st.staged_chunks.saturating_sub(b.chunks);
+            st.room = st.room.saturating_sub(b.chunks);
+            out.extend(b.writes);
+        }
+        self.changed.notify_all();
+        out
+    }
+
+    /// Stages nothing more, and ends [`Writeback::wait_staged`].
+    pub fn end_staging(&self) {
+        self.lock().staging_over = true;
+        self.changed.notify_all();
+    }
+
+    /// The store's free chunks, after a change or a preserve.
+    pub(crate) fn set_room(&self, free: u64) {
+        self.lock().room = free;
+        self.changed.notify_all();
+    }
+
+    /// Staged writes taken for a preserve that failed: they were answered and are lost, with
+    /// everything staged after them; the queue stops as when a round fails.
+    pub(crate) fn fail_staged(&self, why: String, lost: &[(u64, u64)]) {
+        let mut st = self.lock();
+        let behind: Vec<Staged> = st.staged.drain(..).collect();
+        st.lost.extend_from_slice(lost);
+        st.lost.extend(
+            behind
+                .iter()
+                .flat_map(|b| b.writes.iter())
+                .map(|(o, b)| (*o, b.as_slice().len() as u64)),
+        );
+        st.staged_bytes = 0;
+        st.staged_chunks = 0;
+        if st.failed.is_none() {
+            st.failed = Some(why);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Whether a staged write meets `off..off+len`.
+    pub(crate) fn staged_meets(&self, off: u64, len: u64) -> bool {
+        let st = self.lock();
+        st.staged
+            .iter()
+            .flat_map(|b| b.writes.iter())
+            .any(|(o, b)| meets((*o, b.as_slice().len() as u64), (off, len)))
+    }
+
+    /// Lays the staged writes over `off..off+buf.len()` onto `buf` (read from the origin),
+    /// oldest first, so that a read sees every answered write. Fails where the queue stopped
+    /// with a write there lost. Called with the store held, shared or alone: staged writes
+    /// leave the stage only in a preserve, which holds it alone, so none can reach the origin
+    /// between the read and this.
+    pub(crate) fn overlay_staged(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.lock();
+        let len = buf.len() as u64;
+        if let Some(why) = &st.failed {
+            if st.lost.iter().any(|r| meets(*r, (off, len))) {
+                return Err(self.failure(why));
+            }
+        }
+        for (o, b) in st.staged.iter().flat_map(|b| b.writes.iter()) {
+            let data = b.as_slice();
+            if !meets((*o, data.len() as u64), (off, len)) {
+                continue;
+            }
+            let from = (*o).max(off);
+            let to = (o + data.len() as u64).min(off + len);
+            buf[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&data[(from - o) as usize..(to - o) as usize]);
+        }
+        Ok(())
     }
 
     /// Queues a job; waits while the queue is full.
@@ -398,5 +581,111 @@ mod tests {
             (st.queue.len(), st.queued_bytes, st.busy.is_none()),
             (0, 0, true)
         );
+    }
+
+    fn filled(len: usize, v: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(len);
+        b.as_mut_slice().fill(v);
+        b
+    }
+
+    fn queue() -> Writeback {
+        let dev: Arc<dyn BlockIo> = Arc::new(MemIo::new(1 << 20));
+        let origin: Arc<dyn BlockIo> = Arc::new(MemIo::new(64 << 20));
+        Writeback::new(dev, origin, "store", "origin")
+    }
+
+    /// Writes are staged only while the chunks they touch fit in the room the store told, and
+    /// while the stage holds less than its bound; otherwise they come back untouched.
+    #[test]
+    fn staging_gives_writes_back_without_room_or_when_full() {
+        let wb = queue();
+        // No room told yet: nothing is staged.
+        let back = wb.stage(vec![(0, filled(4096, 1))], 4096).unwrap();
+        assert!(back.is_some_and(|w| w.len() == 1));
+        wb.set_room(3);
+        // 8 KiB across a chunk boundary touches 3 chunks of 4 KiB.
+        assert!(wb
+            .stage(vec![(2048, filled(8192, 1))], 4096)
+            .unwrap()
+            .is_none());
+        assert!(wb
+            .stage(vec![(65536, filled(1, 2))], 4096)
+            .unwrap()
+            .is_some());
+        wb.set_room(u64::MAX);
+        let mut staged = 0;
+        while wb
+            .stage(vec![(0, filled(1 << 20, 3))], 4096)
+            .unwrap()
+            .is_none()
+        {
+            staged += 1;
+        }
+        assert_eq!(staged, MAX_STAGED_BYTES >> 20);
+        // Taken for a preserve: room for more again, and the room told shrinks by their chunks.
+        assert!(!wb.take_staged(4096).is_empty());
+        assert!(wb
+            .stage(vec![(0, filled(4096, 4))], 4096)
+            .unwrap()
+            .is_none());
+        wb.end_staging();
+        assert!(wb
+            .stage(vec![(0, filled(4096, 4))], 4096)
+            .unwrap()
+            .is_some());
+        assert!(!wb.wait_staged());
+    }
+
+    /// A read sees the staged writes laid over it oldest first; once a preserve of them failed,
+    /// reads of their ranges fail instead of showing the origin's old bytes.
+    #[test]
+    fn reads_see_staged_writes_newest_last_and_lost_ones_fail() {
+        let wb = queue();
+        wb.set_room(u64::MAX);
+        assert!(wb
+            .stage(vec![(100, filled(100, 1)), (150, filled(100, 2))], 4096)
+            .unwrap()
+            .is_none());
+        assert!(wb
+            .stage(vec![(120, filled(10, 3))], 4096)
+            .unwrap()
+            .is_none());
+        assert!(wb.staged_meets(240, 20) && !wb.staged_meets(250, 20));
+        let mut buf = vec![9u8; 300];
+        wb.overlay_staged(0, &mut buf).unwrap();
+        let mut want = vec![9u8; 300];
+        want[100..150].fill(1);
+        want[150..250].fill(2);
+        want[120..130].fill(3);
+        assert_eq!(buf, want);
+        let mut part = vec![0u8; 4];
+        wb.overlay_staged(248, &mut part).unwrap();
+        assert_eq!(part, [2, 2, 0, 0]);
+        let taken = wb.take_staged(4096);
+        assert_eq!(taken.len(), 3);
+        wb.fail_staged("the copies failed".into(), &[(100, 150)]);
+        assert!(wb.overlay_staged(140, &mut part).is_err());
+        assert!(wb.overlay_staged(4000, &mut part).is_ok());
+        assert!(wb.stage(vec![(0, filled(1, 1))], 4096).is_err());
+    }
+
+    /// One preserve takes staged batches up to the settle bound in copies (at least one).
+    #[test]
+    fn a_settle_takes_batches_up_to_its_bound() {
+        let wb = queue();
+        wb.set_room(u64::MAX);
+        let chunk = 1u64 << 20;
+        let per = (MAX_SETTLE_BYTES / chunk) as usize;
+        // Batches of one 4 KiB write, each touching one 1 MiB chunk.
+        for k in 0..per + 5 {
+            assert!(wb
+                .stage(vec![(k as u64 * chunk, filled(4096, 1))], chunk)
+                .unwrap()
+                .is_none());
+        }
+        assert_eq!(wb.take_staged(chunk).len(), per);
+        assert_eq!(wb.take_staged(chunk).len(), 5);
+        assert!(wb.take_staged(chunk).is_empty());
     }
 }

@@ -137,9 +137,9 @@ impl Store {
 
     /// Makes every completed write durable: the origin's, and those into writable snapshots'
     /// overlays (metadata commits already are).
-    pub fn flush(&self) -> Result<()> {
+    pub fn flush(&mut self) -> Result<()> {
         let _flush = profile::span(Phase::Flush);
-        self.drain_writes()?;
+        self.settle_writes()?;
         self.origin
             .flush()
             .map_err(|e| Error::io(format!("origin {}: flush", self.sb.origin_path), e))?;
