@@ -18,6 +18,10 @@
 #                                                                  (native where io_uring fails)
 #   the same, 64 KiB chunks       the same on a second store,      the same (no target: the row
 #                                 `init --chunk-size 64K`          compares equal granularity)
+#   the same, against the device  the first write above            the raw file, randrw 50/50: the
+#                                                                  write side's IOPS, one read and
+#                                                                  one write per 4 KiB chunk's
+#                                                                  first write at best (no target)
 #   overwrite, random read        randwrite, randread over A       fio io_uring --direct=1 on a
 #                                 again                            file of the volume's size; and
 #                                                                  (no target) qemu-nbd raw, the
@@ -365,9 +369,12 @@ stop "$srv_snap64"
 rm -f "$work/origin64.img" "$work/store64.img"
 # overwrites and reads of A: snapctl against the raw file, and 4 connections against one
 for r in $(seq "$ROUNDS"); do
-  for run in $(in_order "$r" snap:overwrite raw:overwrite qraw:overwrite snap:randread raw:randread qraw:randread snap:read4 snap:overwrite4 raw:overwrite4); do
+  for run in $(in_order "$r" snap:overwrite raw:overwrite qraw:overwrite snap:randread raw:randread qraw:randread snap:read4 snap:overwrite4 raw:overwrite4 raw:mixed); do
     case ${run#*:} in
       overwrite) args=(--rw=randwrite) ;;
+      # a first write's two origin I/Os (read the old bytes, write the new) as the device
+      # does them at best: the write side's IOPS of a 50/50 mix is pairs per second
+      mixed) args=(--rw=randrw --rwmixread=50) ;;
       randread) args=(--rw=randread) ;;
       read4) args=(--rw=randread --numjobs=4) ;;
       overwrite4) args=(--rw=randwrite --numjobs=4) ;;
@@ -545,6 +552,7 @@ aio = v.get("qemu.aio", "-")
 table = [
     ("first write after a snapshot", "snap.first_iops", "qcow.first_iops", "qcow2 64K", ">=", 2.0),
     ("first write after a snapshot", "snap.first_iops", "qraw.first_iops", "qemu-nbd raw", ">=", 0.8),
+    ("  the same, against the device", "snap.first_iops", "raw.mixed_iops", "read+write pairs", None, None),
     ("  the same, 64 KiB chunks", "snap64.first_iops", "qcow.first_iops", "qcow2 64K", None, None),
     ("  the same, 64 KiB chunks", "snap64.first_iops", "qraw.first_iops", "qemu-nbd raw", None, None),
     ("overwrite", "snap.overwrite_iops", "raw.overwrite_iops", "raw file", ">=", 0.6),
@@ -610,6 +618,7 @@ raw = [
         ("raw.overwrite_iops", "random write, region A"),
         ("raw.randread_iops", "random read, region A"),
         ("raw.overwrite4_iops", "random write, region A, 4 jobs"),
+        ("raw.mixed_iops", "random read and write 50/50, region A: pairs per second"),
     ]),
     ("create latency (no server; the median of 4 alternating batches of 5)", [
         ("create.small_ms", "256 MiB sparse origin"),
