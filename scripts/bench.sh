@@ -18,10 +18,11 @@
 #                                                                  (native where io_uring fails)
 #   the same, 64 KiB chunks       the same on a second store,      the same (no target: the row
 #                                 `init --chunk-size 64K`          compares equal granularity)
-#   the same, against the device  the first write above            the raw file, randrw 50/50: the
-#                                                                  write side's IOPS, one read and
-#                                                                  one write per 4 KiB chunk's
-#                                                                  first write at best (no target)
+#   the same, against the device  the first write above            the raw file, randrw 50/50 at
+#                                                                  queue depth 256: the write
+#                                                                  side's IOPS, one read and one
+#                                                                  write per 4 KiB chunk's first
+#                                                                  write at best (no target)
 #   overwrite, random read        randwrite, randread over A       fio io_uring --direct=1 on a
 #                                 again                            file of the volume's size; and
 #                                                                  (no target) qemu-nbd raw, the
@@ -373,7 +374,8 @@ for r in $(seq "$ROUNDS"); do
     case ${run#*:} in
       overwrite) args=(--rw=randwrite) ;;
       # a first write's two origin I/Os (read the old bytes, write the new) as the device
-      # does them at best: the write side's IOPS of a 50/50 mix is pairs per second
+      # does them at best, at a queue as deep as snapctl's settles make it (after RAND's):
+      # the write side's IOPS of a 50/50 mix is pairs per second
       mixed) args=(--rw=randrw --rwmixread=50) ;;
       randread) args=(--rw=randread) ;;
       read4) args=(--rw=randread --numjobs=4) ;;
@@ -384,7 +386,8 @@ for r in $(seq "$ROUNDS"); do
       *4) args+=(--offset="${A_K}k" --size="${q_k}k" --offset_increment="${q_k}k") ;;
       *) args+=(--offset="${A_K}k" --size="${R_K}k") ;;
     esac
-    on "${run%%:*}" "${run#*:}" "${args[@]}" "${RAND[@]}" "${TIMED[@]}"
+    deep=(); [ "${run#*:}" = mixed ] && deep=(--iodepth=256)
+    on "${run%%:*}" "${run#*:}" "${args[@]}" "${RAND[@]}" "${TIMED[@]}" "${deep[@]}"
   done
 done
 # 1 MiB sequential writes over C after the snapshot: one pass (each write a first write)
