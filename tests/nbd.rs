@@ -767,6 +767,71 @@ fn staged_writes_round_trip(s: Served) {
     assert!(report.contains("clean"), "{report}");
 }
 
+/// A store short of room under fail-writes: a write that needs a copy the store cannot hold is
+/// refused with ENOSPC before it is answered, never staged, answered and then lost; every
+/// answered write reads back, FLUSH succeeds, and the snapshot stays exact.
+#[test]
+fn a_full_store_refuses_writes_before_answering_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(dir.path().join("origin.img"), &img).unwrap();
+    std::fs::write(
+        dir.path().join("store.img"),
+        vec![0u8; (9 << 20) + (64 << 10)],
+    )
+    .unwrap();
+    let mut s = Served {
+        dir,
+        child: None,
+        env: Vec::new(),
+    };
+    s.ok(&[
+        "init",
+        "store.img",
+        "--origin",
+        "origin.img",
+        "--on-full",
+        "fail-writes",
+    ]);
+    s.ok(&["create", "s1"]);
+    s.spawn();
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    let mut model = img.clone();
+    let (mut answered, mut refused) = (0, 0);
+    // Pipelined bursts of 4 KiB writes, each to a chunk of its own, until some are refused.
+    for burst in 0..64u64 {
+        let offs: Vec<u64> = (0..32).map(|j| (burst * 32 + j) * 8192).collect();
+        for (j, &off) in offs.iter().enumerate() {
+            c.request(1, 0, j as u64, off, 4096, &[burst as u8 + 1; 4096]);
+        }
+        for _ in 0..offs.len() {
+            let (e, cookie, _) = c.reply(0);
+            let off = offs[cookie as usize] as usize;
+            match e {
+                0 => {
+                    model[off..off + 4096].fill(burst as u8 + 1);
+                    answered += 1;
+                }
+                28 => refused += 1,
+                e => panic!("burst {burst}: error {e}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(
+        answered > 0 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    assert_eq!(c.flush(), 0, "a flush after refused writes failed");
+    drop(c);
+    assert!(s.export("origin") == model, "an answered write was lost");
+    assert!(s.export("s1") == img);
+    let report = s.ok(&["check"]);
+    assert!(report.contains("clean"), "{report}");
+}
+
 /// Undoes one step of the filesystem test on drop, whatever happened.
 struct Undo(Vec<String>);
 impl Drop for Undo {
