@@ -832,6 +832,55 @@ fn a_full_store_refuses_writes_before_answering_them() {
     assert!(report.contains("clean"), "{report}");
 }
 
+/// BLOCK_STATUS over a write still staged (answered, its copy not made yet) says data, so that
+/// a client that skips zeros (nbdcopy, qemu-img convert) does not skip it; another connection
+/// reads it back.
+#[test]
+fn block_status_counts_staged_writes_as_data() {
+    if !have("nbdinfo") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Served {
+        dir,
+        child: None,
+        env: vec![("SNAPCTL_PIPELINE", "held")],
+    };
+    std::fs::File::create(s.p("origin.img"))
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    std::fs::write(s.p("store.img"), vec![0u8; 96 << 20]).unwrap();
+    s.ok(&["init", "store.img", "--origin", "origin.img"]);
+    s.ok(&["create", "s1"]);
+    s.spawn();
+    let mut c = Raw::go(&s.sock(), "origin").unwrap();
+    // Staged and held: nothing settles it while this connection stays open and quiet.
+    assert_eq!(c.write(8 * MIB + 4096, &[0x77; 4096]), 0);
+    let o = Command::new("nbdinfo")
+        .args(["--map", "--json", &s.uri("origin")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let zero = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            off <= 8 * MIB + 4096 && 8 * MIB + 4096 < off + len
+        })
+        .map(|e| e["type"].as_u64().unwrap() & 2 != 0);
+    assert_eq!(zero, Some(false), "a staged write reported as zeros: {v}");
+    let mut r = Raw::go(&s.sock(), "origin").unwrap();
+    assert!(r.read(8 * MIB + 4096, 4096).unwrap() == vec![0x77; 4096]);
+    assert!(r.read(8 * MIB, 4096).unwrap() == vec![0; 4096]);
+    drop(c);
+    assert!(s.export("s1") == vec![0; 32 << 20]);
+}
+
 /// Undoes one step of the filesystem test on drop, whatever happened.
 struct Undo(Vec<String>);
 impl Drop for Undo {
