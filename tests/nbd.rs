@@ -44,17 +44,21 @@ impl Served {
         Served::start_with(&[])
     }
 
-    /// The same, the server run with `env`.
-    pub fn start_with(env: &[(&'static str, &'static str)]) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
-        std::fs::write(dir.path().join("origin.img"), &img).unwrap();
-        std::fs::write(dir.path().join("store.img"), vec![0u8; 96 << 20]).unwrap();
-        let mut s = Served {
-            dir,
+    /// A directory for a store and an origin the test makes itself; no server yet.
+    pub fn bare(env: &[(&'static str, &'static str)]) -> Served {
+        Served {
+            dir: tempfile::tempdir().unwrap(),
             child: None,
             env: env.to_vec(),
-        };
+        }
+    }
+
+    /// The same, the server run with `env`.
+    pub fn start_with(env: &[(&'static str, &'static str)]) -> Served {
+        let mut s = Served::bare(env);
+        let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(s.p("origin.img"), &img).unwrap();
+        std::fs::write(s.p("store.img"), vec![0u8; 96 << 20]).unwrap();
         let o = s.cli(&["init", "store.img", "--origin", "origin.img"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         s.spawn();
@@ -772,19 +776,10 @@ fn staged_writes_round_trip(s: Served) {
 /// answered write reads back, FLUSH succeeds, and the snapshot stays exact.
 #[test]
 fn a_full_store_refuses_writes_before_answering_them() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut s = Served::bare(&[]);
     let img: Vec<u8> = (0..32usize << 20).map(|i| (i * 13 % 251) as u8).collect();
-    std::fs::write(dir.path().join("origin.img"), &img).unwrap();
-    std::fs::write(
-        dir.path().join("store.img"),
-        vec![0u8; (9 << 20) + (64 << 10)],
-    )
-    .unwrap();
-    let mut s = Served {
-        dir,
-        child: None,
-        env: Vec::new(),
-    };
+    std::fs::write(s.p("origin.img"), &img).unwrap();
+    std::fs::write(s.p("store.img"), vec![0u8; (9 << 20) + (64 << 10)]).unwrap();
     s.ok(&[
         "init",
         "store.img",
@@ -841,12 +836,7 @@ fn block_status_counts_staged_writes_as_data() {
         return;
     }
     const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Served {
-        dir,
-        child: None,
-        env: vec![("SNAPCTL_PIPELINE", "held")],
-    };
+    let mut s = Served::bare(&[("SNAPCTL_PIPELINE", "held")]);
     std::fs::File::create(s.p("origin.img"))
         .unwrap()
         .set_len(32 * MIB)
@@ -858,22 +848,11 @@ fn block_status_counts_staged_writes_as_data() {
     let mut c = Raw::go(&s.sock(), "origin").unwrap();
     // Staged and held: nothing settles it while this connection stays open and quiet.
     assert_eq!(c.write(8 * MIB + 4096, &[0x77; 4096]), 0);
-    let o = Command::new("nbdinfo")
-        .args(["--map", "--json", &s.uri("origin")])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let zero = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| {
-            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-            off <= 8 * MIB + 4096 && 8 * MIB + 4096 < off + len
-        })
-        .map(|e| e["type"].as_u64().unwrap() & 2 != 0);
-    assert_eq!(zero, Some(false), "a staged write reported as zeros: {v}");
+    let m = nbdinfo_map(&s.uri("origin"));
+    assert!(
+        !zero_at(&m, 8 * MIB + 4096),
+        "a staged write reported as zeros: {m:?}"
+    );
     let mut r = Raw::go(&s.sock(), "origin").unwrap();
     assert!(r.read(8 * MIB + 4096, 4096).unwrap() == vec![0x77; 4096]);
     assert!(r.read(8 * MIB, 4096).unwrap() == vec![0; 4096]);
@@ -1245,18 +1224,46 @@ fn a_copy_of_a_served_store_is_never_mistaken_for_it() {
 /// as zeros for every view that reads them from the origin, and never where a view holds its
 /// own bytes (a chunk saved before an origin write, a writable snapshot's write); nbdcopy and
 /// qemu-img skip them and copy exactly the bytes `export` gives.
+/// (offset, length, reads as zeros) of each extent of an export, from `nbdinfo --map`.
+fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let o = Command::new("nbdinfo")
+        .args(["--map", "--json", uri])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "nbdinfo --map {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap() & 2 != 0,
+            )
+        })
+        .collect()
+}
+
+/// Whether the extent of `m` covering `off` reads as zeros.
+fn zero_at(m: &[(u64, u64, bool)], off: u64) -> bool {
+    m.iter()
+        .find(|e| e.0 <= off && off < e.0 + e.1)
+        .map(|e| e.2)
+        .unwrap_or_else(|| panic!("no extent covers {off}: {m:?}"))
+}
+
 #[test]
 fn block_status_reports_holes_and_copies_skip_them() {
     if !have("nbdinfo") || !have("nbdcopy") || !have("qemu-img") {
         return;
     }
     const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Served {
-        dir,
-        child: None,
-        env: Vec::new(),
-    };
+    let mut s = Served::bare(&[]);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::create(s.p("origin.img")).unwrap();
@@ -1288,36 +1295,7 @@ fn block_status_reports_holes_and_copies_skip_them() {
     ]);
     s.spawn();
     let size = 32 * MIB;
-    // (offset, length, reads as zeros) for each view, from nbdinfo.
-    let map = |view: &str| -> Vec<(u64, u64, bool)> {
-        let o = Command::new("nbdinfo")
-            .args(["--map", "--json", &s.uri(view)])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "nbdinfo --map {view}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["offset"].as_u64().unwrap(),
-                    e["length"].as_u64().unwrap(),
-                    e["type"].as_u64().unwrap() & 2 != 0,
-                )
-            })
-            .collect()
-    };
-    let zero_at = |m: &[(u64, u64, bool)], off: u64| {
-        m.iter()
-            .find(|e| e.0 <= off && off < e.0 + e.1)
-            .map(|e| e.2)
-            .unwrap_or_else(|| panic!("no extent covers {off}: {m:?}"))
-    };
+    let map = |view: &str| nbdinfo_map(&s.uri(view));
     for view in ["origin", "s1", "w"] {
         let m = map(view);
         // Consecutive, covering the whole export.
